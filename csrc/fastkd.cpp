@@ -1,0 +1,17 @@
+// fastkd's native library: kernel registrations for the schemas defined in fastkd/ops (Python).
+// Each op family has its kernels in cpu/<family>.cpp (and cuda/<family>.cu when built with CUDA).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+
+// A plain Python module, so that `import fastkd._C` loads this library and runs the
+// registrations below; it exposes nothing else.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("crd_bank_update_", &fastkd::cpu::crd_bank_update_);
+}

@@ -1,0 +1,114 @@
+"""Input checks shared by every loss: clear errors that name the argument.
+
+Structural checks (type, dtype, rank, shape, device) cost nothing and always run. Value checks
+(NaN / Inf, index ranges) read the data, which is a host sync on a GPU: they run unless
+``fastkd.value_checks(False)`` (or ``FASTKD_VALUE_CHECKS=0``) turned them off, and they are
+skipped by themselves while ``torch.compile`` traces or a CUDA graph captures, where a sync is
+not allowed.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+_value_checks: contextvars.ContextVar[bool | None] = contextvars.ContextVar("fastkd_value_checks", default=None)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the data-reading checks (NaN, index range) on or off inside a ``with`` block."""
+    token = _value_checks.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _value_checks.reset(token)
+
+
+def values_checked() -> bool:
+    """Whether value checks run now (see the module docstring)."""
+    enabled = _value_checks.get()
+    if enabled is None:
+        enabled = os.environ.get("FASTKD_VALUE_CHECKS", "1") != "0"
+    if not enabled or torch.compiler.is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def tensor(name: str, x, *, ndim: int | Sequence[int] | None = None, min_ndim: int | None = None,
+           floating: bool = True) -> torch.Tensor:
+    """``x`` must be a tensor (floating point unless ``floating=False``) of the given rank."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def finite(name: str, x: torch.Tensor) -> None:
+    """``x`` must hold no NaN or Inf (a value check)."""
+    if values_checked() and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise ValueError(f"{name} contains {bad} values")
+
+
+def pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, same_shape: bool = True,
+         same_batch: bool = True) -> None:
+    """Two inputs of one loss: same device and dtype, same shape (or batch size); both finite."""
+    if a.device != b.device:
+        raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}; put both on one device")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_b} has dtype {b.dtype} but {name_a} has {a.dtype}; cast them to one dtype")
+    if same_shape and a.shape != b.shape:
+        raise ValueError(f"{name_b} has shape {tuple(b.shape)} but {name_a} has {tuple(a.shape)}; they must match")
+    if same_batch and a.shape[:1] != b.shape[:1]:
+        raise ValueError(f"{name_b} has batch size {b.shape[0]} but {name_a} has {a.shape[0]}; they must match")
+    finite(name_a, a)
+    finite(name_b, b)
+
+
+def min_batch(name: str, x: torch.Tensor, least: int, why: str) -> None:
+    """The loss is defined only for batches of at least ``least`` samples."""
+    if x.shape[0] < least:
+        raise ValueError(f"{name} has batch size {x.shape[0]}; this loss needs at least {least} ({why})")
+
+
+def index(name: str, idx, upper: int, *, shape: Sequence[int] | None = None,
+          device: torch.device | None = None) -> torch.Tensor:
+    """``idx`` must be an int64 tensor of ``shape`` on ``device`` with values in [0, upper)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 indices, got {type(idx).__name__}")
+    if idx.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype torch.int64, got {idx.dtype}")
+    if shape is not None and tuple(idx.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
+    if device is not None and idx.device != device:
+        raise ValueError(f"{name} is on {idx.device} but the inputs are on {device}")
+    if values_checked() and idx.numel() > 0:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= upper:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} holds index {bad}, outside [0, {upper})")
+    return idx
+
+
+def module_device(name: str, x: torch.Tensor, module: torch.nn.Module) -> None:
+    """An input must be on the device and dtype of the loss's own parameters."""
+    for p in module.parameters():
+        if x.device != p.device:
+            raise ValueError(f"{name} is on {x.device} but the loss's parameters are on {p.device}; move one")
+        if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name} has dtype {x.dtype} but the loss's parameters have {p.dtype}")
+        return

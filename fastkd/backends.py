@@ -1,0 +1,120 @@
+"""Which backends exist here and which one an op uses.
+
+Three backends compute fastkd's ops:
+
+* ``torch``: the readable PyTorch reference in :mod:`fastkd.ops`; always available, the oracle
+  of every test and the fallback for any op another backend does not implement.
+* ``native``: the C++ extension ``fastkd._C`` (CPU kernels, and CUDA kernels when it was built
+  with a CUDA toolkit); available when ``setup.py`` built it.
+* ``triton``: Triton kernels for CUDA tensors; available when triton imports and a GPU (or the
+  interpreter, ``TRITON_INTERPRET=1``) is there.
+
+The selection is ``auto`` unless the environment variable ``FASTKD_BACKEND`` or a
+``with fastkd.use_backend(name):`` block says otherwise. ``auto`` takes, per call and by the
+device of the inputs, the fastest backend that implements the op: CUDA tensors → triton, then
+native; CPU tensors → native. Ops register their implementations here with :func:`register`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from typing import Callable, Iterator
+
+NAMES = ("torch", "native", "triton")
+_CHOICES = NAMES + ("auto",)
+_AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
+
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastkd_backend", default=None)
+_impls: dict[str, dict[str, Callable]] = {}
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {', '.join(_CHOICES)}")
+    return name
+
+
+def native_available() -> bool:
+    from fastkd import _native
+
+    return _native.loaded()
+
+
+def triton_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def backends() -> list[str]:
+    """The backends available on this machine, ``torch`` first."""
+    found = ["torch"]
+    if native_available():
+        found.append("native")
+    if triton_available():
+        found.append("triton")
+    return found
+
+
+def current() -> str:
+    """The selected backend name (``auto`` unless a block or ``FASTKD_BACKEND`` chose one)."""
+    name = _selected.get()
+    if name is None:
+        name = _check_name(os.environ.get("FASTKD_BACKEND", "auto"), "FASTKD_BACKEND")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Select the backend for the ops run inside the ``with`` block.
+
+    Naming a backend that is not available here raises ``ValueError``; an op the named backend
+    does not implement runs on the torch reference.
+    """
+    _check_name(name, "use_backend")
+    if name not in ("auto", "torch") and name not in backends():
+        raise ValueError(f"use_backend: backend {name!r} is not available here (available: {backends()})")
+    token = _selected.set(name)
+    try:
+        yield name
+    finally:
+        _selected.reset(token)
+
+
+def register(op: str, backend: str, fn: Callable) -> Callable:
+    """Record ``fn`` as ``backend``'s implementation of ``op`` (same signature as the reference)."""
+    if backend not in NAMES:
+        raise ValueError(f"register: unknown backend {backend!r}")
+    _impls.setdefault(op, {})[backend] = fn
+    return fn
+
+
+def implementations(op: str) -> list[str]:
+    """The backends that implement ``op`` and are available here."""
+    have = backends()
+    return [b for b in NAMES if b in _impls.get(op, {}) and b in have]
+
+
+def choose(op: str, device_type: str) -> str:
+    """The backend that runs ``op`` on tensors of ``device_type`` under the current selection."""
+    name = current()
+    impls = implementations(op)
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device_type, ()):
+            if candidate in impls and (candidate != "triton" or device_type == "cuda"):
+                return candidate
+        return "torch"
+    if name in impls and (name != "triton" or device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return name
+    return "torch"
+
+
+def dispatch(op: str, device_type: str) -> Callable:
+    """The implementation of ``op`` that :func:`choose` picks."""
+    return _impls[op][choose(op, device_type)]

@@ -1,0 +1,9 @@
+"""The drop-in loss modules, one file per family (see ../shared METHODS.md for the formulas)."""
+from fastkd.losses.contrastive import *  # noqa: F401,F403
+from fastkd.losses.features import *  # noqa: F401,F403
+from fastkd.losses.logits import *  # noqa: F401,F403
+from fastkd.losses.projector import *  # noqa: F401,F403
+from fastkd.losses.similarity import *  # noqa: F401,F403
+from fastkd.losses import contrastive, features, logits, projector, similarity
+
+__all__ = [*logits.__all__, *features.__all__, *similarity.__all__, *contrastive.__all__, *projector.__all__]
