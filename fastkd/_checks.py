@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import numbers
 import os
 from typing import Iterator, Sequence
 
@@ -112,3 +114,48 @@ def module_device(name: str, x: torch.Tensor, module: torch.nn.Module) -> None:
         if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"{name} has dtype {x.dtype} but the loss's parameters have {p.dtype}")
         return
+
+
+def pair_of(name_s: str, x_s, name_t: str, x_t, *, ndim: int | Sequence[int] | None = None,
+            min_ndim: int | None = None, same_shape: bool = False) -> None:
+    """Student and teacher inputs: each a floating tensor of the given rank, then :func:`pair`."""
+    tensor(name_s, x_s, ndim=ndim, min_ndim=min_ndim)
+    tensor(name_t, x_t, ndim=ndim, min_ndim=min_ndim)
+    pair(name_s, x_s, name_t, x_t, same_shape=same_shape)
+
+
+def named_pairs(name_s: str, g_s, name_t: str, g_t) -> list[tuple[str, torch.Tensor, str, torch.Tensor]]:
+    """Two tensors → one named (student, teacher) pair; two equal-length sequences → one per position."""
+    if isinstance(g_s, torch.Tensor) and isinstance(g_t, torch.Tensor):
+        return [(name_s, g_s, name_t, g_t)]
+    if isinstance(g_s, (list, tuple)) and isinstance(g_t, (list, tuple)):
+        if len(g_s) != len(g_t):
+            raise ValueError(f"{name_t} holds {len(g_t)} maps but {name_s} holds {len(g_s)}; they must pair up")
+        if not g_s:
+            raise ValueError(f"{name_s} and {name_t} are empty; give at least one pair of maps")
+        return [(f"{name_s}[{i}]", s, f"{name_t}[{i}]", t) for i, (s, t) in enumerate(zip(g_s, g_t))]
+    raise TypeError(f"{name_s} and {name_t} must both be tensors or both sequences of tensors, "
+                    f"got {type(g_s).__name__} and {type(g_t).__name__}")
+
+
+def number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """A finite real hyper-parameter (> 0 with ``positive``, ≥ 0 with ``nonnegative``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value}")
+    return value
+
+
+def integer(name: str, value, least: int) -> int:
+    """An integer hyper-parameter (a dimension, an order, a count) that must be ≥ ``least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be ≥ {least}, got {value}")
+    return int(value)

@@ -45,8 +45,7 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
     _checks.tensor("v_t", v_t, ndim=2)
     _checks.pair("v_s", v_s, "v_t", v_t)
     _check_banks(memory_s, memory_t, v_s, v_t)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = _checks.number("temperature", temperature, positive=True)
     num_data = memory_s.shape[0]
     _checks.index("contrast_idx", contrast_idx, num_data, device=v_s.device)
     if contrast_idx.dim() != 2 or contrast_idx.shape[0] != v_s.shape[0] or contrast_idx.shape[1] < 2:

@@ -40,14 +40,13 @@ class CRDLoss(nn.Module):
         super().__init__()
         for name, value in (("s_dim", s_dim), ("t_dim", t_dim), ("num_data", num_data), ("feat_dim", feat_dim),
                             ("num_negatives", num_negatives)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not 0.0 <= momentum <= 1.0:
+            _checks.integer(name, value, 1)
+        temperature = _checks.number("temperature", temperature, positive=True)
+        momentum = _checks.number("momentum", momentum, nonnegative=True)
+        if momentum > 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.num_data, self.feat_dim, self.num_negatives = num_data, feat_dim, num_negatives
-        self.temperature, self.momentum = float(temperature), float(momentum)
+        self.temperature, self.momentum = temperature, momentum
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)
         bound = 1.0 / math.sqrt(feat_dim / 3)
