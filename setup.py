@@ -3,7 +3,7 @@
 The extension needs torch at build time, so build with ``--no-build-isolation`` (an isolated
 build environment would fetch another torch). Without torch or without a C++ compiler, or with
 ``FASTKD_BUILD_NATIVE=0``, or when compiling fails, the package installs without it and runs on
-the torch backend. CUDA kernels (csrc/cuda/*.cu) are added when a CUDA toolkit and a CUDA build
+the torch backend. CUDA kernels (csrc/cuda/*.cu + their torch bindings csrc/cuda/*.cpp) are added when a CUDA toolkit and a CUDA build
 of torch are both present (``FASTKD_BUILD_CUDA=0`` turns that off).
 """
 import glob
@@ -41,7 +41,7 @@ def native_extension():
         return _skip("no C++ compiler was found")
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     flags = {"cxx": ["-O3", "-std=c++17"]}
     use_cuda = (os.environ.get("FASTKD_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
                 and cpp_extension.CUDA_HOME is not None and cuda_sources)

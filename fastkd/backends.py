@@ -87,34 +87,46 @@ def use_backend(name: str) -> Iterator[str]:
         _selected.reset(token)
 
 
-def register(op: str, backend: str, fn: Callable) -> Callable:
-    """Record ``fn`` as ``backend``'s implementation of ``op`` (same signature as the reference)."""
+def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("cpu", "cuda"),
+             available: Callable[[], bool] | None = None) -> Callable:
+    """Record ``fn`` as ``backend``'s implementation of ``op`` for tensors on ``devices``.
+
+    ``available`` (optional) tells at call time whether the implementation can run here (say,
+    whether the native library was built with CUDA kernels); the backend's own availability is
+    always required too.
+    """
     if backend not in NAMES:
         raise ValueError(f"register: unknown backend {backend!r}")
-    _impls.setdefault(op, {})[backend] = fn
+    _impls.setdefault(op, {})[backend] = (fn, tuple(devices), available)
     return fn
 
 
-def implementations(op: str) -> list[str]:
-    """The backends that implement ``op`` and are available here."""
+def implementations(op: str, device_type: str | None = None) -> list[str]:
+    """The backends that implement ``op`` (for ``device_type``, when given) and can run here."""
     have = backends()
-    return [b for b in NAMES if b in _impls.get(op, {}) and b in have]
+    found = []
+    for name in NAMES:
+        entry = _impls.get(op, {}).get(name)
+        if entry is None or name not in have:
+            continue
+        _, devices, available = entry
+        if device_type is not None and device_type not in devices:
+            continue
+        if available is not None and not available():
+            continue
+        found.append(name)
+    return found
 
 
 def choose(op: str, device_type: str) -> str:
     """The backend that runs ``op`` on tensors of ``device_type`` under the current selection."""
     name = current()
-    impls = implementations(op)
+    impls = implementations(op, device_type)
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device_type, ()):
-            if candidate in impls and (candidate != "triton" or device_type == "cuda"):
-                return candidate
-        return "torch"
-    if name in impls and (name != "triton" or device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
-        return name
-    return "torch"
+        return next((c for c in _AUTO_ORDER.get(device_type, ()) if c in impls), "torch")
+    return name if name in impls else "torch"
 
 
 def dispatch(op: str, device_type: str) -> Callable:
     """The implementation of ``op`` that :func:`choose` picks."""
-    return _impls[op][choose(op, device_type)]
+    return _impls[op][choose(op, device_type)][0]

@@ -1,18 +1,30 @@
 """CRD's ops: scores against a memory bank, the NCE loss, the bank update.
 
-Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020; the reference
-follows RepDistiller's ``ContrastMemory`` + ``ContrastLoss`` step for step (gather the K+1 rows
-of each anchor, ``bmm``, ``exp(s / T)``, divide by Z, NCE with noise probability 1/N).
+Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020.
 
-``fastkd::crd_bank_update_`` is a registered custom op: the reference below is its default
-kernel, the native extension registers a CPU kernel over it.
+Two torch references live here:
+
+* :func:`nce_reference` follows RepDistiller's ``ContrastMemory`` + ``ContrastLoss`` step for
+  step (gather the K+1 rows of each anchor, ``bmm``, ``exp(s / T)``, divide by Z, NCE with noise
+  probability 1/N) and takes its gradient by autograd: the oracle, and the ``torch`` backend.
+* :func:`nce_with_grad_reference` is the contract of the fused op ``fastkd::crd_nce`` that the
+  native, Triton and CUDA kernels implement: the same loss, computed in log space
+  (P = exp(s/T − log Z), so no exponential overflows whatever the dtype), with the anchors'
+  gradients produced in the same pass, so backward only scales them and never gathers a row.
+
+``fastkd::crd_bank_update_`` is the fused momentum update + renormalisation of the batch rows.
+Both ops are registered with torch.library; the references are their default kernels and the
+native extension registers CPU kernels over them.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from fastkd import _native
 from fastkd.backends import dispatch, register
+from fastkd.ops import philox
 
 NCE_EPS = 1e-7
 
@@ -76,9 +88,55 @@ def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.
     bank.index_copy_(0, index, final.to(bank.dtype))
 
 
+def _side_with_grad(anchor: torch.Tensor, bank: torch.Tensor, cidx: torch.Tensor, z: torch.Tensor,
+                    temperature: float, num_data: int, z_momentum: float):
+    """One NCE side in log space: (loss, new Z, d loss / d anchor) for [B, D] anchors."""
+    acc = torch.promote_types(anchor.dtype, torch.float32)
+    batch, cols = cidx.shape
+    rows = bank.index_select(0, cidx.reshape(-1)).to(acc).view(batch, cols, -1)
+    logits = torch.bmm(rows, anchor.to(acc).unsqueeze(2)).squeeze(2) / temperature  # s / T
+    z_acc = z.to(acc)
+    # log of this batch's estimate mean(exp(s/T))·N, through log-sum-exp
+    log_estimate = logits.logsumexp(dim=(0, 1)) - math.log(batch * cols) + math.log(num_data)
+    log_z = torch.where(z_acc < 0, log_estimate, z_acc.clamp_min(torch.finfo(acc).tiny).log())
+    probs = torch.exp(logits - log_z)
+    noise = (cols - 1) / num_data
+    c = noise + NCE_EPS
+    positive = (logits[:, 0] - log_z) - torch.log(probs[:, 0] + c)
+    negative = math.log(noise) - torch.log(probs[:, 1:] + c)
+    loss = -(positive.sum() + negative.sum()) / batch
+    d_logits = torch.cat([c / (probs[:, :1] + c), -probs[:, 1:] / (probs[:, 1:] + c)], dim=1)
+    d_scores = d_logits * (-1.0 / (batch * temperature))  # d loss / d s
+    grad = torch.bmm(d_scores.unsqueeze(1), rows).squeeze(1).to(anchor.dtype)
+    estimate = log_estimate.exp()
+    z_new = torch.where(z_acc < 0, estimate, z_acc if z_momentum == 0 else z_momentum * z_acc + (1 - z_momentum) * estimate)
+    return loss, z_new.to(z.dtype), grad
+
+
+def nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state,
+                            num_negatives: int, temperature: float, z_momentum: float, shared_negatives: bool):
+    """The contract of ``fastkd::crd_nce``: (loss, Z_s, Z_t, d loss/d v_s, d loss/d v_t).
+
+    ``contrast_idx`` [B, K+1] or ``None``: then column 0 is ``idx`` and the K negatives come from
+    :mod:`fastkd.ops.philox` with ``rng_state`` = (seed, offset) (the same K rows for every anchor
+    when ``shared_negatives``). Z is estimated where it is negative; with ``z_momentum`` > 0 a
+    known Z moves towards each batch's estimate (Z ← m·Z + (1 − m)·mean(x)·N) after being used.
+    """
+    num_data = memory_s.shape[0]
+    cidx = contrast_idx if contrast_idx is not None else philox.contrast_indices(
+        idx, rng_state, num_negatives, num_data, shared_negatives)
+    loss_s, z_s_new, grad_s = _side_with_grad(v_s, memory_t, cidx, z_s, temperature, num_data, z_momentum)
+    loss_t, z_t_new, grad_t = _side_with_grad(v_t, memory_s, cidx, z_t, temperature, num_data, z_momentum)
+    return loss_s + loss_t, z_s_new, z_t_new, grad_s, grad_t
+
+
 _lib = torch.library.Library("fastkd", "FRAGMENT")
 _lib.define("crd_bank_update_(Tensor(a!) bank, Tensor index, Tensor value, float momentum) -> ()")
 _lib.impl("crd_bank_update_", bank_update_reference, "CompositeExplicitAutograd")
+_lib.define("crd_nce(Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx, Tensor? contrast_idx, "
+            "Tensor z_s, Tensor z_t, Tensor rng_state, int num_negatives, float temperature, float z_momentum, "
+            "bool shared_negatives) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_lib.impl("crd_nce", nce_with_grad_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastkd::crd_bank_update_")
@@ -86,12 +144,32 @@ def _bank_update_fake(bank, index, value, momentum):
     return None
 
 
+@torch.library.register_fake("fastkd::crd_nce")
+def _nce_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, num_negatives, temperature,
+              z_momentum, shared_negatives):
+    loss = v_s.new_empty((), dtype=torch.promote_types(v_s.dtype, torch.float32))
+    return loss, torch.empty_like(z_s), torch.empty_like(z_t), torch.empty_like(v_s), torch.empty_like(v_t)
+
+
+def _nce_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[3], output[4])
+
+
+def _nce_backward(ctx, grad_loss, grad_z_s, grad_z_t, grad_g_s, grad_g_t):
+    grad_s, grad_t = ctx.saved_tensors
+    scale = grad_loss.to(grad_s.dtype)
+    return (grad_s * scale, grad_t * scale) + (None,) * 11
+
+
+torch.library.register_autograd("fastkd::crd_nce", _nce_backward, setup_context=_nce_setup_context)
+
+
 def _bank_update_native(bank, index, value, momentum):
     torch.ops.fastkd.crd_bank_update_(bank, index, value, momentum)
 
 
 register("crd_bank_update", "torch", bank_update_reference)
-register("crd_bank_update", "native", _bank_update_native)
+register("crd_bank_update", "native", _bank_update_native, devices=("cpu",))
 _native.load()
 
 
