@@ -14,4 +14,5 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("crd_bank_update_", &fastkd::cpu::crd_bank_update_);
+  m.impl("crd_nce", &fastkd::cpu::crd_nce);
 }

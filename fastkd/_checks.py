@@ -9,7 +9,6 @@ not allowed.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import numbers
 import os
@@ -17,29 +16,26 @@ from typing import Iterator, Sequence
 
 import torch
 
-_value_checks: contextvars.ContextVar[bool | None] = contextvars.ContextVar("fastkd_value_checks", default=None)
+# The innermost ``value_checks`` block wins; the default is read once, when fastkd is imported.
+# (A plain list rather than a ContextVar: torch.compile traces through list reads.)
+_value_checks: list[bool] = [os.environ.get("FASTKD_VALUE_CHECKS", "1") != "0"]
 
 
 @contextlib.contextmanager
 def value_checks(enabled: bool) -> Iterator[None]:
     """Turn the data-reading checks (NaN, index range) on or off inside a ``with`` block."""
-    token = _value_checks.set(bool(enabled))
+    _value_checks.append(bool(enabled))
     try:
         yield
     finally:
-        _value_checks.reset(token)
+        _value_checks.pop()
 
 
 def values_checked() -> bool:
     """Whether value checks run now (see the module docstring)."""
-    enabled = _value_checks.get()
-    if enabled is None:
-        enabled = os.environ.get("FASTKD_VALUE_CHECKS", "1") != "0"
-    if not enabled or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _value_checks[-1]:
         return False
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def tensor(name: str, x, *, ndim: int | Sequence[int] | None = None, min_ndim: int | None = None,

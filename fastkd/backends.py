@@ -17,7 +17,6 @@ native; CPU tensors → native. Ops register their implementations here with :fu
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 from typing import Callable, Iterator
@@ -26,7 +25,8 @@ NAMES = ("torch", "native", "triton")
 _CHOICES = NAMES + ("auto",)
 _AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
 
-_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastkd_backend", default=None)
+# The innermost ``use_backend`` block wins (process-wide; a plain list so torch.compile traces it).
+_selected: list[str] = []
 _impls: dict[str, dict[str, Callable]] = {}
 
 
@@ -64,10 +64,9 @@ def backends() -> list[str]:
 
 def current() -> str:
     """The selected backend name (``auto`` unless a block or ``FASTKD_BACKEND`` chose one)."""
-    name = _selected.get()
-    if name is None:
-        name = _check_name(os.environ.get("FASTKD_BACKEND", "auto"), "FASTKD_BACKEND")
-    return name
+    if _selected:
+        return _selected[-1]
+    return _check_name(os.environ.get("FASTKD_BACKEND", "auto"), "FASTKD_BACKEND")
 
 
 @contextlib.contextmanager
@@ -80,20 +79,20 @@ def use_backend(name: str) -> Iterator[str]:
     _check_name(name, "use_backend")
     if name not in ("auto", "torch") and name not in backends():
         raise ValueError(f"use_backend: backend {name!r} is not available here (available: {backends()})")
-    token = _selected.set(name)
+    _selected.append(name)
     try:
         yield name
     finally:
-        _selected.reset(token)
+        _selected.pop()
 
 
 def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("cpu", "cuda"),
-             available: Callable[[], bool] | None = None) -> Callable:
+             available: Callable[[str], bool] | None = None) -> Callable:
     """Record ``fn`` as ``backend``'s implementation of ``op`` for tensors on ``devices``.
 
-    ``available`` (optional) tells at call time whether the implementation can run here (say,
-    whether the native library was built with CUDA kernels); the backend's own availability is
-    always required too.
+    ``available(device_type)`` (optional) tells at call time whether the implementation can run
+    here for that device (say, whether the native library was built with CUDA kernels); the
+    backend's own availability is always required too.
     """
     if backend not in NAMES:
         raise ValueError(f"register: unknown backend {backend!r}")
@@ -112,7 +111,7 @@ def implementations(op: str, device_type: str | None = None) -> list[str]:
         _, devices, available = entry
         if device_type is not None and device_type not in devices:
             continue
-        if available is not None and not available():
+        if available is not None and not available(device_type):
             continue
         found.append(name)
     return found

@@ -6,10 +6,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "ops.h"
+#include "philox.h"
 
 namespace fastkd::cpu {
 namespace {
@@ -86,6 +90,284 @@ void crd_bank_update_(at::Tensor bank, const at::Tensor& index, const at::Tensor
       bank_update_kernel<bank_t, scalar_t>(bank, idx, v, momentum);
     });
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// crd_nce: both NCE directions with the anchors' gradients, in log space (P = exp(s/T - log Z)).
+//
+// Two algorithms, chosen from the sizes (FASTKD_CRD_CPU_ALGO=dense|gather overrides):
+//  * dense, when the bank is not larger than the number of draws: S = bank @ anchors^T ([N, B],
+//    one GEMM per direction), the drawn entries are read from S, and the gradient is one more GEMM
+//    against a [N, B] matrix holding d loss / d s at the drawn entries (duplicates add up);
+//  * gather, otherwise: each drawn row is read from the bank and dotted with its anchor; a second
+//    gather accumulates the gradient rows.
+// Besides S (dense only) the step keeps two [B, K+1] buffers of logits; no [B, K+1, D] tensor and
+// no index tensor exists: indices come from Philox (or the caller's table) row by row.
+namespace {
+
+constexpr double kNceEps = 1e-7;
+
+// Where anchor b's K+1 bank rows come from: the caller's [B, K+1] table, or its positive + Philox.
+struct ContrastRows {
+  const int64_t* table = nullptr;
+  const int64_t* positives = nullptr;
+  uint64_t seed = 0, offset = 0;
+  int64_t negatives = 0, num_data = 0;
+  bool shared = false;
+
+  void fill(int64_t b, int64_t* out) const {
+    const int64_t cols = negatives + 1;
+    if (table != nullptr) {
+      std::copy(table + b * cols, table + (b + 1) * cols, out);
+      return;
+    }
+    out[0] = positives[b];
+    const uint64_t base = shared ? 0 : static_cast<uint64_t>(b) * static_cast<uint64_t>(negatives);
+    for (int64_t k = 1; k < cols; ++k) out[k] = philox_index(philox_word0(seed, offset, base + k - 1), num_data);
+  }
+};
+
+// One direction: anchors [B, D] (in the accumulation type) scored against a bank [N, D].
+struct Side {
+  at::Tensor anchors, bank, logits, dense, grad;
+  double log_estimate = 0, log_z = 0, loss = 0;
+};
+
+template <typename acc_t, typename bank_t>
+acc_t dot_row(const bank_t* row, const acc_t* anchor, int64_t dim) {
+  acc_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += static_cast<acc_t>(row[d + l]) * anchor[d + l];
+  acc_t total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; d < dim; ++d) total += static_cast<acc_t>(row[d]) * anchor[d];
+  return total;
+}
+
+// bank rows [begin, begin + len) in the accumulation dtype (a view when it already is).
+at::Tensor bank_chunk(const at::Tensor& bank, int64_t begin, int64_t len, at::ScalarType acc) {
+  at::Tensor chunk = bank.narrow(0, begin, len);
+  return chunk.scalar_type() == acc ? chunk : chunk.to(acc);
+}
+
+constexpr int64_t kChunkRows = 8192;
+
+// S^T = bank @ anchors^T, [N, B], converting a half-precision bank chunk by chunk.
+at::Tensor dense_scores(const at::Tensor& bank, const at::Tensor& anchors) {
+  const auto acc = anchors.scalar_type();
+  if (bank.scalar_type() == acc) return at::mm(bank, anchors.t());
+  at::Tensor out = at::empty({bank.size(0), anchors.size(0)}, anchors.options());
+  for (int64_t begin = 0; begin < bank.size(0); begin += kChunkRows) {
+    const int64_t len = std::min(kChunkRows, bank.size(0) - begin);
+    at::Tensor rows = out.narrow(0, begin, len);
+    at::mm_out(rows, bank_chunk(bank, begin, len, acc), anchors.t());
+  }
+  return out;
+}
+
+// grad = G^T @ bank for G = [N, B] holding d loss / d s at the drawn entries.
+at::Tensor dense_gradient(const at::Tensor& g, const at::Tensor& bank) {
+  const auto acc = g.scalar_type();
+  if (bank.scalar_type() == acc) return at::mm(g.t(), bank);
+  at::Tensor grad = at::zeros({g.size(1), bank.size(1)}, g.options());
+  for (int64_t begin = 0; begin < bank.size(0); begin += kChunkRows) {
+    const int64_t len = std::min(kChunkRows, bank.size(0) - begin);
+    grad.addmm_(g.narrow(0, begin, len).t(), bank_chunk(bank, begin, len, acc));
+  }
+  return grad;
+}
+
+bool use_dense(int64_t batch, int64_t cols, int64_t num_data) {
+  if (const char* forced = std::getenv("FASTKD_CRD_CPU_ALGO")) {
+    const std::string algo(forced);
+    TORCH_CHECK(algo == "dense" || algo == "gather", "FASTKD_CRD_CPU_ALGO must be 'dense' or 'gather', got '", algo, "'");
+    return algo == "dense";
+  }
+  constexpr int64_t kMaxDenseEntries = int64_t{1} << 26;  // 256 MiB of fp32 scores
+  return num_data <= batch * cols && num_data * batch <= kMaxDenseEntries;
+}
+
+template <typename acc_t, typename bank_t>
+void score_pass(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, double temperature,
+                bool dense, std::vector<double>& lse_max, std::vector<double>& lse_sum) {
+  const int64_t dim = sides[0]->anchors.size(1);
+  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> idx(cols);
+    for (int64_t b = begin; b < end; ++b) {
+      rows.fill(b, idx.data());
+      for (size_t s = 0; s < sides.size(); ++s) {
+        Side& side = *sides[s];
+        acc_t* logits = side.logits.data_ptr<acc_t>() + b * cols;
+        if (dense) {
+          const acc_t* scores = side.dense.data_ptr<acc_t>();
+          for (int64_t k = 0; k < cols; ++k) logits[k] = scores[idx[k] * batch + b] * inv_t;
+        } else {
+          const bank_t* bank = side.bank.data_ptr<bank_t>();
+          const acc_t* anchor = side.anchors.data_ptr<acc_t>() + b * dim;
+          for (int64_t k = 0; k < cols; ++k) logits[k] = dot_row(bank + idx[k] * dim, anchor, dim) * inv_t;
+        }
+        double top = -std::numeric_limits<double>::infinity(), total = 0;
+        for (int64_t k = 0; k < cols; ++k) top = std::max(top, static_cast<double>(logits[k]));
+        for (int64_t k = 0; k < cols; ++k) total += std::exp(static_cast<double>(logits[k]) - top);
+        lse_max[s * batch + b] = top;
+        lse_sum[s * batch + b] = total;
+      }
+    }
+  });
+}
+
+// The NCE terms of one side; turns its logits buffer into d loss / d s in place.
+template <typename acc_t>
+void loss_pass(Side& side, int64_t batch, int64_t cols, int64_t num_data, double temperature) {
+  const acc_t log_z = static_cast<acc_t>(side.log_z);
+  const acc_t noise = static_cast<acc_t>(static_cast<double>(cols - 1) / num_data);
+  const acc_t c = noise + static_cast<acc_t>(kNceEps);
+  const acc_t log_noise = std::log(noise);
+  const acc_t scale = static_cast<acc_t>(-1.0 / (batch * temperature));
+  std::vector<double> partial(batch, 0.0);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t* row = side.logits.data_ptr<acc_t>() + b * cols;
+      const acc_t p0 = std::exp(row[0] - log_z);
+      double total = static_cast<double>((row[0] - log_z) - std::log(p0 + c));
+      row[0] = c / (p0 + c) * scale;
+      for (int64_t k = 1; k < cols; ++k) {
+        const acc_t p = std::exp(row[k] - log_z);
+        total += static_cast<double>(log_noise - std::log(p + c));
+        row[k] = -p / (p + c) * scale;
+      }
+      partial[b] = total;
+    }
+  });
+  double total = 0;
+  for (double value : partial) total += value;  // fixed order: deterministic
+  side.loss = -total / batch;
+}
+
+template <typename acc_t, typename bank_t>
+void gradient_pass(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, bool dense) {
+  const int64_t dim = sides[0]->anchors.size(1);
+  if (dense) {
+    for (Side* side : sides) side->dense.zero_();
+  }
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> idx(cols);
+    for (int64_t b = begin; b < end; ++b) {
+      rows.fill(b, idx.data());
+      for (Side* side : sides) {
+        const acc_t* d = side->logits.data_ptr<acc_t>() + b * cols;
+        if (dense) {  // column b of G is written by this thread only
+          acc_t* g = side->dense.data_ptr<acc_t>();
+          for (int64_t k = 0; k < cols; ++k) g[idx[k] * batch + b] += d[k];
+        } else {
+          const bank_t* bank = side->bank.data_ptr<bank_t>();
+          acc_t* grad = side->grad.data_ptr<acc_t>() + b * dim;
+          for (int64_t k = 0; k < cols; ++k) {
+            const bank_t* row = bank + idx[k] * dim;
+            for (int64_t j = 0; j < dim; ++j) grad[j] += d[k] * static_cast<acc_t>(row[j]);
+          }
+        }
+      }
+    }
+  });
+  if (dense) {
+    for (Side* side : sides) side->grad = dense_gradient(side->dense, side->bank);
+  }
+}
+
+template <typename acc_t, typename bank_t>
+void nce_sides(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, int64_t num_data,
+               double temperature, const std::vector<double>& z) {
+  const bool dense = use_dense(batch, cols, num_data);
+  for (Side* side : sides) {
+    side->logits = at::empty({batch, cols}, side->anchors.options());
+    side->grad = at::zeros_like(side->anchors);
+    if (dense) side->dense = dense_scores(side->bank, side->anchors);
+  }
+  std::vector<double> lse_max(sides.size() * batch), lse_sum(sides.size() * batch);
+  score_pass<acc_t, bank_t>(sides, rows, batch, cols, temperature, dense, lse_max, lse_sum);
+  for (size_t s = 0; s < sides.size(); ++s) {
+    double top = -std::numeric_limits<double>::infinity(), total = 0;
+    for (int64_t b = 0; b < batch; ++b) top = std::max(top, lse_max[s * batch + b]);
+    for (int64_t b = 0; b < batch; ++b) total += lse_sum[s * batch + b] * std::exp(lse_max[s * batch + b] - top);
+    sides[s]->log_estimate = top + std::log(total) - std::log(static_cast<double>(batch * cols)) +
+                             std::log(static_cast<double>(num_data));
+    sides[s]->log_z = z[s] < 0 ? sides[s]->log_estimate : std::log(z[s]);
+    loss_pass<acc_t>(*sides[s], batch, cols, num_data, temperature);
+  }
+  gradient_pass<acc_t, bank_t>(sides, rows, batch, cols, dense);
+}
+
+void check_index_table(const at::Tensor& table, int64_t num_data, const char* name) {
+  const int64_t* p = table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < table.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < num_data, "crd_nce: ", name, " holds index ", p[i], ", outside [0, ", num_data, ")");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
+    const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
+    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& z_s,
+    const at::Tensor& z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
+    double z_momentum, bool shared_negatives) {
+  TORCH_CHECK(v_s.dim() == 2 && v_t.sizes() == v_s.sizes(), "crd_nce: v_s and v_t must both be [B, D]");
+  TORCH_CHECK(memory_s.dim() == 2 && memory_t.sizes() == memory_s.sizes() && memory_s.size(1) == v_s.size(1),
+              "crd_nce: memory_s and memory_t must both be [N, D] with D = v_s.size(1)");
+  TORCH_CHECK(memory_s.scalar_type() == memory_t.scalar_type(), "crd_nce: the two banks must share a dtype");
+  TORCH_CHECK(v_s.scalar_type() == v_t.scalar_type(), "crd_nce: v_s and v_t must share a dtype");
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == v_s.size(0) && idx.scalar_type() == at::kLong, "crd_nce: idx must be int64 [B]");
+  TORCH_CHECK(temperature > 0, "crd_nce: temperature must be > 0");
+  const int64_t batch = v_s.size(0), num_data = memory_s.size(0);
+  const int64_t cols = contrast_idx.has_value() ? contrast_idx->size(1) : num_negatives + 1;
+  TORCH_CHECK(cols >= 2, "crd_nce: at least one negative is needed");
+
+  ContrastRows rows;
+  rows.negatives = cols - 1;
+  rows.num_data = num_data;
+  rows.shared = shared_negatives;
+  const at::Tensor positives = idx.contiguous();
+  check_index_table(positives, num_data, "idx");
+  rows.positives = positives.data_ptr<int64_t>();
+  at::Tensor table;
+  if (contrast_idx.has_value()) {
+    table = contrast_idx->contiguous();
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.scalar_type() == at::kLong,
+                "crd_nce: contrast_idx must be int64 [B, K+1]");
+    check_index_table(table, num_data, "contrast_idx");
+    rows.table = table.data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, "crd_nce: rng_state must be int64 [2]");
+    const at::Tensor state = rng_state.contiguous();
+    rows.seed = static_cast<uint64_t>(state.data_ptr<int64_t>()[0]);
+    rows.offset = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
+  }
+
+  const auto acc = at::promote_types(v_s.scalar_type(), at::kFloat);
+  Side student, teacher;  // student anchors against the teacher bank, and the reverse
+  student.anchors = v_s.to(acc).contiguous();
+  student.bank = memory_t.contiguous();
+  teacher.anchors = v_t.to(acc).contiguous();
+  teacher.bank = memory_s.contiguous();
+  std::vector<Side*> sides = {&student, &teacher};
+  const std::vector<double> z = {z_s.item<double>(), z_t.item<double>()};
+  AT_DISPATCH_FLOATING_TYPES(acc, "crd_nce", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_s.scalar_type(), "crd_nce_bank", [&] {
+      nce_sides<acc_t, scalar_t>(sides, rows, batch, cols, num_data, temperature, z);
+    });
+  });
+
+  auto new_z = [&](const Side& side, const at::Tensor& z_in, double z_value) {
+    const double estimate = std::exp(side.log_estimate);
+    const double value = z_value < 0 ? estimate : (z_momentum == 0 ? z_value : z_momentum * z_value + (1 - z_momentum) * estimate);
+    return at::full({}, value, z_in.options());
+  };
+  at::Tensor loss = at::full({}, student.loss + teacher.loss, v_s.options().dtype(acc));
+  return {loss, new_z(student, z_s, z[0]), new_z(teacher, z_t, z[1]), student.grad.to(v_s.scalar_type()),
+          teacher.grad.to(v_t.scalar_type())};
 }
 
 }  // namespace fastkd::cpu

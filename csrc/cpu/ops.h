@@ -2,11 +2,22 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+#include <tuple>
+
 namespace fastkd::cpu {
 
 // CRD memory bank: bank[index[i]] <- rownorm(momentum * bank[index[i]] + (1 - momentum) * value[i]),
 // every new row computed from the rows as they were before the call; when an index repeats,
 // its last occurrence wins. All indices are checked before any row is written.
 void crd_bank_update_(at::Tensor bank, const at::Tensor& index, const at::Tensor& value, double momentum);
+
+// CRD's NCE loss for both directions with the anchors' gradients (the contract of the Python
+// reference fastkd.ops.crd.nce_with_grad_reference): returns (loss, z_s, z_t, grad_v_s, grad_v_t).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
+    const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
+    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& z_s,
+    const at::Tensor& z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
+    double z_momentum, bool shared_negatives);
 
 }  // namespace fastkd::cpu

@@ -23,7 +23,7 @@ import math
 import torch
 
 from fastkd import _native
-from fastkd.backends import dispatch, register
+from fastkd.backends import choose, dispatch, register
 from fastkd.ops import philox
 
 NCE_EPS = 1e-7
@@ -39,10 +39,12 @@ def scores_reference(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: tor
     return torch.exp(dots / temperature)
 
 
-def estimate_z(scores: torch.Tensor, z: torch.Tensor, num_data: int) -> torch.Tensor:
-    """Z = mean(scores) · N where ``z`` is still negative (not estimated), else ``z``; no host sync."""
-    estimate = scores.detach().mean() * num_data
-    return torch.where(z < 0, estimate.to(z.dtype), z)
+def estimate_z(scores: torch.Tensor, z: torch.Tensor, num_data: int, z_momentum: float = 0.0) -> torch.Tensor:
+    """Z = mean(scores)·N where ``z`` is still negative (not estimated), else ``z`` — or, with
+    ``z_momentum`` m > 0, m·z + (1 − m)·mean(scores)·N (a moving average); no host sync."""
+    estimate = (scores.detach().mean() * num_data).to(z.dtype)
+    known = z if z_momentum == 0 else z_momentum * z + (1 - z_momentum) * estimate
+    return torch.where(z < 0, estimate, known)
 
 
 def nce_loss_reference(probs: torch.Tensor, num_data: int) -> torch.Tensor:
@@ -59,16 +61,18 @@ def nce_loss_reference(probs: torch.Tensor, num_data: int) -> torch.Tensor:
 
 def nce_reference(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor,
                   contrast_idx: torch.Tensor, z_s: torch.Tensor, z_t: torch.Tensor, temperature: float,
-                  num_data: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  num_data: int, z_momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both NCE sides of one CRD step; returns (loss, Z_s, Z_t) with Z estimated where negative.
 
     Student anchors score against the teacher bank and teacher anchors against the student bank.
+    The step's scores are divided by Z as it was before this step (by the estimate on the first).
     """
     x_s = scores_reference(v_s, memory_t, contrast_idx, temperature)
     x_t = scores_reference(v_t, memory_s, contrast_idx, temperature)
-    z_s, z_t = estimate_z(x_s, z_s, num_data), estimate_z(x_t, z_t, num_data)
-    loss = nce_loss_reference(x_s / z_s.to(x_s.dtype), num_data) + nce_loss_reference(x_t / z_t.to(x_t.dtype), num_data)
-    return loss, z_s, z_t
+    used_s, used_t = estimate_z(x_s, z_s, num_data), estimate_z(x_t, z_t, num_data)
+    loss = nce_loss_reference(x_s / used_s.to(x_s.dtype), num_data) + \
+        nce_loss_reference(x_t / used_t.to(x_t.dtype), num_data)
+    return loss, estimate_z(x_s, z_s, num_data, z_momentum), estimate_z(x_t, z_t, num_data, z_momentum)
 
 
 def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
@@ -130,13 +134,33 @@ def nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s
     return loss_s + loss_t, z_s_new, z_t_new, grad_s, grad_t
 
 
+_NCE_ARGS = ("Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx, Tensor? contrast_idx, "
+             "Tensor z_s, Tensor z_t, Tensor rng_state, int num_negatives, float temperature, float z_momentum, "
+             "bool shared_negatives")
+_NCE_OUT = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+_UPDATE_ARGS = "Tensor(a!) bank, Tensor index, Tensor value, float momentum"
+
 _lib = torch.library.Library("fastkd", "FRAGMENT")
-_lib.define("crd_bank_update_(Tensor(a!) bank, Tensor index, Tensor value, float momentum) -> ()")
-_lib.impl("crd_bank_update_", bank_update_reference, "CompositeExplicitAutograd")
-_lib.define("crd_nce(Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx, Tensor? contrast_idx, "
-            "Tensor z_s, Tensor z_t, Tensor rng_state, int num_negatives, float temperature, float z_momentum, "
-            "bool shared_negatives) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+# The public ops: default kernels are the references; the native library registers CPU kernels,
+# and CUDA tensors go through _on_cuda, which runs the CUDA backend chosen at call time.
+_lib.define(f"crd_nce({_NCE_ARGS}) -> {_NCE_OUT}")
+_lib.define(f"crd_bank_update_({_UPDATE_ARGS}) -> ()")
 _lib.impl("crd_nce", nce_with_grad_reference, "CompositeExplicitAutograd")
+_lib.impl("crd_bank_update_", bank_update_reference, "CompositeExplicitAutograd")
+# The CUDA C++ kernels' entry points (registered by the native library when built with CUDA).
+_lib.define(f"crd_nce_cuda({_NCE_ARGS}) -> {_NCE_OUT}")
+_lib.define(f"crd_bank_update_cuda_({_UPDATE_ARGS}) -> ()")
+
+
+def _on_cuda(op: str):
+    def kernel(*args):
+        return dispatch(op, "cuda")(*args)
+
+    return kernel
+
+
+_lib.impl("crd_nce", _on_cuda("crd_nce"), "CUDA")
+_lib.impl("crd_bank_update_", _on_cuda("crd_bank_update"), "CUDA")
 
 
 @torch.library.register_fake("fastkd::crd_bank_update_")
@@ -156,6 +180,7 @@ def _nce_setup_context(ctx, inputs, output):
 
 
 def _nce_backward(ctx, grad_loss, grad_z_s, grad_z_t, grad_g_s, grad_g_t):
+    """The anchors' gradients were taken in the forward pass: scale them by the upstream gradient."""
     grad_s, grad_t = ctx.saved_tensors
     scale = grad_loss.to(grad_s.dtype)
     return (grad_s * scale, grad_t * scale) + (None,) * 11
@@ -164,16 +189,67 @@ def _nce_backward(ctx, grad_loss, grad_z_s, grad_z_t, grad_g_s, grad_g_t):
 torch.library.register_autograd("fastkd::crd_nce", _nce_backward, setup_context=_nce_setup_context)
 
 
+def _native_has(device_type: str | None) -> bool:
+    """Native kernels exist for this device: always on CPU, on CUDA only when built with CUDA."""
+    if device_type != "cuda":
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::crd_nce_cuda", "CUDA")
+
+
+def _nce_native(*args):
+    op = torch.ops.fastkd.crd_nce_cuda if args[0].is_cuda else torch.ops.fastkd.crd_nce
+    return op(*args)
+
+
 def _bank_update_native(bank, index, value, momentum):
-    torch.ops.fastkd.crd_bank_update_(bank, index, value, momentum)
+    op = torch.ops.fastkd.crd_bank_update_cuda_ if bank.is_cuda else torch.ops.fastkd.crd_bank_update_
+    op(bank, index, value, momentum)
 
 
+def _nce_triton(*args):
+    from fastkd.ops import crd_triton
+
+    return crd_triton.nce(*args)
+
+
+def _bank_update_triton(bank, index, value, momentum):
+    from fastkd.ops import crd_triton
+
+    crd_triton.bank_update_(bank, index, value, momentum)
+
+
+register("crd_nce", "torch", nce_with_grad_reference)
+register("crd_nce", "native", _nce_native, available=_native_has)
+register("crd_nce", "triton", _nce_triton, devices=("cuda",))
 register("crd_bank_update", "torch", bank_update_reference)
-register("crd_bank_update", "native", _bank_update_native, devices=("cpu",))
+register("crd_bank_update", "native", _bank_update_native, available=_native_has)
+register("crd_bank_update", "triton", _bank_update_triton, devices=("cuda",))
 _native.load()
+
+
+def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor, idx: torch.Tensor,
+        contrast_idx: torch.Tensor | None, z_s: torch.Tensor, z_t: torch.Tensor, rng_state: torch.Tensor,
+        num_negatives: int, temperature: float, z_momentum: float = 0.0,
+        shared_negatives: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CRD step's loss and new Z's on the chosen backend: (loss, Z_s, Z_t).
+
+    The ``torch`` backend is the published computation (:func:`nce_reference`, gradients by
+    autograd); every other backend runs the fused op ``fastkd::crd_nce``.
+    """
+    if choose("crd_nce", v_s.device.type) == "torch":
+        if contrast_idx is None:
+            contrast_idx = philox.contrast_indices(idx, rng_state, num_negatives, memory_s.shape[0], shared_negatives)
+        return nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, z_s, z_t, temperature, memory_s.shape[0],
+                             z_momentum)
+    loss, z_s, z_t, _, _ = torch.ops.fastkd.crd_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state,
+                                                    num_negatives, temperature, z_momentum, shared_negatives)
+    return loss, z_s, z_t
 
 
 def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
     """The bank update on the backend :func:`fastkd.backends.choose` picks for ``bank``'s device."""
     with torch.no_grad():
-        dispatch("crd_bank_update", bank.device.type)(bank, index, value.detach(), float(momentum))
+        if choose("crd_bank_update", bank.device.type) == "torch":
+            bank_update_reference(bank, index, value.detach(), float(momentum))
+        else:
+            torch.ops.fastkd.crd_bank_update_(bank, index, value.detach(), float(momentum))
