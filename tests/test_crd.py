@@ -350,3 +350,37 @@ def test_compiles_without_graph_breaks():
     out.backward()
     assert f_s.grad is not None and f_s.grad.abs().sum() > 0
     torch.testing.assert_close(loss_fn.memory_s, twin.memory_s)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "native"])
+def test_whole_step_captures_in_a_cuda_graph(backend):
+    if backend not in fastkd.backends() and backend != "auto":
+        pytest.skip(f"{backend} is not available")
+    torch.manual_seed(0)
+    eager = fastkd.CRDLoss(32, 32, 5000, num_negatives=512, seed=3).cuda()
+    graphed = copy.deepcopy(eager)
+    f_s = torch.randn(16, 32, device="cuda", requires_grad=True)
+    f_t = torch.randn(16, 32, device="cuda")
+    idx = torch.randint(0, 5000, (16,), device="cuda")
+    with fastkd.use_backend(backend):
+        eager(f_s, f_t, idx).backward()  # the first step estimates Z outside the graph
+        graphed(f_s, f_t, idx).backward()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                graphed(f_s, f_t, idx).backward()
+                eager(f_s, f_t, idx).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = graphed(f_s, f_t, idx)
+            out.backward()
+        for _ in range(3):
+            graph.replay()
+            want = eager(f_s, f_t, idx)
+            want.backward()
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(graphed.memory_s, eager.memory_s, rtol=1e-5, atol=1e-6)
+    assert torch.equal(graphed.rng_state, eager.rng_state)  # the offset advanced on the device

@@ -96,13 +96,17 @@ void crd_bank_update_(at::Tensor bank, const at::Tensor& index, const at::Tensor
 // crd_nce: both NCE directions with the anchors' gradients, in log space (P = exp(s/T - log Z)).
 //
 // Two algorithms, chosen from the sizes (FASTKD_CRD_CPU_ALGO=dense|gather overrides):
-//  * dense, when the bank is not larger than the number of draws: S = bank @ anchors^T ([N, B],
-//    one GEMM per direction), the drawn entries are read from S, and the gradient is one more GEMM
-//    against a [N, B] matrix holding d loss / d s at the drawn entries (duplicates add up);
+//  * dense, when the bank is not larger than the number of draws: S = anchors @ bank^T ([B, N],
+//    one GEMM per direction), the drawn entries are read from S (row b stays in cache while
+//    anchor b is served), and the gradient is one more GEMM against S overwritten with
+//    d loss / d s at the drawn entries (duplicates add up);
 //  * gather, otherwise: each drawn row is read from the bank and dotted with its anchor; a second
 //    gather accumulates the gradient rows.
-// Besides S (dense only) the step keeps two [B, K+1] buffers of logits; no [B, K+1, D] tensor and
-// no index tensor exists: indices come from Philox (or the caller's table) row by row.
+// When Z is known (every step but the first) each anchor is served in one pass: its K+1 indices
+// are drawn once, its logits gathered, its NCE terms and d loss / d s computed, and its gradient
+// rows written while they are in cache. On the first step the logits of the whole batch are kept
+// ([B, K+1] per side) until Z is estimated from them. No [B, K+1, D] tensor and no index tensor
+// exists: indices come from Philox (or the caller's table) anchor by anchor.
 namespace {
 
 constexpr double kNceEps = 1e-7;
@@ -152,27 +156,27 @@ at::Tensor bank_chunk(const at::Tensor& bank, int64_t begin, int64_t len, at::Sc
 
 constexpr int64_t kChunkRows = 8192;
 
-// S^T = bank @ anchors^T, [N, B], converting a half-precision bank chunk by chunk.
+// S = anchors @ bank^T, [B, N] (row b: anchor b against every bank row), converting a
+// half-precision bank chunk by chunk.
 at::Tensor dense_scores(const at::Tensor& bank, const at::Tensor& anchors) {
   const auto acc = anchors.scalar_type();
-  if (bank.scalar_type() == acc) return at::mm(bank, anchors.t());
-  at::Tensor out = at::empty({bank.size(0), anchors.size(0)}, anchors.options());
+  if (bank.scalar_type() == acc) return at::mm(anchors, bank.t());
+  at::Tensor out = at::empty({anchors.size(0), bank.size(0)}, anchors.options());
   for (int64_t begin = 0; begin < bank.size(0); begin += kChunkRows) {
     const int64_t len = std::min(kChunkRows, bank.size(0) - begin);
-    at::Tensor rows = out.narrow(0, begin, len);
-    at::mm_out(rows, bank_chunk(bank, begin, len, acc), anchors.t());
+    out.narrow(1, begin, len).copy_(at::mm(anchors, bank_chunk(bank, begin, len, acc).t()));
   }
   return out;
 }
 
-// grad = G^T @ bank for G = [N, B] holding d loss / d s at the drawn entries.
+// grad = G @ bank for G = [B, N] holding d loss / d s at the drawn entries.
 at::Tensor dense_gradient(const at::Tensor& g, const at::Tensor& bank) {
   const auto acc = g.scalar_type();
-  if (bank.scalar_type() == acc) return at::mm(g.t(), bank);
-  at::Tensor grad = at::zeros({g.size(1), bank.size(1)}, g.options());
+  if (bank.scalar_type() == acc) return at::mm(g, bank);
+  at::Tensor grad = at::zeros({g.size(0), bank.size(1)}, g.options());
   for (int64_t begin = 0; begin < bank.size(0); begin += kChunkRows) {
     const int64_t len = std::min(kChunkRows, bank.size(0) - begin);
-    grad.addmm_(g.narrow(0, begin, len).t(), bank_chunk(bank, begin, len, acc));
+    grad.addmm_(g.narrow(1, begin, len), bank_chunk(bank, begin, len, acc));
   }
   return grad;
 }
@@ -187,117 +191,143 @@ bool use_dense(int64_t batch, int64_t cols, int64_t num_data) {
   return num_data <= batch * cols && num_data * batch <= kMaxDenseEntries;
 }
 
+// The passes of one crd_nce call over both sides (student anchors vs teacher bank and the reverse).
 template <typename acc_t, typename bank_t>
-void score_pass(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, double temperature,
-                bool dense, std::vector<double>& lse_max, std::vector<double>& lse_sum) {
-  const int64_t dim = sides[0]->anchors.size(1);
-  const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> idx(cols);
-    for (int64_t b = begin; b < end; ++b) {
-      rows.fill(b, idx.data());
-      for (size_t s = 0; s < sides.size(); ++s) {
-        Side& side = *sides[s];
-        acc_t* logits = side.logits.data_ptr<acc_t>() + b * cols;
-        if (dense) {
-          const acc_t* scores = side.dense.data_ptr<acc_t>();
-          for (int64_t k = 0; k < cols; ++k) logits[k] = scores[idx[k] * batch + b] * inv_t;
-        } else {
-          const bank_t* bank = side.bank.data_ptr<bank_t>();
-          const acc_t* anchor = side.anchors.data_ptr<acc_t>() + b * dim;
-          for (int64_t k = 0; k < cols; ++k) logits[k] = dot_row(bank + idx[k] * dim, anchor, dim) * inv_t;
-        }
-        double top = -std::numeric_limits<double>::infinity(), total = 0;
-        for (int64_t k = 0; k < cols; ++k) top = std::max(top, static_cast<double>(logits[k]));
-        for (int64_t k = 0; k < cols; ++k) total += std::exp(static_cast<double>(logits[k]) - top);
-        lse_max[s * batch + b] = top;
-        lse_sum[s * batch + b] = total;
-      }
-    }
-  });
-}
+class NcePasses {
+ public:
+  NcePasses(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, int64_t num_data,
+            double temperature)
+      : sides_(sides), rows_(rows), batch_(batch), cols_(cols), num_data_(num_data),
+        dim_(sides[0]->anchors.size(1)), temperature_(temperature), dense_(use_dense(batch, cols, num_data)),
+        loss_part_(sides.size() * batch), prob_part_(sides.size() * batch) {}
 
-// The NCE terms of one side; turns its logits buffer into d loss / d s in place.
-template <typename acc_t>
-void loss_pass(Side& side, int64_t batch, int64_t cols, int64_t num_data, double temperature) {
-  const acc_t log_z = static_cast<acc_t>(side.log_z);
-  const acc_t noise = static_cast<acc_t>(static_cast<double>(cols - 1) / num_data);
-  const acc_t c = noise + static_cast<acc_t>(kNceEps);
-  const acc_t log_noise = std::log(noise);
-  const acc_t scale = static_cast<acc_t>(-1.0 / (batch * temperature));
-  std::vector<double> partial(batch, 0.0);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      acc_t* row = side.logits.data_ptr<acc_t>() + b * cols;
-      const acc_t p0 = std::exp(row[0] - log_z);
-      double total = static_cast<double>((row[0] - log_z) - std::log(p0 + c));
-      row[0] = c / (p0 + c) * scale;
-      for (int64_t k = 1; k < cols; ++k) {
-        const acc_t p = std::exp(row[k] - log_z);
-        total += static_cast<double>(log_noise - std::log(p + c));
-        row[k] = -p / (p + c) * scale;
-      }
-      partial[b] = total;
+  void run(const std::vector<double>& z) {
+    for (Side* side : sides_) {
+      side->grad = at::zeros_like(side->anchors);
+      if (dense_) side->dense = dense_scores(side->bank, side->anchors);
     }
-  });
-  double total = 0;
-  for (double value : partial) total += value;  // fixed order: deterministic
-  side.loss = -total / batch;
-}
-
-template <typename acc_t, typename bank_t>
-void gradient_pass(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, bool dense) {
-  const int64_t dim = sides[0]->anchors.size(1);
-  if (dense) {
-    for (Side* side : sides) side->dense.zero_();
-  }
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> idx(cols);
-    for (int64_t b = begin; b < end; ++b) {
-      rows.fill(b, idx.data());
-      for (Side* side : sides) {
-        const acc_t* d = side->logits.data_ptr<acc_t>() + b * cols;
-        if (dense) {  // column b of G is written by this thread only
-          acc_t* g = side->dense.data_ptr<acc_t>();
-          for (int64_t k = 0; k < cols; ++k) g[idx[k] * batch + b] += d[k];
-        } else {
-          const bank_t* bank = side->bank.data_ptr<bank_t>();
-          acc_t* grad = side->grad.data_ptr<acc_t>() + b * dim;
-          for (int64_t k = 0; k < cols; ++k) {
-            const bank_t* row = bank + idx[k] * dim;
-            for (int64_t j = 0; j < dim; ++j) grad[j] += d[k] * static_cast<acc_t>(row[j]);
-          }
+    const bool known = std::all_of(z.begin(), z.end(), [](double value) { return value >= 0; });
+    if (known) {
+      for (size_t s = 0; s < sides_.size(); ++s) sides_[s]->log_z = std::log(z[s]);
+    } else {
+      estimate_pass(z);  // the first step: Z comes from this batch's own scores
+    }
+    at::parallel_for(0, batch_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> idx(cols_);
+      std::vector<acc_t> local(cols_);
+      for (int64_t b = begin; b < end; ++b) {
+        rows_.fill(b, idx.data());
+        for (size_t s = 0; s < sides_.size(); ++s) {
+          Side& side = *sides_[s];
+          acc_t* row = known ? local.data() : side.logits.data_ptr<acc_t>() + b * cols_;
+          if (known) gather_logits(side, b, idx.data(), row);
+          score_anchor(side, s, b, row);
+          scatter_anchor(side, b, idx.data(), row);
         }
       }
+    });
+    for (size_t s = 0; s < sides_.size(); ++s) {
+      Side& side = *sides_[s];
+      double loss = 0, probs = 0;
+      for (int64_t b = 0; b < batch_; ++b) {  // fixed order: deterministic
+        loss += loss_part_[s * batch_ + b];
+        probs += prob_part_[s * batch_ + b];
+      }
+      side.loss = -loss / batch_;
+      // mean(exp(s/T))·N = Z·mean(P)·N
+      if (known) side.log_estimate = side.log_z + std::log(probs * num_data_ / static_cast<double>(batch_ * cols_));
+      if (dense_) side.grad = dense_gradient(side.dense, side.bank);
     }
-  });
-  if (dense) {
-    for (Side* side : sides) side->grad = dense_gradient(side->dense, side->bank);
   }
-}
 
-template <typename acc_t, typename bank_t>
-void nce_sides(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, int64_t num_data,
-               double temperature, const std::vector<double>& z) {
-  const bool dense = use_dense(batch, cols, num_data);
-  for (Side* side : sides) {
-    side->logits = at::empty({batch, cols}, side->anchors.options());
-    side->grad = at::zeros_like(side->anchors);
-    if (dense) side->dense = dense_scores(side->bank, side->anchors);
+ private:
+  // s/T for each of anchor b's drawn rows.
+  void gather_logits(const Side& side, int64_t b, const int64_t* idx, acc_t* out) const {
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature_);
+    if (dense_) {
+      const acc_t* scores = side.dense.data_ptr<acc_t>() + b * num_data_;
+      for (int64_t k = 0; k < cols_; ++k) out[k] = scores[idx[k]] * inv_t;
+    } else {
+      const bank_t* bank = side.bank.data_ptr<bank_t>();
+      const acc_t* anchor = side.anchors.data_ptr<acc_t>() + b * dim_;
+      for (int64_t k = 0; k < cols_; ++k) out[k] = dot_row(bank + idx[k] * dim_, anchor, dim_) * inv_t;
+    }
   }
-  std::vector<double> lse_max(sides.size() * batch), lse_sum(sides.size() * batch);
-  score_pass<acc_t, bank_t>(sides, rows, batch, cols, temperature, dense, lse_max, lse_sum);
-  for (size_t s = 0; s < sides.size(); ++s) {
-    double top = -std::numeric_limits<double>::infinity(), total = 0;
-    for (int64_t b = 0; b < batch; ++b) top = std::max(top, lse_max[s * batch + b]);
-    for (int64_t b = 0; b < batch; ++b) total += lse_sum[s * batch + b] * std::exp(lse_max[s * batch + b] - top);
-    sides[s]->log_estimate = top + std::log(total) - std::log(static_cast<double>(batch * cols)) +
-                             std::log(static_cast<double>(num_data));
-    sides[s]->log_z = z[s] < 0 ? sides[s]->log_estimate : std::log(z[s]);
-    loss_pass<acc_t>(*sides[s], batch, cols, num_data, temperature);
+
+  // Anchor b's NCE terms; turns its logits into d loss / d s in place.
+  void score_anchor(const Side& side, size_t s, int64_t b, acc_t* row) {
+    const acc_t log_z = static_cast<acc_t>(side.log_z);
+    const acc_t noise = static_cast<acc_t>(static_cast<double>(cols_ - 1) / num_data_);
+    const acc_t c = noise + static_cast<acc_t>(kNceEps);
+    const acc_t inv_noise = acc_t(1) / noise, eps = static_cast<acc_t>(kNceEps);
+    const acc_t scale = static_cast<acc_t>(-1.0 / (batch_ * temperature_));
+    const acc_t p0 = std::exp(row[0] - log_z);
+    double total = static_cast<double>((row[0] - log_z) - std::log(p0 + c)), probs = p0;
+    row[0] = c / (p0 + c) * scale;
+    for (int64_t k = 1; k < cols_; ++k) {
+      const acc_t p = std::exp(row[k] - log_z);
+      total -= static_cast<double>(std::log1p((p + eps) * inv_noise));  // log(noise / (p + c)), exactly
+      probs += p;
+      row[k] = -p / (p + c) * scale;
+    }
+    loss_part_[s * batch_ + b] = total;
+    prob_part_[s * batch_ + b] = probs;
   }
-  gradient_pass<acc_t, bank_t>(sides, rows, batch, cols, dense);
-}
+
+  // Anchor b's share of the gradient: dense, row b of S becomes row b of G (this thread's own
+  // row; duplicates add up); gather, grad_b += Σ_k d_k · bank[idx_k].
+  void scatter_anchor(Side& side, int64_t b, const int64_t* idx, const acc_t* d) const {
+    if (dense_) {
+      acc_t* g = side.dense.data_ptr<acc_t>() + b * num_data_;
+      std::fill(g, g + num_data_, acc_t(0));
+      for (int64_t k = 0; k < cols_; ++k) g[idx[k]] += d[k];
+      return;
+    }
+    const bank_t* bank = side.bank.data_ptr<bank_t>();
+    acc_t* grad = side.grad.data_ptr<acc_t>() + b * dim_;
+    for (int64_t k = 0; k < cols_; ++k) {
+      const bank_t* row = bank + idx[k] * dim_;
+      for (int64_t j = 0; j < dim_; ++j) grad[j] += d[k] * static_cast<acc_t>(row[j]);
+    }
+  }
+
+  // Every anchor's logits into side.logits, and log Z = log of mean(exp(s/T))·N where z < 0.
+  void estimate_pass(const std::vector<double>& z) {
+    std::vector<double> top(sides_.size() * batch_), sum(sides_.size() * batch_);
+    for (Side* side : sides_) side->logits = at::empty({batch_, cols_}, side->anchors.options());
+    at::parallel_for(0, batch_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> idx(cols_);
+      for (int64_t b = begin; b < end; ++b) {
+        rows_.fill(b, idx.data());
+        for (size_t s = 0; s < sides_.size(); ++s) {
+          acc_t* row = sides_[s]->logits.data_ptr<acc_t>() + b * cols_;
+          gather_logits(*sides_[s], b, idx.data(), row);
+          double high = -std::numeric_limits<double>::infinity(), total = 0;
+          for (int64_t k = 0; k < cols_; ++k) high = std::max(high, static_cast<double>(row[k]));
+          for (int64_t k = 0; k < cols_; ++k) total += std::exp(static_cast<double>(row[k]) - high);
+          top[s * batch_ + b] = high;
+          sum[s * batch_ + b] = total;
+        }
+      }
+    });
+    for (size_t s = 0; s < sides_.size(); ++s) {
+      double high = -std::numeric_limits<double>::infinity(), total = 0;
+      for (int64_t b = 0; b < batch_; ++b) high = std::max(high, top[s * batch_ + b]);
+      for (int64_t b = 0; b < batch_; ++b) total += sum[s * batch_ + b] * std::exp(top[s * batch_ + b] - high);
+      Side& side = *sides_[s];
+      side.log_estimate = high + std::log(total) - std::log(static_cast<double>(batch_ * cols_)) +
+                          std::log(static_cast<double>(num_data_));
+      side.log_z = z[s] < 0 ? side.log_estimate : std::log(z[s]);
+    }
+  }
+
+  std::vector<Side*>& sides_;
+  const ContrastRows& rows_;
+  const int64_t batch_, cols_, num_data_, dim_;
+  const double temperature_;
+  const bool dense_;
+  std::vector<double> loss_part_, prob_part_;
+};
 
 void check_index_table(const at::Tensor& table, int64_t num_data, const char* name) {
   const int64_t* p = table.data_ptr<int64_t>();
@@ -356,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
   AT_DISPATCH_FLOATING_TYPES(acc, "crd_nce", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_s.scalar_type(), "crd_nce_bank", [&] {
-      nce_sides<acc_t, scalar_t>(sides, rows, batch, cols, num_data, temperature, z);
+      NcePasses<acc_t, scalar_t>(sides, rows, batch, cols, num_data, temperature).run(z);
     });
   });
 

@@ -107,7 +107,7 @@ def _side_with_grad(anchor: torch.Tensor, bank: torch.Tensor, cidx: torch.Tensor
     noise = (cols - 1) / num_data
     c = noise + NCE_EPS
     positive = (logits[:, 0] - log_z) - torch.log(probs[:, 0] + c)
-    negative = math.log(noise) - torch.log(probs[:, 1:] + c)
+    negative = -torch.log1p((probs[:, 1:] + NCE_EPS) / noise)  # log(noise / (P + c)) without cancellation
     loss = -(positive.sum() + negative.sum()) / batch
     d_logits = torch.cat([c / (probs[:, :1] + c), -probs[:, 1:] / (probs[:, 1:] + c)], dim=1)
     d_scores = d_logits * (-1.0 / (batch * temperature))  # d loss / d s

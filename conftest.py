@@ -1,4 +1,4 @@
-"""Test set-up: Triton's interpreter on machines without a GPU, and the markers' skips."""
+"""pytest set-up for tests/ and benchmarks/: Triton's interpreter without a GPU, the markers' skips."""
 import os
 
 import torch
