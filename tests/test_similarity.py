@@ -11,18 +11,9 @@ import torch.nn.functional as nnf
 import fastkd
 from fastkd import functional as fk
 
-
-def rand(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+from _helpers import arr, close, rand  # noqa: E402
 
 
-def arr(x):
-    return x.detach().double().numpy()
-
-
-def close(value, expected, rel=1e-10, abs_=1e-12):
-    assert value.dim() == 0
-    assert float(value.detach()) == pytest.approx(expected, rel=rel, abs=abs_)
 
 
 # --- independent references (float64 numpy / loops) ------------------------------------------
