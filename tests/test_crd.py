@@ -282,6 +282,8 @@ def test_bad_inputs_name_the_argument():
         fastkd.CRDLoss(4, 4, 10, temperature=0.0)
     with pytest.raises(ValueError, match="momentum"):
         fastkd.CRDLoss(4, 4, 10, momentum=1.5)
+    with pytest.raises(ValueError, match="num_data must be below 2\\*\\*31"):
+        fastkd.CRDLoss(4, 4, 2**31)  # refused before any bank is allocated
 
 
 def test_nan_embedding_is_refused_before_the_banks_change():

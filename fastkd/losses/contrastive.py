@@ -51,6 +51,8 @@ class CRDLoss(nn.Module):
         temperature = _checks.number("temperature", temperature, positive=True)
         momentum = _checks.number("momentum", momentum, nonnegative=True)
         z_momentum = _checks.number("z_momentum", z_momentum, nonnegative=True)
+        if num_data >= 2**31:
+            raise ValueError(f"num_data must be below 2**31 (the samplers' index range), got {num_data}")
         if momentum > 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         if z_momentum >= 1:

@@ -168,6 +168,16 @@ def _bank_update_fake(bank, index, value, momentum):
     return None
 
 
+@torch.library.register_fake("fastkd::crd_bank_update_cuda_")
+def _bank_update_cuda_fake(bank, index, value, momentum):
+    return None
+
+
+@torch.library.register_fake("fastkd::crd_nce_cuda")
+def _nce_cuda_fake(*args):
+    return _nce_fake(*args)
+
+
 @torch.library.register_fake("fastkd::crd_nce")
 def _nce_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, num_negatives, temperature,
               z_momentum, shared_negatives):
@@ -197,8 +207,11 @@ def _native_has(device_type: str | None) -> bool:
 
 
 def _nce_native(*args):
-    op = torch.ops.fastkd.crd_nce_cuda if args[0].is_cuda else torch.ops.fastkd.crd_nce
-    return op(*args)
+    if not args[0].is_cuda:
+        return torch.ops.fastkd.crd_nce(*args)
+    if args[0].dtype == torch.float64:  # the CUDA kernels take fp32 / fp16 / bf16
+        return nce_with_grad_reference(*args)
+    return torch.ops.fastkd.crd_nce_cuda(*args)
 
 
 def _bank_update_native(bank, index, value, momentum):

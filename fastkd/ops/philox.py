@@ -12,7 +12,8 @@ Contract, shared by every backend (csrc/cpu/crd.cpp, fastkd/kernels/crd.py, csrc
   (n = k − 1 in shared-negatives mode: every anchor gets the same K rows);
 * ten rounds of (c0, c1, c2, c3) ← (hi(B·c2) ⊕ c1 ⊕ k0, lo(B·c2), hi(A·c0) ⊕ c3 ⊕ k1, lo(A·c0)),
   A = 0xD2511F53, B = 0xCD9E8D57, then k0 += 0x9E3779B9, k1 += 0xBB67AE85;
-* the row index is (c0 · N) >> 32 of the final c0 (uniform over [0, N) for N < 2³²).
+* the row index is (c0 · N) >> 32 of the final c0 (uniform over [0, N); N < 2³¹, so the product
+  fits the int64 arithmetic of this reference).
 """
 from __future__ import annotations
 
