@@ -1,0 +1,227 @@
+"""Recipes: what a distillation run trains, with what, for how long — one YAML file per setting.
+
+A recipe is a tree of plain values validated into :class:`Recipe`. A YAML file may name a
+``base`` recipe (a shipped name such as ``cifar100`` or a path) whose values it overrides; any
+key can also be overridden on the command line as ``section.key=value`` (the value parsed as
+YAML: ``optim.lr=0.1``, ``losses.kd.weight=0.9``, ``schedule.milestones=[30,60,90]``). Unknown
+keys are rejected with the list of the valid ones, so a typo never trains silently.
+
+Losses: ``losses`` maps a loss name to its ``weight`` and the keyword arguments of its module
+(``losses.kd.temperature=4``): the total is Σ weight · loss. ``ce`` is the student's cross
+entropy on the labels; the others are the :mod:`fastkd` modules in :data:`LOSSES`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+import fastkd
+
+# recipe name → the loss module it builds (its constructor's keywords are the loss's options)
+LOSSES: dict[str, type] = {
+    "kd": fastkd.KDLoss, "dkd": fastkd.DKDLoss, "hint": fastkd.HintLoss, "at": fastkd.ATLoss,
+    "nst": fastkd.NSTLoss, "ft": fastkd.FTLoss, "ab": fastkd.ABLoss, "fsp": fastkd.FSPLoss, "vid": fastkd.VIDLoss,
+    "sp": fastkd.SPLoss, "cc": fastkd.CCLoss, "cckd": fastkd.CCKDLoss, "rkd": fastkd.RKDLoss, "pkt": fastkd.PKTLoss,
+    "srd": fastkd.SRDLoss, "crd": fastkd.CRDLoss,
+}
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"            # digits | cifar10 | cifar100 | imagefolder
+    root: str | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    device_augment: bool = True     # crop + flip on the device for datasets held in memory
+    contrast_mode: str | None = None  # CRD's dataset-side sampling: exact | relax | None (the loss samples)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet8x4"
+    checkpoint: str | None = None   # a RepDistiller-style {'model': state_dict} file, or a fastkd checkpoint
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"               # sgd | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"         # multistep | cosine
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig | None = field(default_factory=lambda: ModelConfig("resnet32x4"))
+    student: ModelConfig = field(default_factory=ModelConfig)
+    losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ce": {"weight": 1.0}})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    epochs: int = 240
+    amp: str = "auto"               # auto | bf16 | fp16 | off
+    cuda_graph: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    output: str = "runs/fastkd"
+    eval_every: int = 1
+    checkpoint_every: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig, "optim": OptimConfig,
+             "schedule": ScheduleConfig}
+_CHOICES = {("data", "name"): ("digits", "cifar10", "cifar100", "imagefolder"),
+            ("data", "contrast_mode"): (None, "exact", "relax"),
+            ("optim", "name"): ("sgd", "adamw"), ("schedule", "name"): ("multistep", "cosine"),
+            ((), "amp"): ("auto", "bf16", "fp16", "off")}
+
+
+def shipped() -> list[str]:
+    """The names of the recipes shipped inside the package."""
+    folder = resources.files("fastkd") / "recipes"
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def _read(name_or_path: str) -> dict[str, Any]:
+    """A recipe file's tree with its ``base`` chain merged in (the file's own values win)."""
+    if os.path.isfile(name_or_path):
+        with open(name_or_path) as stream:
+            tree = yaml.safe_load(stream) or {}
+    elif name_or_path in shipped():
+        tree = yaml.safe_load((resources.files("fastkd") / "recipes" / f"{name_or_path}.yaml").read_text()) or {}
+    else:
+        raise ValueError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(shipped())})")
+    if not isinstance(tree, dict):
+        raise ValueError(f"recipe {name_or_path!r} must hold a mapping at the top, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    return _merge(_read(base), tree) if base else tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "losses":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)  # a recipe's losses replace its base's whole set
+    return merged
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """``a.b.c=value`` into ``tree`` (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} must look like key=value (e.g. optim.lr=0.1)")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ValueError(f"override {assignment!r} has an empty key")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def _unknown(where: str, keys, valid) -> None:
+    bad = sorted(set(keys) - set(valid))
+    if bad:
+        raise ValueError(f"unknown key{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))} in {where}; "
+                         f"valid: {', '.join(sorted(valid))}")
+
+
+def _typed(where: str, value, annotation: str):
+    """Check a leaf against its dataclass annotation (the few types recipes use)."""
+    expect = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[int]": list}
+    for option in annotation.replace(" ", "").split("|"):
+        if option == "None" and value is None:
+            return value
+        kind = expect.get(option)
+        if kind is not None and isinstance(value, kind) and not (option in ("int", "float") and isinstance(value, bool)):
+            if option == "list[int]" and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                continue
+            return float(value) if option == "float" else value
+    raise ValueError(f"{where} must be {annotation}, got {value!r}")
+
+
+def _section(name: str, cls, tree) -> Any:
+    if tree is None and name == "teacher":
+        return None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{name} must be a mapping, got {tree!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _unknown(name, tree, fields)
+    values = {}
+    for key, value in tree.items():
+        values[key] = _typed(f"{name}.{key}", value, fields[key].type)
+        choices = _CHOICES.get((name, key))
+        if choices is not None and values[key] not in choices:
+            raise ValueError(f"{name}.{key} must be one of {choices}, got {value!r}")
+    return cls(**values)
+
+
+def _losses(tree) -> dict[str, dict[str, Any]]:
+    if not isinstance(tree, dict) or not tree:
+        raise ValueError(f"losses must be a non-empty mapping of loss name → options, got {tree!r}")
+    _unknown("losses", tree, ["ce", *LOSSES])
+    checked = {}
+    for name, options in tree.items():
+        options = {"weight": options} if isinstance(options, (int, float)) else options
+        if not isinstance(options, dict) or "weight" not in options:
+            raise ValueError(f"losses.{name} needs a weight (losses.{name}.weight=...), got {options!r}")
+        valid = ["weight"] if name == "ce" else ["weight", *_constructor_options(LOSSES[name])]
+        _unknown(f"losses.{name}", options, valid)
+        checked[name] = dict(options, weight=_typed(f"losses.{name}.weight", options["weight"], "float"))
+    return checked
+
+
+def _constructor_options(cls) -> list[str]:
+    """A loss module's keyword options, less those the engine derives (feature sizes, dataset size)."""
+    derived = {"s_dim", "t_dim", "num_data", "num_input_channels", "num_mid_channel", "num_target_channels"}
+    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *derived)]
+
+
+def build(tree: dict[str, Any]) -> Recipe:
+    """Validate a recipe tree into a :class:`Recipe`."""
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    _unknown("the recipe", tree, fields)
+    values: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in _SECTIONS:
+            values[key] = _section(key, _SECTIONS[key], value)
+        elif key == "losses":
+            values[key] = _losses(value)
+        else:
+            annotation = next(f.type for f in dataclasses.fields(Recipe) if f.name == key)
+            values[key] = _typed(key, value, annotation)
+            if key == "amp" and values[key] not in _CHOICES[((), "amp")]:
+                raise ValueError(f"amp must be one of {_CHOICES[((), 'amp')]}, got {value!r}")
+    return Recipe(**values)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    """A shipped recipe (by name) or a YAML file, with ``key=value`` overrides applied."""
+    tree = _read(name_or_path)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return build(tree)
