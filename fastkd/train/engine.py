@@ -1,0 +1,159 @@
+"""The training loop: optimiser, learning-rate schedule, AMP, evaluation, checkpoints and resume.
+
+:class:`Trainer` runs a :class:`~fastkd.train.distiller.Distiller` over batches from any iterable
+of ``(images, labels[, index[, contrast_idx]])`` tuples (a loader with ``set_epoch(epoch)`` gets
+it called, so each epoch's order is a function of the seed and the epoch and a resumed run sees
+the same batches). Each epoch ends with an evaluation and an atomic checkpoint holding everything
+a resumed run needs: student, the losses' parameters and state (CRD's banks, Z and sampler
+offset), optimiser, gradient scaler, RNG states, epoch and the metrics so far.
+
+Not here yet (issue 4): the CUDA-graph step, torch.compile, channels_last, progress bar, CSV,
+TensorBoard and plots.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterable
+
+import torch
+
+from fastkd.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastkd.train.distiller import Distiller
+from fastkd.train.recipe import Recipe
+
+
+def learning_rate(recipe: Recipe, epoch: float) -> float:
+    """The learning rate at a (fractional) epoch: linear warm-up, then multistep or cosine."""
+    base, schedule = recipe.optim.lr, recipe.schedule
+    if schedule.warmup_epochs and epoch < schedule.warmup_epochs:
+        return base * (epoch + 1e-8) / schedule.warmup_epochs
+    if schedule.name == "cosine":
+        span = max(recipe.epochs - schedule.warmup_epochs, 1)
+        return 0.5 * base * (1 + math.cos(math.pi * (epoch - schedule.warmup_epochs) / span))
+    return base * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+
+
+def amp_dtype(recipe: Recipe, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 where the GPU supports it, else fp16 (with a grad scaler); none on CPU."""
+    if recipe.amp == "off" or (recipe.amp == "auto" and device.type != "cuda"):
+        return None
+    if recipe.amp == "fp16" or (recipe.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose label is among the top-k logits, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == target.unsqueeze(1)
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+class Trainer:
+    """Trains ``distiller``'s student (and its losses' parameters) by ``recipe``; see the module doc."""
+
+    def __init__(self, recipe: Recipe, distiller: Distiller, train_data: Iterable, test_data: Iterable,
+                 device: str | torch.device = "cpu", output: str | None = None):
+        self.recipe, self.distiller = recipe, distiller.to(device)
+        self.train_data, self.test_data = train_data, test_data
+        self.device = torch.device(device)
+        self.output = output or recipe.output
+        params = distiller.trainable_parameters()
+        optim = recipe.optim
+        if optim.name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                                             weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.amp = amp_dtype(recipe, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    # --- one epoch ----------------------------------------------------------------------------
+    def _batches(self, data: Iterable, epoch: int):
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(epoch)
+        for batch in data:
+            yield tuple(t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch)
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.distiller.train()
+        sums: dict[str, torch.Tensor] = {}
+        seen, start = 0, time.perf_counter()
+        steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None
+        for step, batch in enumerate(self._batches(self.train_data, epoch)):
+            images, target, *rest = batch
+            lr = learning_rate(self.recipe, epoch + (step / steps if steps else 0.0))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                total, parts, _ = self.distiller(images, target, *rest, epoch=epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            for name, value in (("loss", total), *parts.items()):
+                sums[name] = sums.get(name, 0) + value.detach().float() * images.shape[0]
+            seen += images.shape[0]
+        elapsed = time.perf_counter() - start
+        metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in sums.items()}  # one sync per epoch
+        metrics.update(lr=lr if seen else None, images_per_s=seen / elapsed if elapsed else None)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, data: Iterable | None = None) -> dict:
+        """Top-1 / top-5 accuracy (%) of the student on ``data`` (the test set by default)."""
+        student = self.distiller.student
+        was = student.training
+        student.eval()
+        top1 = top5 = 0
+        seen = 0
+        for images, target, *_ in self._batches(data if data is not None else self.test_data, 0):
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                logits = student(images)
+            hit1, hit5 = accuracy(logits.float(), target)
+            top1, top5, seen = top1 + hit1, top5 + hit5, seen + images.shape[0]
+        student.train(was)
+        return {"top1": 100.0 * float(top1) / max(seen, 1), "top5": 100.0 * float(top5) / max(seen, 1)}
+
+    # --- the run ------------------------------------------------------------------------------
+    def fit(self, epochs: int | None = None, log=print) -> list[dict]:
+        """Train from the current epoch to ``epochs`` (the recipe's by default); returns the history."""
+        last = self.recipe.epochs if epochs is None else epochs
+        os.makedirs(self.output, exist_ok=True)
+        while self.epoch < last:
+            epoch = self.epoch
+            metrics = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            if (epoch + 1) % self.recipe.eval_every == 0 or epoch + 1 == last:
+                metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
+            self.history.append(metrics)
+            self.epoch = epoch + 1
+            with open(os.path.join(self.output, "metrics.jsonl"), "a") as stream:
+                stream.write(json.dumps(metrics) + "\n")
+            if self.epoch % self.recipe.checkpoint_every == 0 or self.epoch == last:
+                self.save(os.path.join(self.output, "last.pt"))
+            if log is not None:
+                log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        return self.history
+
+    def state_dict(self) -> dict:
+        return {"student": self.distiller.student.state_dict(), "losses": self.distiller.criteria.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict()}
+
+    def save(self, path: str) -> None:
+        save_checkpoint(path, self.state_dict())
+
+    def resume(self, path: str) -> None:
+        """Continue from a checkpoint written by :meth:`save`: the same run, step for step."""
+        state = load_checkpoint(path, map_location=self.device)
+        self.distiller.student.load_state_dict(state["student"])
+        self.distiller.criteria.load_state_dict(state["losses"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.history = state["epoch"], state["history"]
+        set_rng_state(state["rng"])

@@ -1,0 +1,157 @@
+"""The engine: every engine-supported loss trains a few steps on CPU; resume continues exactly."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from fastkd.train.distiller import Distiller
+from fastkd.train.engine import Trainer, accuracy, learning_rate
+from fastkd.train.recipe import build
+
+
+class Tiny(nn.Module):
+    """A RepDistiller-convention CNN: features = [stem, stage 1, stage 2, pooled], then logits."""
+
+    def __init__(self, width=8, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width),
+                                    nn.ReLU())
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x, is_feat=False, preact=False):
+        f0 = self.stem(x)
+        f1 = self.stage1(f0)
+        f2 = self.stage2(f1)
+        pooled = f2.mean(dim=(2, 3))
+        logits = self.fc(pooled)
+        return ([f0, f1, f2, pooled], logits) if is_feat else logits
+
+
+class Loader:
+    """In-memory batches (images, labels, index); the order is a function of (seed, epoch)."""
+
+    def __init__(self, images, labels, batch_size, shuffle=True, seed=0):
+        self.images, self.labels, self.batch_size, self.shuffle, self.seed = images, labels, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.labels) // self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(len(self.labels), generator=g) if self.shuffle else torch.arange(len(self.labels))
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx], idx
+
+
+def data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 8, 8, generator=g)
+    labels = (images[:, 0].mean(dim=(1, 2)) > 0).long() + 2 * (images[:, 1].mean(dim=(1, 2)) > 0).long()
+    return images, labels
+
+
+def make(losses, tmp_path, epochs=2, seed=0, **recipe):
+    torch.manual_seed(seed)
+    tree = {"losses": losses, "epochs": epochs, "optim": {"lr": 0.05}, "schedule": {"milestones": [1]},
+            "output": str(tmp_path), **recipe}
+    images, labels = data()
+    teacher, student = Tiny(width=12), Tiny(width=6)
+    distiller = Distiller(student, teacher, build(tree).losses, images[:8], num_data=len(labels))
+    train = Loader(images, labels, 16)
+    test = Loader(images, labels, 32, shuffle=False)
+    return Trainer(build(tree), distiller, train, test, output=str(tmp_path))
+
+
+ENGINE_LOSSES = {
+    "kd": {"weight": 0.9}, "dkd": {"weight": 1.0}, "hint": {"weight": 100.0}, "at": {"weight": 1000.0},
+    "nst": {"weight": 50.0}, "vid": {"weight": 1.0}, "sp": {"weight": 3000.0}, "cc": {"weight": 0.02},
+    "cckd": {"weight": 1.0}, "rkd": {"weight": 1.0}, "pkt": {"weight": 30000.0}, "srd": {"weight": 2.0},
+    "crd": {"weight": 0.8, "num_negatives": 20, "feat_dim": 8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_LOSSES))
+def test_each_loss_trains_a_few_steps(name, tmp_path):
+    trainer = make({"ce": {"weight": 1.0}, name: ENGINE_LOSSES[name]}, tmp_path, epochs=1)
+    teacher_before = copy.deepcopy(trainer.distiller.teacher.state_dict())
+    student_before = copy.deepcopy(trainer.distiller.student.state_dict())
+    history = trainer.fit(log=None)
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history[0][f"train_{name}"]))
+    assert history[0]["train_loss"] == pytest.approx(
+        history[0]["train_ce"] + ENGINE_LOSSES[name]["weight"] * history[0][f"train_{name}"], rel=1e-4)
+    for key, value in trainer.distiller.teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), f"teacher changed: {key}"
+    assert any(not torch.equal(v, student_before[k]) for k, v in trainer.distiller.student.state_dict().items())
+    assert not trainer.distiller.teacher.training
+    if name in ("hint", "vid", "crd", "srd", "cc", "cckd"):  # the loss's own parameters are trained too
+        assert len(list(trainer.distiller.criteria.parameters())) > 0
+        owned = {id(p) for p in trainer.optimizer.param_groups[0]["params"]}
+        assert all(id(p) in owned for p in trainer.distiller.criteria.parameters())
+
+
+def test_staged_losses_are_refused_with_the_reason(tmp_path):
+    for name in ("ft", "ab", "fsp"):
+        with pytest.raises(ValueError, match=f"loss '{name}' needs"):
+            make({"ce": 1.0, name: 1.0}, tmp_path)
+
+
+def test_resume_continues_exactly(tmp_path):
+    losses = {"ce": {"weight": 1.0}, "kd": {"weight": 1.0}, "crd": ENGINE_LOSSES["crd"]}
+    straight = make(losses, tmp_path / "straight", epochs=3)
+    straight.fit(log=None)
+    first = make(losses, tmp_path / "cut", epochs=3)
+    first.fit(epochs=2, log=None)
+    resumed = make(losses, tmp_path / "other", epochs=3)  # the same teacher (a fixed checkpoint in real runs)
+    with torch.no_grad():
+        for p in resumed.distiller.student.parameters():
+            p.normal_()  # whatever the student holds is replaced by the checkpoint's
+    resumed.resume(os.path.join(tmp_path / "cut", "last.pt"))
+    assert resumed.epoch == 2
+    resumed.fit(log=None)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in straight.history]
+    for key, value in straight.distiller.student.state_dict().items():
+        assert torch.equal(resumed.distiller.student.state_dict()[key], value), key
+    crd_a, crd_b = straight.distiller.criteria["crd"], resumed.distiller.criteria["crd"]
+    assert torch.equal(crd_a.memory_s, crd_b.memory_s) and torch.equal(crd_a.rng_state, crd_b.rng_state)
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_learning_rate_schedules():
+    multistep = build({"optim": {"lr": 0.05}, "schedule": {"milestones": [150, 180, 210]}, "epochs": 240})
+    assert [learning_rate(multistep, e) for e in (0, 149.9, 150, 180, 239)] == pytest.approx(
+        [0.05, 0.05, 0.005, 0.0005, 0.00005])
+    cosine = build({"optim": {"lr": 0.1}, "schedule": {"name": "cosine", "warmup_epochs": 5}, "epochs": 105})
+    assert learning_rate(cosine, 2.5) == pytest.approx(0.05)
+    assert learning_rate(cosine, 5) == pytest.approx(0.1)
+    assert learning_rate(cosine, 55) == pytest.approx(0.05)
+    assert learning_rate(cosine, 105) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_accuracy_counts_top_k():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    top1, top2 = accuracy(logits, torch.tensor([1, 2, 1]), ks=(1, 2))
+    assert int(top1) == 1 and int(top2) == 2
+
+
+def test_student_alone_needs_no_teacher(tmp_path):
+    images, labels = data()
+    recipe = build({"losses": {"ce": 1.0}, "epochs": 8, "schedule": {"milestones": [10]}, "optim": {"lr": 0.1}})
+    torch.manual_seed(0)
+    trainer = Trainer(recipe, Distiller(Tiny(), None, recipe.losses, images[:4], len(labels)),
+                      Loader(images, labels, 16), Loader(images, labels, 32, shuffle=False), output=str(tmp_path))
+    before = trainer.evaluate()["top1"]
+    history = trainer.fit(log=None)
+    assert history[-1]["test_top1"] > before and history[-1]["test_top1"] > 60.0
+    with pytest.raises(ValueError, match="need a teacher"):
+        Distiller(Tiny(), None, {"ce": {"weight": 1.0}, "kd": {"weight": 1.0}}, images[:4], len(labels))
