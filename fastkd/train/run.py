@@ -1,0 +1,97 @@
+"""From a recipe to a running :class:`~fastkd.train.engine.Trainer`: models, data, teacher weights.
+
+Datasets that fit in memory (digits, CIFAR, a cached ImageFolder of small images) are held on the
+training device and batched there with device-side crop + flip (:mod:`fastkd.data.device`), so
+the input pipeline never waits on Python workers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastkd import models
+from fastkd.data.cifar import CIFAR10, CIFAR100
+from fastkd.data.contrast import ContrastSampler
+from fastkd.data.device import DeviceDataset, DeviceLoader
+from fastkd.data.digits import Digits
+from fastkd.data.folder import ImageFolder
+from fastkd.train.checkpoint import load_checkpoint
+from fastkd.train.distiller import Distiller
+from fastkd.train.engine import Trainer
+from fastkd.train.recipe import Recipe
+
+DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated 4×
+
+
+def datasets(recipe: Recipe):
+    """(train, test) in-memory datasets of the recipe's data section, and the class count."""
+    data = recipe.data
+    if data.name == "digits":
+        return (Digits(train=True, size=DIGITS_SIZE, channels=3), Digits(train=False, size=DIGITS_SIZE, channels=3), 10)
+    if data.root is None:
+        raise ValueError(f"data.root must name the folder of {data.name} (e.g. data.root=/data/{data.name})")
+    if data.name in ("cifar10", "cifar100"):
+        cls = CIFAR10 if data.name == "cifar10" else CIFAR100
+        return cls(data.root, train=True), cls(data.root, train=False), 10 if data.name == "cifar10" else 100
+    train = ImageFolder(os.path.join(data.root, "train"), cache=True)
+    test = ImageFolder(os.path.join(data.root, "test" if os.path.isdir(os.path.join(data.root, "test")) else "val"),
+                       cache=True)
+    return train, test, len(train.classes)
+
+
+def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
+    """Device-side train and test loaders; with ``data.contrast_mode`` the train batches carry CRD indices."""
+    train_set, test_set, classes = datasets(recipe)
+    train_data = DeviceDataset.from_dataset(train_set, device)
+    test_data = DeviceDataset.from_dataset(test_set, device)
+    contrast = None
+    if recipe.data.contrast_mode is not None and num_negatives is not None:
+        contrast = ContrastSampler(train_data.labels, num_negatives, recipe.data.contrast_mode, seed=recipe.seed,
+                                   device=device)
+    flip = recipe.data.name != "digits"  # a mirrored digit is another glyph
+    train = DeviceLoader(train_data, recipe.data.batch_size, augment=recipe.data.device_augment, flip=flip,
+                         contrast=contrast, seed=recipe.seed, drop_last=True, channels_last=recipe.channels_last)
+    test = DeviceLoader(test_data, max(recipe.data.batch_size, 256), shuffle=False, augment=False,
+                        channels_last=recipe.channels_last)
+    return train, test, classes, len(train_data)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """A RepDistiller checkpoint ({'model': state_dict}), a fastkd checkpoint ({'student': ...}) or a bare state_dict."""
+    state = load_checkpoint(path)
+    for key in ("model", "student", "state_dict"):
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    model.load_state_dict(state)
+
+
+def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
+    """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(recipe.seed)
+    crd = recipe.losses.get("crd")
+    num_negatives = crd.get("num_negatives", 16384) if crd else None
+    train, test, classes, num_data = loaders(recipe, device, num_negatives)
+    student = models.create(recipe.student.name, num_classes=classes)
+    if recipe.student.checkpoint:
+        load_weights(student, recipe.student.checkpoint)
+    teacher = None
+    if set(recipe.losses) - {"ce"}:
+        if recipe.teacher is None:
+            raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
+        if not recipe.teacher.checkpoint:
+            raise ValueError("teacher.checkpoint must name the teacher's weights (a RepDistiller {'model': ...} "
+                             "file or a fastkd checkpoint; `fastkd train` makes one)")
+        teacher = models.create(recipe.teacher.name, num_classes=classes)
+        load_weights(teacher, recipe.teacher.checkpoint)
+        teacher.to(device)
+    student.to(device)
+    if recipe.channels_last:
+        student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    sample = next(iter(train))[0][:8]
+    distiller = Distiller(student, teacher, recipe.losses, sample, num_data)
+    return Trainer(recipe, distiller, train, test, device=device, output=output)

@@ -1,0 +1,45 @@
+"""The fastkd command: the embedded main job end to end (one epoch), recipes, train/eval, errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastkd.cli import main
+
+
+def test_default_distill_runs_teacher_and_three_students(tmp_path, capsys):
+    assert main(["distill", "--output", str(tmp_path), "--device", "cpu", "epochs=1"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("run "):].splitlines()
+    names = [line[:22].strip() for line in table[1:]]
+    assert names == ["teacher (resnet20)", "student alone", "student + KD", "student + CRD + KD"]
+    for line in table[1:]:
+        top1, top5 = float(line[22:30]), float(line[30:38])
+        assert 0.0 <= top1 <= top5 <= 100.0
+    for run in ("teacher", "student_alone", "student_kd", "student_crd_kd"):
+        assert os.path.isfile(tmp_path / run / "last.pt") and os.path.isfile(tmp_path / run / "metrics.jsonl")
+
+
+def test_train_then_eval_and_resume(tmp_path, capsys):
+    run = tmp_path / "teacher"
+    assert main(["train", "digits", "--output", str(run), "--device", "cpu", "epochs=1", "student.name=resnet8"]) == 0
+    assert main(["eval", "resnet8", str(run / "last.pt"), "--device", "cpu"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    # a second call finds last.pt and resumes: with epochs=1 already done it trains nothing more
+    assert main(["train", "digits", "--output", str(run), "--device", "cpu", "epochs=1", "student.name=resnet8"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_recipe_errors_reach_the_user(tmp_path):
+    with pytest.raises(ValueError, match="unknown key 'lrr' in optim"):
+        main(["distill", "cifar100_kd", "optim.lrr=1", "--output", str(tmp_path)])
+    with pytest.raises(ValueError, match="teacher.checkpoint must name"):
+        main(["distill", "digits", "losses={ce: 0.1, kd: 0.9}", "--output", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        main(["distill", "cifar100_kd", f"data.root={tmp_path}", "--output", str(tmp_path), "--device", "cpu"])
+
+
+def test_python_dash_m_lists_recipes():
+    out = subprocess.run([sys.executable, "-m", "fastkd", "recipes"], capture_output=True, text=True, check=True)
+    assert "cifar100_crd_kd" in out.stdout.split() and "digits" in out.stdout.split()
