@@ -1,5 +1,6 @@
 """The engine: every engine-supported loss trains a few steps on CPU; resume continues exactly."""
 import copy
+import csv
 import json
 import os
 
@@ -125,6 +126,11 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(crd_a.memory_s, crd_b.memory_s) and torch.equal(crd_a.rng_state, crd_b.rng_state)
     lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    # the resumed run's CSV holds the whole run: the two epochs before the cut and the one after
+    rows = list(csv.DictReader(open(tmp_path / "other" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) == pytest.approx(straight.history[-1]["train_loss"])
+    assert {"train_kd", "train_crd", "test_top1", "images_per_s"} <= set(rows[0])
 
 
 def test_learning_rate_schedules():
@@ -155,3 +161,17 @@ def test_student_alone_needs_no_teacher(tmp_path):
     assert history[-1]["test_top1"] > before and history[-1]["test_top1"] > 60.0
     with pytest.raises(ValueError, match="need a teacher"):
         Distiller(Tiny(), None, {"ce": {"weight": 1.0}, "kd": {"weight": 1.0}}, images[:4], len(labels))
+
+
+def test_metrics_csv_and_curves_png(tmp_path):
+    from fastkd.train.metrics import MetricsLog
+
+    log = MetricsLog(str(tmp_path))
+    log.append({"epoch": 1, "train_loss": 2.0, "train_ce": 2.0, "test_top1": 40.0, "test_top5": 80.0})
+    log.append({"epoch": 2, "train_loss": 1.0, "train_ce": 0.8, "train_kd": 0.2, "test_top1": 60.0, "test_top5": 90.0})
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["train_kd"] for r in rows] == ["", "0.2"]  # a column that appears later is added to the header
+    path = log.plot()
+    with open(path, "rb") as stream:
+        assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(path) > 10_000

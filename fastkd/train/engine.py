@@ -7,12 +7,11 @@ the same batches). Each epoch ends with an evaluation and an atomic checkpoint h
 a resumed run needs: student, the losses' parameters and state (CRD's banks, Z and sampler
 offset), optimiser, gradient scaler, RNG states, epoch and the metrics so far.
 
-Not here yet (issue 4): the CUDA-graph step, torch.compile, channels_last, progress bar, CSV,
-TensorBoard and plots.
+Not here yet (issue 4): the CUDA-graph step, torch.compile and a per-step progress bar (each epoch
+prints one line with its throughput).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -22,6 +21,7 @@ import torch
 
 from fastkd.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastkd.train.distiller import Distiller
+from fastkd.train.metrics import MetricsLog
 from fastkd.train.recipe import Recipe
 
 
@@ -122,22 +122,27 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------
     def fit(self, epochs: int | None = None, log=print) -> list[dict]:
-        """Train from the current epoch to ``epochs`` (the recipe's by default); returns the history."""
+        """Train from the current epoch to ``epochs`` (the recipe's by default); returns the history.
+
+        Each epoch's metrics go to ``metrics.jsonl`` / ``metrics.csv`` (and TensorBoard when
+        installed) under the output folder; ``curves.png`` is redrawn when matplotlib is there.
+        """
         last = self.recipe.epochs if epochs is None else epochs
         os.makedirs(self.output, exist_ok=True)
+        record = MetricsLog(self.output, self.history)
         while self.epoch < last:
             epoch = self.epoch
             metrics = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if (epoch + 1) % self.recipe.eval_every == 0 or epoch + 1 == last:
                 metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
-            self.history.append(metrics)
             self.epoch = epoch + 1
-            with open(os.path.join(self.output, "metrics.jsonl"), "a") as stream:
-                stream.write(json.dumps(metrics) + "\n")
+            record.append(metrics)
+            self.history = record.records
             if self.epoch % self.recipe.checkpoint_every == 0 or self.epoch == last:
                 self.save(os.path.join(self.output, "last.pt"))
             if log is not None:
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        record.plot()
         return self.history
 
     def state_dict(self) -> dict:
