@@ -175,3 +175,11 @@ def test_metrics_csv_and_curves_png(tmp_path):
     with open(path, "rb") as stream:
         assert stream.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 10_000
+
+
+def test_first_step_of_an_epoch_validates_values(tmp_path):
+    trainer = make({"ce": {"weight": 1.0}, "kd": {"weight": 1.0}}, tmp_path, epochs=1)
+    trainer.train_data.images = trainer.train_data.images.clone()
+    trainer.train_data.images[:] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):
+        trainer.train_epoch(0)

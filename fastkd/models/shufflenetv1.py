@@ -57,7 +57,26 @@ class Bottleneck(nn.Module):
         return (act, pre) if return_preact else act
 
 
-class ShuffleNet(nn.Module):
+class ShuffleFeatures:
+    """The feature interface both ShuffleNets share: stem ``conv1``/``bn1``, stages ``layer1..3``,
+    classifier ``linear`` (RepDistiller's ``get_feat_modules`` and fastkd's tap names)."""
+
+    def get_feat_modules(self) -> nn.ModuleList:
+        return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3])
+
+    def get_bn_before_relu(self):
+        raise NotImplementedError(f"{type(self).__name__} has no BatchNorm before its stage ReLUs "
+                                  "(not an 'Overhaul' teacher)")
+
+    def feature_taps(self, preact: bool = False) -> list[str]:
+        """Tap names (see :class:`fastkd.models.FeatureTap`) giving the features ``is_feat`` returns."""
+        stages = [f"layer{i}" for i in (1, 2, 3)]
+        if preact:
+            stages = [f"{s}.{len(getattr(self, s)) - 1}.relu_out:input" for s in stages]
+        return ["layer1:input", *stages, "linear:input"]
+
+
+class ShuffleNet(ShuffleFeatures, nn.Module):
     """ShuffleNet for 32×32 inputs: stage widths ``out_planes``, ``num_blocks`` blocks per stage.
 
     ``forward(x, is_feat=False, preact=False)``: logits; with ``is_feat`` ``([f0, …, f4], logits)``:
@@ -82,19 +101,6 @@ class ShuffleNet(nn.Module):
             layers.append(Bottleneck(self.in_planes, added, stride=2 if index == 0 else 1, groups=groups))
             self.in_planes = out_planes
         return Stage(*layers)
-
-    def get_feat_modules(self) -> nn.ModuleList:
-        return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3])
-
-    def get_bn_before_relu(self):
-        raise NotImplementedError("ShuffleNet has no BatchNorm before its stage ReLUs (not an 'Overhaul' teacher)")
-
-    def feature_taps(self, preact: bool = False) -> list[str]:
-        """Tap names (see :class:`fastkd.models.FeatureTap`) giving the features ``is_feat`` returns."""
-        stages = [f"layer{i}" for i in (1, 2, 3)]
-        if preact:
-            stages = [f"{s}.{len(getattr(self, s)) - 1}.relu_out:input" for s in stages]
-        return ["layer1:input", *stages, "linear:input"]
 
     def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))

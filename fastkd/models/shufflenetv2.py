@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd.models._blocks import Stage, run_stages
-from fastkd.models.shufflenetv1 import ShuffleBlock
+from fastkd.models.shufflenetv1 import ShuffleBlock, ShuffleFeatures
 
 # net_size → stage widths + final conv width, blocks per stage (RepDistiller's table)
 CONFIGS = {
@@ -93,7 +93,7 @@ class DownBlock(nn.Module):
         return self.shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(ShuffleFeatures, nn.Module):
     """ShuffleNet V2 of size ``net_size`` (a key of :data:`CONFIGS`) for 32×32 inputs.
 
     ``forward(x, is_feat=False, preact=False)``: logits; with ``is_feat`` ``([f0, …, f4], logits)``:
@@ -121,19 +121,6 @@ class ShuffleNetV2(nn.Module):
         layers += [BasicBlock(out_channels) for _ in range(num_blocks)]
         self.in_channels = out_channels
         return Stage(*layers)
-
-    def get_feat_modules(self) -> nn.ModuleList:
-        return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3])
-
-    def get_bn_before_relu(self):
-        raise NotImplementedError("ShuffleNetV2 has no BatchNorm before its stage ReLUs (not an 'Overhaul' teacher)")
-
-    def feature_taps(self, preact: bool = False) -> list[str]:
-        """Tap names (see :class:`fastkd.models.FeatureTap`) giving the features ``is_feat`` returns."""
-        stages = [f"layer{i}" for i in (1, 2, 3)]
-        if preact:
-            stages = [f"{s}.{len(getattr(self, s)) - 1}.relu_out:input" for s in stages]
-        return ["layer1:input", *stages, "linear:input"]
 
     def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))

@@ -7,18 +7,20 @@ the same batches). Each epoch ends with an evaluation and an atomic checkpoint h
 a resumed run needs: student, the losses' parameters and state (CRD's banks, Z and sampler
 offset), optimiser, gradient scaler, RNG states, epoch and the metrics so far.
 
-Not here yet (issue 4): the CUDA-graph step, torch.compile and a per-step progress bar (each epoch
-prints one line with its throughput).
+Not here yet (issue 4): the CUDA-graph step and torch.compile.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 from typing import Iterable
 
 import torch
 
+from fastkd._checks import value_checks
 from fastkd.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.metrics import MetricsLog
@@ -72,6 +74,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.epoch = 0
         self.history: list[dict] = []
+        self.progress = sys.stderr.isatty()  # a one-line progress display, refreshed every second
 
     # --- one epoch ----------------------------------------------------------------------------
     def _batches(self, data: Iterable, epoch: int):
@@ -84,13 +87,18 @@ class Trainer:
         self.distiller.train()
         sums: dict[str, torch.Tensor] = {}
         seen, start = 0, time.perf_counter()
+        shown = start
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
             images, target, *rest = batch
             lr = learning_rate(self.recipe, epoch + (step / steps if steps else 0.0))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            # the first step of an epoch validates the batch's values (NaN, index ranges); the rest skip
+            # those data-reading checks, which are host syncs on a GPU
+            checks = contextlib.nullcontext() if step == 0 else value_checks(False)
+            with checks, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                        enabled=self.amp is not None):
                 total, parts, _ = self.distiller(images, target, *rest, epoch=epoch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
@@ -99,6 +107,12 @@ class Trainer:
             for name, value in (("loss", total), *parts.items()):
                 sums[name] = sums.get(name, 0) + value.detach().float() * images.shape[0]
             seen += images.shape[0]
+            if self.progress and time.perf_counter() - shown > 1.0:
+                shown = time.perf_counter()
+                print(f"\repoch {epoch + 1} step {step + 1}/{steps or '?'} "
+                      f"{seen / (shown - start):.0f} img/s", end="", file=sys.stderr, flush=True)
+        if self.progress:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
         elapsed = time.perf_counter() - start
         metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in sums.items()}  # one sync per epoch
         metrics.update(lr=lr if seen else None, images_per_s=seen / elapsed if elapsed else None)
