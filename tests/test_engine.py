@@ -183,3 +183,35 @@ def test_first_step_of_an_epoch_validates_values(tmp_path):
     trainer.train_data.images[:] = float("nan")
     with pytest.raises(ValueError, match="contains NaN"):
         trainer.train_epoch(0)
+
+
+class Plain(nn.Module):
+    """A model without RepDistiller's is_feat: the engine reads its features through taps."""
+
+    def __init__(self, width=8, classes=5):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.pool(self.body(x)).flatten(1))
+
+
+def test_models_without_is_feat_are_read_through_taps(tmp_path):
+    images, labels = data()
+    recipe = build({"losses": {"ce": 1.0, "sp": 3000.0, "crd": {"weight": 0.8, "num_negatives": 10, "feat_dim": 4}},
+                    "epochs": 1, "schedule": {"milestones": [5]}})
+    taps = ["body.0", "body.2", "body.3", "head:input"]  # stem, a stage, the last map, the pooled feature
+    torch.manual_seed(0)
+    distiller = Distiller(Plain(4), Plain(6), recipe.losses, images[:4], len(labels), student_taps=taps,
+                          teacher_taps=taps)
+    assert distiller.criteria["crd"].embed_s.in_features == 4 and distiller.criteria["crd"].embed_t.in_features == 6
+    total, parts, logits = distiller(images[:8], labels[:8], torch.arange(8))
+    assert set(parts) == {"ce", "sp", "crd"} and logits.shape == (8, 5) and torch.isfinite(total)
+    total.backward()
+    assert distiller.student.head.weight.grad is not None
+    assert list(distiller.student.state_dict()) == list(Plain(4).state_dict())  # no wrapper in the keys
+    with pytest.raises(TypeError, match="no default taps for Plain"):
+        Distiller(Plain(4), Plain(6), recipe.losses, images[:4], len(labels))

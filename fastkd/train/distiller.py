@@ -2,7 +2,10 @@
 
 Models follow RepDistiller's convention, ``model(x, is_feat=True, preact=False)`` →
 ``(features, logits)``, where ``features`` lists the stem output, each stage's output and, last,
-the pooled penultimate feature (every model of :mod:`fastkd.models` does this). Which features
+the pooled penultimate feature (every model of :mod:`fastkd.models` does this). Any other model
+(torchvision, timm, your own) is read through a :class:`~fastkd.models.FeatureTap`: name its
+modules with ``student_taps`` / ``teacher_taps`` in that order (stem, stages…, pooled feature),
+or let :func:`~fastkd.models.default_taps` find them for ResNet-style models. Which features
 each loss takes is RepDistiller's ``train_student.py`` choice:
 
 | loss | student / teacher inputs |
@@ -21,15 +24,33 @@ that this objective does not run: they are refused with a message saying so.
 """
 from __future__ import annotations
 
+import inspect
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastkd
+from fastkd.models import FeatureTap, default_taps
 from fastkd.train.recipe import LOSSES
 
 _STAGED = {"ft": "a paraphraser pre-trained on the teacher", "ab": "a 30-epoch initialisation stage",
            "fsp": "a 30-epoch initialisation stage"}
+
+
+def feature_function(model: nn.Module, taps: Sequence[str] | None = None) -> Callable:
+    """x → (features, logits) for ``model``: its own ``is_feat`` when it has one and no taps are
+    named, else a :class:`~fastkd.models.FeatureTap` on ``taps`` (or the model's default taps)."""
+    if taps is None and "is_feat" in inspect.signature(model.forward).parameters:
+        return lambda x: model(x, is_feat=True)
+    tap = FeatureTap(model, taps if taps is not None else default_taps(model))
+
+    def run(x):
+        logits, features = tap(x)
+        return list(features), logits
+
+    return run
 
 
 class Distiller(nn.Module):
@@ -41,7 +62,8 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, dict], sample: torch.Tensor,
-                 num_data: int, hint_layer: int = 2):
+                 num_data: int, hint_layer: int = 2, student_taps: Sequence[str] | None = None,
+                 teacher_taps: Sequence[str] | None = None):
         super().__init__()
         for name in losses:
             if name in _STAGED:
@@ -59,12 +81,14 @@ class Distiller(nn.Module):
                 p.requires_grad_(False)
         self.criteria = nn.ModuleDict()
         if set(losses) - {"ce"}:
+            self._features_s = feature_function(student, student_taps)
+            self._features_t = feature_function(teacher, teacher_taps)
             with torch.no_grad():
                 was = student.training
                 student.eval()
-                feat_s, _ = student(sample, is_feat=True)
+                feat_s, _ = self._features_s(sample)
                 student.train(was)
-                feat_t, _ = teacher(sample, is_feat=True)
+                feat_t, _ = self._features_t(sample)
             for name, options in losses.items():
                 if name != "ce":
                     kwargs = {k: v for k, v in options.items() if k != "weight"}
@@ -120,9 +144,9 @@ class Distiller(nn.Module):
                 contrast_idx: torch.Tensor | None = None, epoch: int | None = None):
         needs_features = bool(len(self.criteria))
         if needs_features:
-            feat_s, logit_s = self.student(images, is_feat=True)
+            feat_s, logit_s = self._features_s(images)
             with torch.no_grad():
-                feat_t, logit_t = self.teacher(images, is_feat=True)
+                feat_t, logit_t = self._features_t(images)
             feat_t = [f.detach() for f in feat_t]
         else:
             logit_s, feat_s, feat_t, logit_t = self.student(images), None, None, None
