@@ -41,6 +41,8 @@ class DataConfig:
     num_workers: int = 0
     device_augment: bool = True     # crop + flip on the device for datasets held in memory
     contrast_mode: str | None = None  # CRD's dataset-side sampling: exact | relax | None (the loss samples)
+    image_size: int = 224           # imagefolder, streamed: the train crop / val centre crop
+    in_memory: bool = False         # imagefolder: decode once into a uint8 cache held on the device
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """From a recipe to a running :class:`~fastkd.train.engine.Trainer`: models, data, teacher weights.
 
-Datasets that fit in memory (digits, CIFAR, a cached ImageFolder of small images) are held on the
-training device and batched there with device-side crop + flip (:mod:`fastkd.data.device`), so
-the input pipeline never waits on Python workers.
+Datasets that fit in memory (digits, CIFAR, a cached ImageFolder of small images with
+``data.in_memory=true``) are held on the training device and batched there with device-side
+crop + flip (:mod:`fastkd.data.device`), so the input pipeline never waits on Python workers.
+Image trees on disk (ImageNet) are decoded by DataLoader workers with the standard transforms.
 """
 from __future__ import annotations
 
@@ -16,12 +17,55 @@ from fastkd.data.contrast import ContrastSampler
 from fastkd.data.device import DeviceDataset, DeviceLoader
 from fastkd.data.digits import Digits
 from fastkd.data.folder import ImageFolder
+from fastkd.data.indexed import IndexedDataset
+from fastkd.data.transforms import EvalTransform, TrainTransform
 from fastkd.train.checkpoint import load_checkpoint
 from fastkd.train.distiller import Distiller
 from fastkd.train.engine import Trainer
 from fastkd.train.recipe import Recipe
 
 DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated 4×
+
+
+class StreamedLoader:
+    """Worker-fed batches of a dataset read from disk (pinned memory, persistent workers), in an
+    order that is a function of (seed, epoch) so a resumed run visits the same samples; the
+    workers' random augmentations are not replayed."""
+
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool):
+        self.generator = torch.Generator()
+        self.seed, self.epoch = seed, 0
+        sampler = torch.utils.data.RandomSampler(dataset, generator=self.generator) if shuffle else None
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0, drop_last=shuffle)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.set_epoch(self.epoch)
+        return iter(self.loader)
+
+
+def streamed_loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
+    """ImageNet-style: ImageFolder trees decoded by workers with the standard train / val transforms."""
+    data = recipe.data
+    val_dir = os.path.join(data.root, "val" if os.path.isdir(os.path.join(data.root, "val")) else "test")
+    train_set = ImageFolder(os.path.join(data.root, "train"), TrainTransform(data.image_size))
+    test_set = ImageFolder(val_dir, EvalTransform(data.image_size))
+    contrast = num_negatives if data.contrast_mode is not None else None
+    indexed = IndexedDataset(train_set, contrast, data.contrast_mode or "exact", seed=recipe.seed)
+    pin = device.type == "cuda"
+    train = StreamedLoader(indexed, data.batch_size, shuffle=True, num_workers=data.num_workers, seed=recipe.seed,
+                           pin_memory=pin)
+    test = StreamedLoader(test_set, data.batch_size, shuffle=False, num_workers=data.num_workers, seed=recipe.seed,
+                          pin_memory=pin)
+    return train, test, len(train_set.classes), len(train_set)
 
 
 def datasets(recipe: Recipe):
@@ -41,7 +85,12 @@ def datasets(recipe: Recipe):
 
 
 def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
-    """Device-side train and test loaders; with ``data.contrast_mode`` the train batches carry CRD indices."""
+    """Train and test loaders: device-side for in-memory sets, worker-fed for image trees on disk;
+    with ``data.contrast_mode`` the train batches carry CRD's contrast indices."""
+    if recipe.data.name == "imagefolder" and not recipe.data.in_memory:
+        if recipe.data.root is None:
+            raise ValueError("data.root must name the image tree (with train/ and val/ inside)")
+        return streamed_loaders(recipe, device, num_negatives)
     train_set, test_set, classes = datasets(recipe)
     train_data = DeviceDataset.from_dataset(train_set, device)
     test_data = DeviceDataset.from_dataset(test_set, device)
