@@ -43,3 +43,18 @@ def test_recipe_errors_reach_the_user(tmp_path):
 def test_python_dash_m_lists_recipes():
     out = subprocess.run([sys.executable, "-m", "fastkd", "recipes"], capture_output=True, text=True, check=True)
     assert "cifar100_crd_kd" in out.stdout.split() and "digits" in out.stdout.split()
+
+
+def test_compile_option_trains_the_same_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTKD_COMPILE_BACKEND", "aot_eager")  # traces through dynamo/AOT without a C++ build
+    common = ["train", "digits", "epochs=1", "student.name=resnet8", "--device", "cpu"]
+    assert main([*common, "compile=true", "--output", str(tmp_path / "compiled")]) == 0
+    assert main([*common, "--output", str(tmp_path / "eager")]) == 0
+    import torch
+
+    compiled = torch.load(tmp_path / "compiled" / "last.pt", weights_only=False)
+    eager = torch.load(tmp_path / "eager" / "last.pt", weights_only=False)
+    assert list(compiled["student"]) == list(eager["student"])  # no _orig_mod. prefix
+    assert compiled["history"][0]["train_loss"] == pytest.approx(eager["history"][0]["train_loss"], rel=1e-3)
+    with pytest.raises(ValueError, match="cuda_graph=true is not implemented yet"):
+        main([*common, "cuda_graph=true", "--output", str(tmp_path / "graph")])

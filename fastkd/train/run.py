@@ -141,6 +141,11 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
         student.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
+    if recipe.cuda_graph:
+        raise ValueError("cuda_graph=true is not implemented yet: the engine runs eager steps (issue 4)")
+    if recipe.compile:
+        # in place, so state_dict keys stay the model's own; FASTKD_COMPILE_BACKEND picks another backend
+        student.compile(backend=os.environ.get("FASTKD_COMPILE_BACKEND", "inductor"))
     sample = next(iter(train))[0][:8]
     distiller = Distiller(student, teacher, recipe.losses, sample, num_data)
     return Trainer(recipe, distiller, train, test, device=device, output=output)
