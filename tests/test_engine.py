@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import fastkd
+
 from fastkd.train.distiller import Distiller
 from fastkd.train.engine import Trainer, accuracy, learning_rate
 from fastkd.train.recipe import build
@@ -31,6 +33,9 @@ class Tiny(nn.Module):
         pooled = f2.mean(dim=(2, 3))
         logits = self.fc(pooled)
         return ([f0, f1, f2, pooled], logits) if is_feat else logits
+
+    def get_feat_modules(self):
+        return nn.ModuleList([self.stem, self.stage1, self.stage2])
 
 
 class Loader:
@@ -61,16 +66,16 @@ def data(n=96, seed=0):
     return images, labels
 
 
-def make(losses, tmp_path, epochs=2, seed=0, **recipe):
+def make(losses, tmp_path, epochs=2, seed=0, widths=(12, 6), device="cpu", **recipe):
     torch.manual_seed(seed)
     tree = {"losses": losses, "epochs": epochs, "optim": {"lr": 0.05}, "schedule": {"milestones": [1]},
             "output": str(tmp_path), **recipe}
     images, labels = data()
-    teacher, student = Tiny(width=12), Tiny(width=6)
+    teacher, student = Tiny(width=widths[0]), Tiny(width=widths[1])
     distiller = Distiller(student, teacher, build(tree).losses, images[:8], num_data=len(labels))
     train = Loader(images, labels, 16)
     test = Loader(images, labels, 32, shuffle=False)
-    return Trainer(build(tree), distiller, train, test, output=str(tmp_path))
+    return Trainer(build(tree), distiller, train, test, device=device, output=str(tmp_path))
 
 
 ENGINE_LOSSES = {
@@ -100,10 +105,75 @@ def test_each_loss_trains_a_few_steps(name, tmp_path):
         assert all(id(p) in owned for p in trainer.distiller.criteria.parameters())
 
 
-def test_staged_losses_are_refused_with_the_reason(tmp_path):
-    for name in ("ft", "ab", "fsp"):
-        with pytest.raises(ValueError, match=f"loss '{name}' needs"):
-            make({"ce": 1.0, name: 1.0}, tmp_path)
+STAGED = {"ft": {"weight": 200.0}, "ab": {"weight": 0.0}, "fsp": {"weight": 0.0}}
+
+
+def _changed(module, before):
+    return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+
+
+@pytest.mark.parametrize("name", sorted(STAGED))
+def test_init_stage_trains_what_repdistiller_trains(name, tmp_path):
+    widths = (8, 8) if name == "fsp" else (12, 6)  # FSP relates maps of equal channel counts
+    trainer = make({"ce": {"weight": 1.0}, name: STAGED[name]}, tmp_path, epochs=1, init_epochs=2, widths=widths)
+    d = trainer.distiller
+    modules, loss_fn = trainer.init_stage
+    images = data()[0][:16]
+    with torch.no_grad():  # the stage's loss, derived here from the published formulas
+        feat_s, _ = d.student(images, is_feat=True)
+        feat_t, _ = d.teacher(images, is_feat=True)
+        if name == "ft":
+            expect = ((d.criteria["ft"]["paraphraser"](feat_t[-2])[1] - feat_t[-2]) ** 2).mean()
+        elif name == "fsp":
+            expect = fastkd.functional.fsp_loss(feat_s[:-1], feat_t[:-1])
+        else:
+            expect = fastkd.functional.ab_loss(d.criteria["ab"]["connector"](feat_s[1:-1]), feat_t[1:-1])
+        assert loss_fn(images).item() == pytest.approx(expect.item(), rel=1e-5)
+    student0 = copy.deepcopy(d.student.state_dict())
+    criteria0 = copy.deepcopy(d.criteria.state_dict())
+    trainer.run_init_stage(log=None)
+    changed_s, changed_c = _changed(d.student, student0), _changed(d.criteria, criteria0)
+    if name == "ft":  # only the paraphraser, as an autoencoder of the teacher map
+        assert not changed_s and changed_c and all(k.startswith("ft.paraphraser.") for k in changed_c)
+    else:  # the student's feature modules (and AB's connector); never its classifier
+        assert changed_s and not any(k.startswith("fc.") for k in changed_s)
+        assert all(k.startswith(("stem.", "stage1.", "stage2.")) for k in changed_s)
+    assert trainer.init_done
+    # the main stage: FT's paraphraser is frozen, its translator trained; AB / FSP at weight 0 are not computed
+    criteria1 = copy.deepcopy(d.criteria.state_dict())
+    history = trainer.fit(log=None)
+    if name == "ft":
+        assert history[0]["train_ft"] > 0
+        changed = _changed(d.criteria, criteria1)
+        assert changed and all(k.startswith("ft.translator.") for k in changed)
+    else:
+        assert f"train_{name}" not in history[0]
+    assert trainer.fit(log=None) == history  # nothing left to run: the stage is not repeated
+
+
+def test_init_stage_runs_before_the_first_epoch_and_survives_resume(tmp_path):
+    losses = {"ce": {"weight": 1.0}, "ft": STAGED["ft"]}
+    trainer = make(losses, tmp_path, epochs=1, init_epochs=1)
+    lines = []
+    trainer.fit(log=lines.append)
+    assert lines[0].startswith("init_epoch=1/1 init_loss=") and lines[1].startswith("epoch=1")
+    resumed = make(losses, tmp_path / "again", epochs=2, init_epochs=1)
+    assert not resumed.init_done
+    resumed.resume(os.path.join(tmp_path, "last.pt"))
+    assert resumed.init_done and resumed.epoch == 1
+    para = resumed.distiller.criteria["ft"]["paraphraser"].state_dict()
+    assert all(torch.equal(v, trainer.distiller.criteria["ft"]["paraphraser"].state_dict()[k]) for k, v in para.items())
+
+
+def test_init_stage_needs_the_students_feature_modules(tmp_path):
+    class Bare(Tiny):
+        get_feat_modules = None
+
+    images, labels = data()
+    recipe = build({"losses": {"ce": 1.0, "fsp": 0.0}, "output": str(tmp_path)})
+    distiller = Distiller(Bare(width=8), Tiny(width=8), recipe.losses, images[:8], num_data=len(labels))
+    with pytest.raises(ValueError, match="get_feat_modules"):
+        Trainer(recipe, distiller, Loader(images, labels, 16), Loader(images, labels, 32))
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -53,3 +53,50 @@ def test_imagefolder_of_mixed_sizes_trains_through_workers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch=2" in out and "test_top1=" in out
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def _batches(loader, epoch):
+    loader.set_epoch(epoch)
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+def test_streamed_batches_are_a_function_of_seed_epoch_and_step(tmp_path):
+    """Crops, flips and contrast indices do not depend on the workers, and differ between epochs."""
+    from fastkd.data.folder import ImageFolder
+    from fastkd.data.indexed import IndexedDataset
+    from fastkd.train.run import StreamedLoader
+
+    make_tree(tmp_path / "tree")
+
+    def loader(workers):
+        rng = random.Random()
+        data = IndexedDataset(ImageFolder(tmp_path / "tree" / "train", TrainTransform(16, rng=rng)), 5, seed=3)
+        return StreamedLoader(data, 4, shuffle=True, num_workers=workers, seed=7, pin_memory=False, rng=rng)
+
+    inline, workers = loader(0), loader(2)
+    for epoch in (0, 1):
+        a, b = _batches(inline, epoch), _batches(workers, epoch)
+        assert len(a) == len(b) == 4  # 18 samples, batch 4, the last partial batch dropped
+        for x, y in zip(a, b):
+            for u, v in zip(x, y):
+                assert torch.equal(u, v)
+    first, second = _batches(inline, 0), _batches(inline, 1)
+    assert not torch.equal(first[0][0], second[0][0])
+    assert torch.equal(_batches(workers, 0)[2][0], first[2][0])  # epoch 0 again, after epoch 1: the same pixels
+
+
+def test_streamed_resume_replays_the_uninterrupted_run(tmp_path):
+    from fastkd.train.checkpoint import load_checkpoint
+
+    make_tree(tmp_path / "tree")
+    common = ["imagenet_r34_r18", f"data.root={tmp_path / 'tree'}", "data.image_size=32", "data.batch_size=6",
+              "data.num_workers=2", "student.name=resnet8", "channels_last=false", "schedule.milestones=[10]",
+              "optim.lr=0.05", "epochs=2", "--device", "cpu"]
+    assert main(["train", *common, "--output", str(tmp_path / "straight")]) == 0
+    assert main(["train", *common, "epochs=1", "--output", str(tmp_path / "cut")]) == 0
+    assert main(["train", *common, "--output", str(tmp_path / "cut")]) == 0  # resumes from cut/last.pt
+    straight = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
+    for key, value in straight["student"].items():
+        assert torch.equal(resumed["student"][key], value), key

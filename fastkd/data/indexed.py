@@ -55,6 +55,14 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def reseed(self, seed: int) -> None:
+        """Seed the contrast draws of the next batch (:class:`~fastkd.data.keyed.KeyedBatches` calls this
+        per batch, so the draws do not depend on the worker); the per-worker reseeding stops."""
+        info = get_worker_info()
+        self._worker_seed = info.seed if info is not None else None
+        if self.sampler is not None:
+            self.sampler.generator.manual_seed(int(seed))
+
     def _generator(self) -> torch.Generator:
         """The sampler's generator, reseeded once per DataLoader worker (and per epoch there)."""
         info = get_worker_info()

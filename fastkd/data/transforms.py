@@ -3,8 +3,10 @@
 Train: random-resized crop (area 8–100 %, aspect 3/4–4/3, ten tries then a centre crop) to
 ``size``, horizontal flip with probability ½, then a float ``[3, H, W]`` tensor normalised with
 ``mean`` / ``std`` (0-255 units). Val: resize the shorter side to ``size / 0.875`` (256 for 224),
-centre crop ``size``, normalise. Each transform draws from Python's ``random`` module, which torch's
-DataLoader seeds differently in every worker.
+centre crop ``size``, normalise. The train transform draws from its ``rng``: Python's ``random``
+module by default, which torch's DataLoader seeds differently in every worker; the engine passes
+a ``random.Random`` that :class:`~fastkd.data.keyed.KeyedBatches` reseeds per batch, so a resumed
+run replays the crops.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Losses: :class:`HintLoss`, :class:`ATLoss`, :class:`NSTLoss`, :class:`FTLoss`, :class:`ABLoss`,
 :class:`FSPLoss`, :class:`VIDLoss` (formulas in :mod:`fastkd.functional.features`). Adapters, with
 RepDistiller's layers and ``state_dict`` keys (models/util.py), so its checkpoints load:
-:class:`ConvReg` (FitNet's regressor), :class:`Paraphraser` and :class:`Translator` (FT).
+:class:`ConvReg` (FitNet's regressor), :class:`Connector` (AB), :class:`Paraphraser` and
+:class:`Translator` (FT).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fastkd import _checks
 from fastkd.functional.features import (_Maps, _check_map_pair, _pool_to_smaller, ab_loss, at_loss, fsp_loss,
                                         ft_loss, hint_loss, nst_loss, vid_loss)
 
-__all__ = ["HintLoss", "ConvReg", "ATLoss", "NSTLoss", "FTLoss", "Paraphraser", "Translator", "ABLoss", "FSPLoss",
+__all__ = ["HintLoss", "ConvReg", "Connector", "ATLoss", "NSTLoss", "FTLoss", "Paraphraser", "Translator", "ABLoss", "FSPLoss",
            "VIDLoss"]
 
 
@@ -73,6 +74,31 @@ class ConvReg(nn.Module):
         _check_input("f_s", f_s, self.conv.in_channels, self)
         x = self.bn(self.conv(f_s))
         return self.relu(x) if self.use_relu else x
+
+
+class Connector(nn.Module):
+    """AB's connectors from the student's maps to the teacher's, as RepDistiller's ``Connector``.
+
+    Pair i: identity where the student map already has the teacher's channels and height, else a
+    :class:`ConvReg` without ReLU (conv + BatchNorm2d), so the output can be negative like the
+    teacher's pre-activation map. ``forward(g_s)`` maps a sequence of student maps.
+    """
+
+    def __init__(self, s_shapes: Sequence[Sequence[int]], t_shapes: Sequence[Sequence[int]]) -> None:
+        super().__init__()
+        if len(s_shapes) != len(t_shapes) or not s_shapes:
+            raise ValueError(f"s_shapes and t_shapes must be non-empty and of equal length, got "
+                             f"{len(s_shapes)} and {len(t_shapes)}")
+        pairs = [(_shape(f"s_shapes[{i}]", s), _shape(f"t_shapes[{i}]", t)) for i, (s, t) in
+                 enumerate(zip(s_shapes, t_shapes))]
+        self.connectors = nn.ModuleList(
+            nn.Sequential() if s[1:3] == t[1:3] else ConvReg(s, t, use_relu=False) for s, t in pairs)
+
+    def forward(self, g_s: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if isinstance(g_s, torch.Tensor) or len(g_s) != len(self.connectors):
+            raise ValueError(f"g_s must be a sequence of {len(self.connectors)} maps, got "
+                             f"{type(g_s).__name__ if isinstance(g_s, torch.Tensor) else len(g_s)}")
+        return [connector(g) for connector, g in zip(self.connectors, g_s)]
 
 
 class ATLoss(nn.Module):

@@ -16,11 +16,23 @@ each loss takes is RepDistiller's ``train_student.py`` choice:
 | vid | one ``VIDLoss`` (trainable) per stage output ``features[1:-1]`` |
 | sp | the last stage's output ``features[-2]`` |
 | cc, cckd, rkd, pkt, srd, crd | the pooled feature ``features[-1]`` (crd also the dataset indices) |
+| ft | ``Translator`` (trainable) of ``features[-2]`` against ``Paraphraser`` (frozen) of the teacher's |
+| ab | ``Connector`` (trainable) of the pre-activation stage outputs ``features[1:-1]``, against the teacher's |
+| fsp | the stem and stage outputs ``features[:-1]`` |
 
 The loss modules with parameters (``ConvReg``, VID's regressors, CRD's embeds, SRD's projector,
-CC's embeds) are built here from feature shapes probed with one batch, and are trained with the
-student. FT, AB and FSP need a pre-training stage (a paraphraser, or an initialisation phase)
-that this objective does not run: they are refused with a message saying so.
+CC's embeds, AB's connector, FT's translator) are built here from feature shapes probed with one
+batch, and are trained with the student.
+
+FT, AB and FSP have an initialisation stage before the main one, RepDistiller's ``init()``
+(:meth:`Distiller.init_stage`, run by the trainer for the recipe's ``init_epochs``, 30 in
+RepDistiller): FT trains the paraphraser as an autoencoder of the teacher's ``features[-2]`` (MSE
+of the reconstruction); AB trains the connector and the student's feature modules
+(``get_feat_modules()``) with the AB loss; FSP trains those modules with the FSP loss. As
+published, the student stays in eval mode during that stage (BatchNorm uses its running
+statistics). With AB in a recipe all features are pre-activation (RepDistiller's ``preact``).
+RepDistiller's main stage gives AB and FSP weight 0 (the CIFAR-100 recipes do): a weight-0 loss
+is only computed in the initialisation stage.
 """
 from __future__ import annotations
 
@@ -35,16 +47,16 @@ import fastkd
 from fastkd.models import FeatureTap, default_taps
 from fastkd.train.recipe import LOSSES
 
-_STAGED = {"ft": "a paraphraser pre-trained on the teacher", "ab": "a 30-epoch initialisation stage",
-           "fsp": "a 30-epoch initialisation stage"}
+_INIT_STAGED = ("ft", "ab", "fsp")  # the losses with an initialisation stage (RepDistiller's init())
 
 
-def feature_function(model: nn.Module, taps: Sequence[str] | None = None) -> Callable:
+def feature_function(model: nn.Module, taps: Sequence[str] | None = None, preact: bool = False) -> Callable:
     """x → (features, logits) for ``model``: its own ``is_feat`` when it has one and no taps are
-    named, else a :class:`~fastkd.models.FeatureTap` on ``taps`` (or the model's default taps)."""
+    named, else a :class:`~fastkd.models.FeatureTap` on ``taps`` (or the model's default taps);
+    ``preact`` asks for the stage outputs before their last activation."""
     if taps is None and "is_feat" in inspect.signature(model.forward).parameters:
-        return lambda x: model(x, is_feat=True)
-    tap = FeatureTap(model, taps if taps is not None else default_taps(model))
+        return lambda x: model(x, is_feat=True, preact=preact)
+    tap = FeatureTap(model, taps if taps is not None else default_taps(model, preact))
 
     def run(x):
         logits, features = tap(x)
@@ -66,9 +78,6 @@ class Distiller(nn.Module):
                  teacher_taps: Sequence[str] | None = None):
         super().__init__()
         for name in losses:
-            if name in _STAGED:
-                raise ValueError(f"loss {name!r} needs {_STAGED[name]}, which the engine does not run yet; "
-                                 f"use it through fastkd.{LOSSES[name].__name__} in your own loop")
             if name != "ce" and name not in LOSSES:
                 raise ValueError(f"unknown loss {name!r}; valid: ce, {', '.join(LOSSES)}")
         if teacher is None and set(losses) - {"ce"}:
@@ -81,8 +90,9 @@ class Distiller(nn.Module):
                 p.requires_grad_(False)
         self.criteria = nn.ModuleDict()
         if set(losses) - {"ce"}:
-            self._features_s = feature_function(student, student_taps)
-            self._features_t = feature_function(teacher, teacher_taps)
+            preact = "ab" in losses
+            self._features_s = feature_function(student, student_taps, preact)
+            self._features_t = feature_function(teacher, teacher_taps, preact)
             with torch.no_grad():
                 was = student.training
                 student.eval()
@@ -107,6 +117,12 @@ class Distiller(nn.Module):
             return cls(feat_s[-1].shape[1], feat_t[-1].shape[1], num_data, **kwargs)
         if name in ("srd", "cc", "cckd"):
             return cls(s_dim=feat_s[-1].shape[1], t_dim=feat_t[-1].shape[1], **kwargs)
+        if name == "ab":
+            return nn.ModuleDict({"loss": cls(**kwargs), "connector": fastkd.Connector(
+                [f.shape for f in feat_s[1:-1]], [f.shape for f in feat_t[1:-1]])})
+        if name == "ft":
+            return nn.ModuleDict({"loss": cls(**kwargs), "paraphraser": fastkd.Paraphraser(feat_t[-2].shape),
+                                  "translator": fastkd.Translator(feat_s[-2].shape, feat_t[-2].shape)})
         return cls(**kwargs)
 
     def train(self, mode: bool = True):
@@ -116,8 +132,51 @@ class Distiller(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The student's parameters and those of the losses (regressors, embeds, projectors)."""
-        return [*self.student.parameters(), *self.criteria.parameters()]
+        """The student's parameters and those of the losses (regressors, embeds, projectors), less
+        FT's paraphraser, which only its initialisation stage trains."""
+        frozen = {id(p) for p in self.criteria["ft"]["paraphraser"].parameters()} if "ft" in self.criteria else set()
+        return [*self.student.parameters(), *(p for p in self.criteria.parameters() if id(p) not in frozen)]
+
+    # --- the initialisation stage of FT, AB and FSP -----------------------------------------
+    def init_stage(self) -> tuple[nn.ModuleList, Callable] | None:
+        """(modules, images → loss) of the initialisation stage, or None when no loss has one.
+
+        The caller puts the distiller in eval mode and ``modules`` in train mode (RepDistiller's
+        init(): the feature modules it trains are the student's, so its BatchNorms train) and
+        optimises ``modules.parameters()``; see the module doc.
+        """
+        staged = [name for name in _INIT_STAGED if name in self.criteria]
+        if not staged:
+            return None
+        modules = nn.ModuleList()
+        if "ft" in staged:
+            modules.append(self.criteria["ft"]["paraphraser"])
+        if "ab" in staged:
+            modules.append(self.criteria["ab"]["connector"])
+        if "ab" in staged or "fsp" in staged:
+            feat_modules = getattr(self.student, "get_feat_modules", None)
+            if not callable(feat_modules):
+                raise ValueError(f"the initialisation stage of {' and '.join(s for s in staged if s != 'ft')} trains "
+                                 f"the student's feature modules: {type(self.student).__name__} needs a "
+                                 "get_feat_modules() method (every fastkd.models CIFAR model has one)")
+            modules.append(feat_modules())
+
+        def loss(images: torch.Tensor) -> torch.Tensor:
+            feat_s = self._features_s(images)[0] if "ab" in staged or "fsp" in staged else None
+            with torch.no_grad():
+                feat_t = [f.detach() for f in self._features_t(images)[0]]
+            total = 0.0
+            if "ft" in staged:
+                _, rebuilt = self.criteria["ft"]["paraphraser"](feat_t[-2])
+                total = total + F.mse_loss(rebuilt.float(), feat_t[-2].float())
+            if "ab" in staged:
+                ab = self.criteria["ab"]
+                total = total + ab["loss"](ab["connector"](feat_s[1:-1]), feat_t[1:-1]).float()
+            if "fsp" in staged:
+                total = total + self.criteria["fsp"](feat_s[:-1], feat_t[:-1]).float()
+            return total
+
+        return modules, loss
 
     def _term(self, name: str, feat_s, logit_s, feat_t, logit_t, target, index, contrast_idx, epoch):
         criterion = self.criteria[name]
@@ -134,6 +193,14 @@ class Distiller(nn.Module):
             return sum(vid(s, t) for vid, s, t in zip(criterion, feat_s[1:-1], feat_t[1:-1]))
         if name == "sp":
             return criterion(feat_s[-2], feat_t[-2])
+        if name == "ab":
+            return criterion["loss"](criterion["connector"](feat_s[1:-1]), feat_t[1:-1])
+        if name == "fsp":
+            return criterion(feat_s[:-1], feat_t[:-1])
+        if name == "ft":
+            with torch.no_grad():
+                factor_t = criterion["paraphraser"](feat_t[-2], is_factor=True)
+            return criterion["loss"](criterion["translator"](feat_s[-2]), factor_t)
         if name == "crd":
             if index is None:
                 raise ValueError("the crd loss needs the dataset indices of the batch (an index-returning dataset)")
@@ -142,7 +209,7 @@ class Distiller(nn.Module):
 
     def forward(self, images: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None,
                 contrast_idx: torch.Tensor | None = None, epoch: int | None = None):
-        needs_features = bool(len(self.criteria))
+        needs_features = any(self.weights[name] != 0 for name in self.criteria)
         if needs_features:
             feat_s, logit_s = self._features_s(images)
             with torch.no_grad():
@@ -154,6 +221,8 @@ class Distiller(nn.Module):
         if "ce" in self.weights:
             parts["ce"] = F.cross_entropy(logit_s.float(), target)
         for name in self.criteria:
+            if self.weights[name] == 0:
+                continue  # kept for its initialisation stage only (AB and FSP as published)
             parts[name] = self._term(name, feat_s, logit_s, feat_t, logit_t, target, index, contrast_idx, epoch)
         total = sum(self.weights[name] * value.float() for name, value in parts.items())
         return total, parts, logit_s

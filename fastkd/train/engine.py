@@ -7,7 +7,12 @@ the same batches). Each epoch ends with an evaluation and an atomic checkpoint h
 a resumed run needs: student, the losses' parameters and state (CRD's banks, Z and sampler
 offset), optimiser, gradient scaler, RNG states, epoch and the metrics so far.
 
-Not here yet (issue 4): the CUDA-graph step (``compile=true`` in a recipe compiles the student).
+``cuda_graph=true`` runs each step through :class:`~fastkd.train.graph.GraphedStep` (the whole
+step captured in a CUDA graph, the learning rate a device tensor, a capturable optimiser); it
+needs a CUDA device and bf16 or fp32 (fp16's gradient scaler checks for infinities on the host),
+and falls back to eager steps with a warning otherwise. Losses with an initialisation stage (FT,
+AB, FSP; see :meth:`~fastkd.train.distiller.Distiller.init_stage`) get it before the first epoch,
+for the recipe's ``init_epochs``.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Iterable
 
 import torch
@@ -23,7 +29,9 @@ import torch
 from fastkd._checks import value_checks
 from fastkd.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastkd.train.distiller import Distiller
+from fastkd.train.graph import GraphedStep
 from fastkd.train.metrics import MetricsLog
+from fastkd.train.optim import make_optimizer
 from fastkd.train.recipe import Recipe
 
 
@@ -63,16 +71,28 @@ class Trainer:
         self.train_data, self.test_data = train_data, test_data
         self.device = torch.device(device)
         self.output = output or recipe.output
-        params = distiller.trainable_parameters()
-        optim = recipe.optim
-        if optim.name == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                                             weight_decay=optim.weight_decay, nesterov=optim.nesterov)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
         self.amp = amp_dtype(recipe, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.epoch = 0
+        self.graph: GraphedStep | None = None
+        self.lr: torch.Tensor | None = None
+        if recipe.cuda_graph:
+            # the graphed step's machinery (device lr tensor, capturable optimiser) is used wherever it
+            # is asked for; GraphedStep itself captures only on CUDA and runs eagerly elsewhere
+            if self.amp == torch.float16:
+                warnings.warn("cuda_graph=true does not work with fp16 autocast (its gradient scaler reads the "
+                              "gradients on the host; use amp=bf16 or amp=off): the run uses eager steps",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                if self.device.type != "cuda":
+                    warnings.warn("cuda_graph=true needs a CUDA device: the steps run eagerly", RuntimeWarning,
+                                  stacklevel=2)
+                self.lr = torch.tensor(recipe.optim.lr, dtype=torch.float32, device=self.device)
+        self.optimizer = make_optimizer(recipe, distiller.trainable_parameters(), lr=self.lr)
+        if self.lr is not None:
+            self.graph = GraphedStep(self._step, self.optimizer, self.device)
+        self.init_stage = distiller.init_stage()  # FT / AB / FSP: run before the first epoch
+        self.init_done = self.init_stage is None or recipe.init_epochs == 0
+        self.epoch = self._epoch = 0
         self.history: list[dict] = []
         self.progress = sys.stderr.isatty()  # a one-line progress display, refreshed every second
 
@@ -92,18 +112,20 @@ class Trainer:
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
             images, target, *rest = batch
             lr = learning_rate(self.recipe, epoch + (step / steps if steps else 0.0))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            if self.graph is None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             # the first step of an epoch validates the batch's values (NaN, index ranges); the rest skip
             # those data-reading checks, which are host syncs on a GPU
             checks = contextlib.nullcontext() if step == 0 else value_checks(False)
-            with checks, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                        enabled=self.amp is not None):
-                total, parts, _ = self.distiller(images, target, *rest, epoch=epoch)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self._epoch = epoch
+            with checks:
+                if self.graph is not None:
+                    self.lr.fill_(lr)
+                    total, parts = self.graph((images, target, *rest), key=epoch)
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    total, parts = self._step(images, target, *rest)
             for name, value in (("loss", total), *parts.items()):
                 sums[name] = sums.get(name, 0) + value.detach().float() * images.shape[0]
             seen += images.shape[0]
@@ -117,6 +139,39 @@ class Trainer:
         metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in sums.items()}  # one sync per epoch
         metrics.update(lr=lr if seen else None, images_per_s=seen / elapsed if elapsed else None)
         return metrics
+
+    def _step(self, images: torch.Tensor, target: torch.Tensor, *rest) -> tuple[torch.Tensor, dict]:
+        """Forward, backward and optimiser update of one batch (gradients already reset); no host
+        sync, so :class:`GraphedStep` can capture it. Returns the detached total and terms."""
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                            cache_enabled=self.graph is None):
+            total, parts, _ = self.distiller(images, target, *rest, epoch=self._epoch)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total.detach(), {name: value.detach() for name, value in parts.items()}
+
+    def run_init_stage(self, log=print) -> None:
+        """The initialisation stage of FT / AB / FSP (RepDistiller's init()): ``init_epochs`` epochs
+        of the recipe's optimiser at its base learning rate over the stage's modules."""
+        modules, loss_fn = self.init_stage
+        optimizer = make_optimizer(self.recipe, modules.parameters())
+        for epoch in range(self.recipe.init_epochs):
+            self.distiller.train(False)
+            modules.train()
+            total, seen = 0.0, 0
+            for images, *_ in self._batches(self.train_data, epoch):
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    loss = loss_fn(images)
+                optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                total, seen = total + loss.detach().float() * images.shape[0], seen + images.shape[0]
+            if log is not None:
+                log(f"init_epoch={epoch + 1}/{self.recipe.init_epochs} init_loss={float(total) / max(seen, 1):.4g}")
+        self.distiller.train()
+        self.init_done = True
 
     @torch.no_grad()
     def evaluate(self, data: Iterable | None = None) -> dict:
@@ -144,6 +199,9 @@ class Trainer:
         last = self.recipe.epochs if epochs is None else epochs
         os.makedirs(self.output, exist_ok=True)
         record = MetricsLog(self.output, self.history)
+        if not self.init_done:
+            self.run_init_stage(log)
+            self.save(os.path.join(self.output, "last.pt"))
         while self.epoch < last:
             epoch = self.epoch
             metrics = {"epoch": epoch + 1, **self.train_epoch(epoch)}
@@ -162,6 +220,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"student": self.distiller.student.state_dict(), "losses": self.distiller.criteria.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "init_done": self.init_done,
                 "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict()}
 
     def save(self, path: str) -> None:
@@ -173,6 +232,10 @@ class Trainer:
         self.distiller.student.load_state_dict(state["student"])
         self.distiller.criteria.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr is not None:  # the graph reads this very tensor; the checkpoint's lr is a copy or a float
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = state["epoch"], state["history"]
+        self.init_done = state.get("init_done", True)
         set_rng_state(state["rng"])

@@ -77,6 +77,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     epochs: int = 240
+    init_epochs: int = 30           # FT / AB / FSP: the initialisation stage's epochs (RepDistiller's --init_epochs)
     amp: str = "auto"               # auto | bf16 | fp16 | off
     cuda_graph: bool = False
     compile: bool = False

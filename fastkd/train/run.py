@@ -8,6 +8,7 @@ Image trees on disk (ImageNet) are decoded by DataLoader workers with the standa
 from __future__ import annotations
 
 import os
+import random
 
 import torch
 
@@ -18,6 +19,7 @@ from fastkd.data.device import DeviceDataset, DeviceLoader
 from fastkd.data.digits import Digits
 from fastkd.data.folder import ImageFolder
 from fastkd.data.indexed import IndexedDataset
+from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
 from fastkd.train.checkpoint import load_checkpoint
 from fastkd.train.distiller import Distiller
@@ -28,27 +30,24 @@ DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated
 
 
 class StreamedLoader:
-    """Worker-fed batches of a dataset read from disk (pinned memory, persistent workers), in an
-    order that is a function of (seed, epoch) so a resumed run visits the same samples; the
-    workers' random augmentations are not replayed."""
+    """Worker-fed batches of a dataset read from disk (pinned memory, persistent workers) whose order
+    and random draws (augmentations, contrast indices) are a function of (seed, epoch, step), so a
+    resumed run replays them exactly (see :mod:`fastkd.data.keyed`)."""
 
-    def __init__(self, dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool):
-        self.generator = torch.Generator()
-        self.seed, self.epoch = seed, 0
-        sampler = torch.utils.data.RandomSampler(dataset, generator=self.generator) if shuffle else None
+    def __init__(self, dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool,
+                 rng: random.Random | None = None):
+        self.batches = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0, drop_last=shuffle)
+            KeyedBatches(dataset, seed, rng), batch_sampler=self.batches, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=num_workers > 0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        self.batches.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.batches)
 
     def __iter__(self):
-        self.set_epoch(self.epoch)
         return iter(self.loader)
 
 
@@ -56,13 +55,14 @@ def streamed_loaders(recipe: Recipe, device: torch.device, num_negatives: int | 
     """ImageNet-style: ImageFolder trees decoded by workers with the standard train / val transforms."""
     data = recipe.data
     val_dir = os.path.join(data.root, "val" if os.path.isdir(os.path.join(data.root, "val")) else "test")
-    train_set = ImageFolder(os.path.join(data.root, "train"), TrainTransform(data.image_size))
+    augment = random.Random()  # reseeded for every batch by StreamedLoader
+    train_set = ImageFolder(os.path.join(data.root, "train"), TrainTransform(data.image_size, rng=augment))
     test_set = ImageFolder(val_dir, EvalTransform(data.image_size))
     contrast = num_negatives if data.contrast_mode is not None else None
     indexed = IndexedDataset(train_set, contrast, data.contrast_mode or "exact", seed=recipe.seed)
     pin = device.type == "cuda"
     train = StreamedLoader(indexed, data.batch_size, shuffle=True, num_workers=data.num_workers, seed=recipe.seed,
-                           pin_memory=pin)
+                           pin_memory=pin, rng=augment)
     test = StreamedLoader(test_set, data.batch_size, shuffle=False, num_workers=data.num_workers, seed=recipe.seed,
                           pin_memory=pin)
     return train, test, len(train_set.classes), len(train_set)
@@ -141,8 +141,6 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
         student.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
-    if recipe.cuda_graph:
-        raise ValueError("cuda_graph=true is not implemented yet: the engine runs eager steps (issue 4)")
     if recipe.compile:
         # in place, so state_dict keys stay the model's own; FASTKD_COMPILE_BACKEND picks another backend
         student.compile(backend=os.environ.get("FASTKD_COMPILE_BACKEND", "inductor"))
