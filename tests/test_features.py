@@ -511,3 +511,19 @@ def test_losses_run_on_meta_without_reading_data():
                   F.fsp_loss([m(2, 3, 8, 8), m(2, 5, 4, 4)], [m(2, 3, 4, 4), m(2, 5, 4, 4)]),
                   vid(m(2, 3, 8, 8), m(2, 5, 4, 4))]
     assert all(loss.shape == () and loss.device.type == "meta" for loss in losses)
+
+
+def test_connector_is_identity_or_convreg_without_relu():
+    s_shapes, t_shapes = [(2, 8, 8, 8), (2, 16, 4, 4)], [(2, 8, 8, 8), (2, 32, 4, 4)]
+    connector = fastkd.Connector(s_shapes, t_shapes)
+    assert sorted(connector.state_dict()) == sorted(
+        f"connectors.1.{k}" for k in ("conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean",
+                                      "bn.running_var", "bn.num_batches_tracked"))
+    x = [torch.randn(s) for s in s_shapes]
+    out = connector(x)
+    assert out[0] is x[0] and out[1].shape == (2, 32, 4, 4)
+    assert (out[1] < 0).any()  # no ReLU: AB compares against pre-activation (signed) teacher maps
+    with pytest.raises(ValueError, match="sequence of 2 maps"):
+        connector(x[:1])
+    with pytest.raises(ValueError, match="equal length"):
+        fastkd.Connector(s_shapes, t_shapes[:1])
