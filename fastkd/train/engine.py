@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 
 from fastkd._checks import value_checks
+from fastkd.train import distributed
 from fastkd.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.metrics import MetricsLog
@@ -63,6 +64,8 @@ class Trainer:
         self.train_data, self.test_data = train_data, test_data
         self.device = torch.device(device)
         self.output = output or recipe.output
+        # DDP(distiller) under torchrun (fastkd.train.distributed), else the distiller itself
+        self.step_module = distributed.wrap(self.distiller, self.device, recipe.sync_bn)
         params = distiller.trainable_parameters()
         optim = recipe.optim
         if optim.name == "sgd":
@@ -74,7 +77,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.epoch = 0
         self.history: list[dict] = []
-        self.progress = sys.stderr.isatty()  # a one-line progress display, refreshed every second
+        self.progress = sys.stderr.isatty() and distributed.is_main()  # a one-line progress display, refreshed every second
 
     # --- one epoch ----------------------------------------------------------------------------
     def _batches(self, data: Iterable, epoch: int):
@@ -99,7 +102,7 @@ class Trainer:
             checks = contextlib.nullcontext() if step == 0 else value_checks(False)
             with checks, torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                                         enabled=self.amp is not None):
-                total, parts, _ = self.distiller(images, target, *rest, epoch=epoch)
+                total, parts, _ = self.step_module(images, target, *rest, epoch=epoch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             self.scaler.step(self.optimizer)
@@ -114,7 +117,9 @@ class Trainer:
         if self.progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         elapsed = time.perf_counter() - start
-        metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in sums.items()}  # one sync per epoch
+        totals = distributed.reduce_sums({**sums, "seen": seen})  # over the ranks; one sync per epoch
+        seen = int(totals.pop("seen"))
+        metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in totals.items()}
         metrics.update(lr=lr if seen else None, images_per_s=seen / elapsed if elapsed else None)
         return metrics
 
@@ -132,7 +137,9 @@ class Trainer:
             hit1, hit5 = accuracy(logits.float(), target)
             top1, top5, seen = top1 + hit1, top5 + hit5, seen + images.shape[0]
         student.train(was)
-        return {"top1": 100.0 * float(top1) / max(seen, 1), "top5": 100.0 * float(top5) / max(seen, 1)}
+        counts = distributed.reduce_sums({"top1": top1, "top5": top5, "seen": seen})  # each rank saw a slice
+        seen = max(float(counts["seen"]), 1.0)
+        return {"top1": 100.0 * float(counts["top1"]) / seen, "top5": 100.0 * float(counts["top5"]) / seen}
 
     # --- the run ------------------------------------------------------------------------------
     def fit(self, epochs: int | None = None, log=print) -> list[dict]:
@@ -142,21 +149,27 @@ class Trainer:
         installed) under the output folder; ``curves.png`` is redrawn when matplotlib is there.
         """
         last = self.recipe.epochs if epochs is None else epochs
-        os.makedirs(self.output, exist_ok=True)
-        record = MetricsLog(self.output, self.history)
+        main = distributed.is_main()  # under torchrun only rank 0 logs and writes files
+        if main:
+            os.makedirs(self.output, exist_ok=True)
+        record = MetricsLog(self.output, self.history) if main else None
         while self.epoch < last:
             epoch = self.epoch
             metrics = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if (epoch + 1) % self.recipe.eval_every == 0 or epoch + 1 == last:
                 metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
             self.epoch = epoch + 1
-            record.append(metrics)
-            self.history = record.records
+            if record is not None:
+                record.append(metrics)
+                self.history = record.records
+            else:
+                self.history = [*self.history, metrics]
             if self.epoch % self.recipe.checkpoint_every == 0 or self.epoch == last:
                 self.save(os.path.join(self.output, "last.pt"))
-            if log is not None:
+            if log is not None and main:
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        record.plot()
+        if record is not None:
+            record.plot()
         return self.history
 
     def state_dict(self) -> dict:
@@ -165,11 +178,14 @@ class Trainer:
                 "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict()}
 
     def save(self, path: str) -> None:
-        save_checkpoint(path, self.state_dict())
+        """Write the checkpoint (rank 0; every rank its own when a CRD loss shards its banks)."""
+        path = distributed.checkpoint_path(path, self.distiller)
+        if path is not None:
+            save_checkpoint(path, self.state_dict())
 
     def resume(self, path: str) -> None:
         """Continue from a checkpoint written by :meth:`save`: the same run, step for step."""
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(distributed.checkpoint_path(path, self.distiller) or path, map_location=self.device)
         self.distiller.student.load_state_dict(state["student"])
         self.distiller.criteria.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])

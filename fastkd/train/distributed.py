@@ -1,0 +1,183 @@
+"""Training on many GPUs (or CPU processes) with ``torch.distributed``, launched by torchrun.
+
+    torchrun --nproc_per_node=8 -m fastkd distill imagenet_r34_r18 data.root=/data/imagenet ...
+    torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -m fastkd ...
+
+:func:`setup` joins the process group torchrun describes in the environment (``env://``
+rendezvous: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): NCCL with
+one GPU per process (``cuda:LOCAL_RANK``) when CUDA is there and the device is not ``cpu``, else
+gloo on the CPU. Then, as the engine uses them:
+
+- the data: each rank reads a disjoint slice of every global batch of the epoch's seeded order
+  (:class:`~fastkd.data.device.DeviceLoader` and :class:`ShardedBatchSampler` take ``rank`` and
+  ``world_size``): ``data.batch_size`` is the per-rank batch, the global batch is W times it,
+  and the W slices of a global batch together are the batch one process would draw;
+- the learning rate: with ``optim.reference_batch`` set, ``optim.lr`` is the rate for that
+  batch and the run uses lr × global batch / reference_batch (Goyal et al. 2017's linear rule;
+  ImageNet recipes: 0.1 × batch/256) — :func:`scaled_recipe`;
+- the model: :func:`wrap` puts the :class:`~fastkd.train.distiller.Distiller` in
+  ``DistributedDataParallel``, so the student's gradients and those of the losses' trainable
+  parameters (CRD's embeds, regressors, projectors) are averaged and stay identical on every
+  rank; the frozen teacher takes no part. Buffers (BatchNorm statistics) are broadcast from
+  rank 0 each step, except the CRD losses' banks, Z and sampler state, which
+  :class:`~fastkd.CRDLoss` keeps in sync itself; ``sync_bn: true`` turns the student's
+  BatchNorms into SyncBatchNorm (statistics over the global batch);
+- the output: metrics (loss sums, accuracy counts) are all-reduced; only rank 0 logs and writes
+  metrics files and checkpoints (each rank writes its own when a CRD loss shards its banks:
+  :func:`checkpoint_path`).
+
+Every rank seeds torch with the recipe's seed, so their RNG streams are identical and the rank-0
+checkpoint's RNG state is each rank's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastkd._dist import active, rank, world_size
+
+__all__ = ["setup", "teardown", "active", "rank", "world_size", "is_main", "wrap", "reduce_sums", "scaled_recipe",
+           "checkpoint_path", "ShardedBatchSampler", "barrier"]
+
+
+def setup(device: str | torch.device | None = None) -> torch.device | None:
+    """Join torchrun's process group when ``WORLD_SIZE`` > 1; returns this rank's device.
+
+    Without torchrun (no ``WORLD_SIZE``, or 1) it does nothing and returns ``device`` as given.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        if dist.is_initialized() and device is None and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return None if device is None else torch.device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = torch.device(device) if device is not None else None
+    cuda = torch.cuda.is_available() and (want is None or want.type == "cuda")
+    if cuda:
+        torch.cuda.set_device(local)
+        chosen = torch.device("cuda", local)
+        dist.init_process_group("nccl", init_method="env://", device_id=chosen,
+                                timeout=datetime.timedelta(minutes=30))
+    else:
+        chosen = torch.device("cpu")
+        dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(minutes=30))
+    return chosen
+
+
+def teardown() -> None:
+    """Leave the process group (after a barrier, so no rank exits while another still talks)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """Rank 0 (or no distributed run): the process that logs and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def _crd_losses(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    from fastkd.losses.contrastive import CRDLoss
+
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, CRDLoss)]
+
+
+def wrap(distiller: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """The module the training step calls: ``distiller`` itself in a world of one, else
+    ``DistributedDataParallel(distiller)`` (see the module doc)."""
+    if not active():
+        return distiller
+    if sync_bn:
+        distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
+    ignored = []
+    for name, crd in _crd_losses(distiller):
+        if not crd.sharded:  # replicated banks start equal on every rank: rank 0's, once
+            for bank in (crd.memory_s, crd.memory_t, crd.z_s, crd.z_t, crd.rng_state):
+                dist.broadcast(bank, 0)
+        ignored += [f"{name}.{buffer}" for buffer, _ in crd.named_buffers()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(distiller, device_ids=ids, broadcast_buffers=True)
+
+
+def reduce_sums(values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
+    """Σ over ranks of each value (loss sums, sample and hit counts): one all-reduce."""
+    names = list(values)
+    if not names:
+        return {}
+    first = next((v for v in values.values() if isinstance(v, torch.Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
+    stacked = torch.stack([torch.as_tensor(values[n], dtype=torch.float64, device=device).reshape(()).to(torch.float64)
+                           for n in names])
+    if active():
+        if dist.get_backend() == "nccl" and stacked.device.type != "cuda":
+            stacked = stacked.cuda()
+        dist.all_reduce(stacked)
+    return dict(zip(names, stacked.unbind(0)))
+
+
+def scaled_recipe(recipe):
+    """``recipe`` with ``optim.lr`` × global batch / ``optim.reference_batch`` when that is set."""
+    reference = recipe.optim.reference_batch
+    if reference is None:
+        return recipe
+    lr = recipe.optim.lr * recipe.data.batch_size * world_size() / reference
+    return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, lr=lr, reference_batch=None))
+
+
+def checkpoint_path(path: str, module: nn.Module) -> str | None:
+    """Where this rank writes (and reads) ``path``: rank 0 the path itself; another rank
+    ``<stem>.rank<r>.pt`` when a CRD loss shards its banks (its rows live only there), else
+    nothing (``None``)."""
+    if is_main():
+        return path
+    if any(crd.sharded for _, crd in _crd_losses(module)):
+        stem, ext = os.path.splitext(path)
+        return f"{stem}.rank{rank()}{ext}"
+    return None
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Batches of dataset indices for rank ``rank`` of ``world_size``: the epoch's order (a
+    permutation seeded by (seed, epoch) when shuffling, else 0..N−1) cut into global batches of
+    ``batch_size × world_size``, of which this rank takes slice ``rank``. ``drop_last`` leaves
+    out the last, short global batch (training); without it the ranks' last slices may be short
+    or empty (evaluation, where each sample is counted once)."""
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        span = self.batch_size * self.world_size
+        return self.size // span if self.drop_last else -(-self.size // span)
+
+    def __iter__(self):
+        from fastkd.data._seed import mix_seed
+
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        span = self.batch_size * self.world_size
+        for start in range(0, len(self) * span, span):
+            mine = order[start:start + span][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            if mine.numel():
+                yield mine.tolist()
+
