@@ -2,7 +2,7 @@
 
 The losses sit below the training engine (data → models → losses → train), so the few
 collectives :class:`~fastkd.CRDLoss` uses live here rather than in :mod:`fastkd.train`.
-Everything works on any backend: NCCL's ``reduce_scatter_tensor`` where the backend has it, an
+Everything works on any backend: NCCL's ``reduce_scatter_single`` where the backend has it, an
 ``all_reduce`` + slice on gloo (which has no reduce-scatter). :func:`all_gather_rows` and
 :func:`reduce_scatter_rows` are differentiable, each the other's adjoint:
 d/dx all_gather(x) = reduce_scatter(grad) and d/dx reduce_scatter(x) = all_gather(grad).
@@ -46,7 +46,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x, group=group())
+    dist.all_gather_single(out, x, group=group())
     return out
 
 
@@ -61,7 +61,7 @@ def sum_scatter_rows(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     if dist.get_backend() == "nccl":
         out = x.new_empty((block, *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x, group=group())
+        dist.reduce_scatter_single(out, x, group=group())
         return out
     total = x.clone()
     dist.all_reduce(total, group=group())

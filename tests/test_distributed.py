@@ -15,7 +15,7 @@ from fastkd.data.device import DeviceDataset, DeviceLoader
 from fastkd.train import distributed
 from fastkd.train.distiller import Distiller
 from fastkd.train.engine import Trainer
-from fastkd.train.recipe import build
+from fastkd.train.recipe import build, load_recipe
 
 WORLD, PER_RANK, EPOCHS, N = 2, 8, 3, 64
 
@@ -116,7 +116,8 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     single = _trainer(tmp / "single")
     single.fit(log=None)
-    return {"single": _state(single), "replicated": _spawn(tmp, "replicated"), "tmp": tmp}
+    return {"single": _state(single), "replicated": _spawn(tmp, "replicated"),
+            "sharded": _spawn(tmp, "sharded", shard_banks=True), "tmp": tmp}
 
 
 def _close(a, b, rel=1e-5):
@@ -151,7 +152,7 @@ def test_loss_trajectory_matches_one_process_on_the_global_batch(runs):
 
 
 def test_sharded_bank_gives_the_replicated_loss_and_banks(runs):
-    sharded = _spawn(runs["tmp"], "sharded", shard_banks=True)
+    sharded = runs["sharded"]
     replicated = runs["replicated"][0]
     for mine, ref in zip(sharded[0]["history"], replicated["history"]):
         for key in ("train_loss", "train_crd", "test_top1"):
@@ -175,7 +176,7 @@ def test_killed_rank_then_relaunch_resumes_with_nothing_lost(runs):
     saved = torch.load(output / "last.pt", weights_only=False)
     assert saved["epoch"] == 1 and (output / "last.rank1.pt").is_file()  # each rank's bank shard
     resumed = _spawn(tmp, "resumed", shard_banks=True, resume=True, output=output)
-    uninterrupted = _spawn(tmp, "uninterrupted", shard_banks=True)
+    uninterrupted = runs["sharded"]
     for mine, ref in zip(resumed, uninterrupted):
         assert [h["train_loss"] for h in mine["history"]] == [h["train_loss"] for h in ref["history"]]
         for key in ("memory_s", "memory_t", "rng", "embed"):
@@ -195,7 +196,16 @@ def test_sharded_batch_sampler_slices_one_global_order():
         distributed.ShardedBatchSampler(10, 2, shuffle=False, drop_last=True, rank=2, world_size=2)
 
 
-def test_linear_learning_rate_scaling():
+def test_linear_learning_rate_scaling_and_imagenet_recipes():
     recipe = build({"optim": {"lr": 0.1, "reference_batch": 256}, "data": {"batch_size": 64}})
     assert distributed.scaled_recipe(recipe).optim.lr == pytest.approx(0.1 * 64 / 256)  # world of one
     assert distributed.scaled_recipe(build({"optim": {"lr": 0.1}})).optim.lr == 0.1
+    expect = {"imagenet_r34_r18": ("resnet34", "resnet18", {"ce", "kd", "crd"}),
+              "imagenet_r34_r18_kd": ("resnet34", "resnet18", {"ce", "kd"}),
+              "imagenet_r50_mobilenet": ("resnet50", "mobilenet_v1", {"ce", "kd", "crd"}),
+              "imagenet_r50_mobilenet_kd": ("resnet50", "mobilenet_v1", {"ce", "kd"})}
+    for name, (teacher, student, losses) in expect.items():
+        recipe = load_recipe(name, ["data.batch_size=32"])
+        assert (recipe.teacher.name, recipe.student.name, set(recipe.losses)) == (teacher, student, losses)
+        assert (recipe.epochs, recipe.schedule.milestones, recipe.optim.weight_decay) == (100, [30, 60, 90], 1e-4)
+        assert distributed.scaled_recipe(recipe).optim.lr == pytest.approx(0.1 * 32 / 256)

@@ -106,7 +106,7 @@ def wrap(distiller: nn.Module, device: torch.device, sync_bn: bool = False) -> n
         ignored += [f"{name}.{buffer}" for buffer, _ in crd.named_buffers()]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(distiller, device_ids=ids, broadcast_buffers=True)
+    return nn.parallel.DistributedDataParallel(distiller, device_ids=ids, forward_sync_buffers=True)
 
 
 def reduce_sums(values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
