@@ -209,3 +209,21 @@ def test_linear_learning_rate_scaling_and_imagenet_recipes():
         assert (recipe.teacher.name, recipe.student.name, set(recipe.losses)) == (teacher, student, losses)
         assert (recipe.epochs, recipe.schedule.milestones, recipe.optim.weight_decay) == (100, [30, 60, 90], 1e-4)
         assert distributed.scaled_recipe(recipe).optim.lr == pytest.approx(0.1 * 32 / 256)
+
+
+def test_device_loader_ranks_slice_the_one_process_batches():
+    from fastkd.data.contrast import ContrastSampler
+
+    data = _dataset()
+    contrast = ContrastSampler(data.labels, 5, "exact", seed=2)
+    whole = DeviceLoader(data, 2 * 5, contrast=contrast, seed=4, drop_last=True)
+    parts = [DeviceLoader(data, 5, contrast=contrast, seed=4, drop_last=True, rank=r, world_size=2) for r in range(2)]
+    assert len(whole) == len(parts[0]) == N // 10
+    for one, *two in zip(whole, *parts):
+        for a, b0, b1 in zip(one, *two):
+            assert torch.equal(a, torch.cat([b0, b1]))  # images (cropped, flipped), labels, indices, contrast rows
+    test = [list(DeviceLoader(data, 24, shuffle=False, augment=False, rank=r, world_size=2)) for r in range(2)]
+    seen = torch.cat([b[2] for part in test for b in part])
+    assert sorted(seen.tolist()) == list(range(N))  # evaluation: every sample once, the short batch split
+    with pytest.raises(ValueError, match="rank"):
+        DeviceLoader(data, 5, rank=2, world_size=2)
