@@ -227,3 +227,23 @@ def test_device_loader_ranks_slice_the_one_process_batches():
     assert sorted(seen.tolist()) == list(range(N))  # evaluation: every sample once, the short batch split
     with pytest.raises(ValueError, match="rank"):
         DeviceLoader(data, 5, rank=2, world_size=2)
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    """`torchrun --nproc_per_node=2 -m fastkd train ...`: one log, one set of files, from rank 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastkd", "train",
+         "digits", "student.name=resnet8", "epochs=1", "data.batch_size=128", "optim.reference_batch=128",
+         "--output", str(out), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch=1 ") == 1 and done.stdout.count("top-1") == 1  # rank 0 alone prints
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and (out / "last.pt").is_file() and not list(out.glob("last.rank*"))
+    saved = torch.load(out / "last.pt", weights_only=False)
+    # linear scaling: lr × (2 processes × 128) / 128
+    assert saved["epoch"] == 1 and saved["recipe"]["optim"]["lr"] == pytest.approx(2 * load_recipe("digits").optim.lr)

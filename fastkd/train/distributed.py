@@ -96,6 +96,8 @@ def wrap(distiller: nn.Module, device: torch.device, sync_bn: bool = False) -> n
     ``DistributedDataParallel(distiller)`` (see the module doc)."""
     if not active():
         return distiller
+    if sync_bn and device.type != "cuda":
+        raise ValueError("sync_bn=true needs one GPU per process: SyncBatchNorm has no CPU kernel")
     if sync_bn:
         distiller.student = nn.SyncBatchNorm.convert_sync_batchnorm(distiller.student)
     ignored = []
