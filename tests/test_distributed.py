@@ -88,26 +88,29 @@ class _DieAt:
             yield batch
 
 
-def _worker(rank, world, store, output, shard_banks, die_at, resume):
+def _worker(rank, world, store, jobs):
+    """Runs ``jobs`` [(output, shard_banks, die_at, resume)] one after the other in this process."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    trainer = _trainer(output, shard_banks, rank, world)
-    if resume:
-        trainer.resume(os.path.join(output, "last.pt"))
-    if die_at is not None and rank == 1:
-        trainer.train_data = _DieAt(trainer.train_data, *die_at)
-    trainer.fit(log=None)
-    torch.save(_state(trainer), os.path.join(output, f"result{rank}.pt"))
+    for output, shard_banks, die_at, resume in jobs:
+        trainer = _trainer(output, shard_banks, rank, world)
+        if resume:
+            trainer.resume(os.path.join(output, "last.pt"))
+        if die_at is not None and rank == 1:
+            trainer.train_data = _DieAt(trainer.train_data, *die_at)
+        trainer.fit(log=None)
+        torch.save(_state(trainer), os.path.join(output, f"result{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _spawn(tmp, name, shard_banks=False, die_at=None, resume=False, output=None):
-    output = output or tmp / name
-    output.mkdir(parents=True, exist_ok=True)
-    store = tmp / f"store-{name}"
-    mp.spawn(_worker, args=(WORLD, str(store), str(output), shard_banks, die_at, resume), nprocs=WORLD)
-    return [torch.load(output / f"result{r}.pt", weights_only=False) for r in range(WORLD)]
+def _spawn(tmp, name, jobs):
+    """Runs ``jobs`` {output folder: (shard_banks, die_at, resume)} in one pair of processes; their results."""
+    for output in jobs:
+        output.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(WORLD, str(tmp / f"store-{name}"), [(str(o), *job) for o, job in jobs.items()]),
+             nprocs=WORLD)
+    return [[torch.load(output / f"result{r}.pt", weights_only=False) for r in range(WORLD)] for output in jobs]
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +119,9 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     single = _trainer(tmp / "single")
     single.fit(log=None)
-    return {"single": _state(single), "replicated": _spawn(tmp, "replicated"),
-            "sharded": _spawn(tmp, "sharded", shard_banks=True), "tmp": tmp}
+    replicated, sharded = _spawn(tmp, "both", {tmp / "replicated": (False, None, False),
+                                               tmp / "sharded": (True, None, False)})
+    return {"single": _state(single), "replicated": replicated, "sharded": sharded, "tmp": tmp}
 
 
 def _close(a, b, rel=1e-5):
@@ -172,10 +176,10 @@ def test_killed_rank_then_relaunch_resumes_with_nothing_lost(runs):
     tmp = runs["tmp"]
     output = tmp / "killed"
     with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
-        _spawn(tmp, "killed", shard_banks=True, die_at=(1, 2))  # rank 1 dies in the 2nd epoch, step 3
+        _spawn(tmp, "killed", {output: (True, (1, 2), False)})  # rank 1 dies in the 2nd epoch, step 3
     saved = torch.load(output / "last.pt", weights_only=False)
-    assert saved["epoch"] == 1 and (output / "last.rank1.pt").is_file()  # each rank's bank shard
-    resumed = _spawn(tmp, "resumed", shard_banks=True, resume=True, output=output)
+    assert saved["epoch"] == 1 and (output / "last.rank1.epoch1.pt").is_file()  # rank 1's bank shards
+    (resumed,) = _spawn(tmp, "resumed", {output: (True, None, True)})
     uninterrupted = runs["sharded"]
     for mine, ref in zip(resumed, uninterrupted):
         assert [h["train_loss"] for h in mine["history"]] == [h["train_loss"] for h in ref["history"]]
@@ -183,6 +187,7 @@ def test_killed_rank_then_relaunch_resumes_with_nothing_lost(runs):
             assert torch.equal(mine[key], ref[key]), key
         for name, value in mine["student"].items():
             assert torch.equal(value, ref["student"][name]), name
+    assert [p.name for p in sorted(output.glob("last*"))] == ["last.pt", f"last.rank1.epoch{EPOCHS}.pt"]
 
 
 def test_sharded_batch_sampler_slices_one_global_order():

@@ -23,8 +23,8 @@ gloo on the CPU. Then, as the engine uses them:
   :class:`~fastkd.CRDLoss` keeps in sync itself; ``sync_bn: true`` turns the student's
   BatchNorms into SyncBatchNorm (statistics over the global batch);
 - the output: metrics (loss sums, accuracy counts) are all-reduced; only rank 0 logs and writes
-  metrics files and checkpoints (each rank writes its own when a CRD loss shards its banks:
-  :func:`checkpoint_path`).
+  metrics files and checkpoints (when a CRD loss shards its banks, the other ranks write their
+  shards beside it first: :func:`save`, :func:`load`).
 
 Every rank seeds torch with the recipe's seed, so their RNG streams are identical and the rank-0
 checkpoint's RNG state is each rank's.
@@ -34,15 +34,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fastkd._dist import active, rank, world_size
+from fastkd.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["setup", "teardown", "active", "rank", "world_size", "is_main", "wrap", "reduce_sums", "scaled_recipe",
-           "checkpoint_path", "ShardedBatchSampler", "barrier"]
+           "save", "load", "shard_path", "ShardedBatchSampler", "barrier"]
 
 
 def setup(device: str | torch.device | None = None) -> torch.device | None:
@@ -136,16 +138,51 @@ def scaled_recipe(recipe):
     return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, lr=lr, reference_batch=None))
 
 
-def checkpoint_path(path: str, module: nn.Module) -> str | None:
-    """Where this rank writes (and reads) ``path``: rank 0 the path itself; another rank
-    ``<stem>.rank<r>.pt`` when a CRD loss shards its banks (its rows live only there), else
-    nothing (``None``)."""
+def _sharded(module: nn.Module) -> bool:
+    return active() and any(crd.sharded for _, crd in _crd_losses(module))
+
+
+def shard_path(path: str, rank_: int, epoch: int) -> str:
+    """Where rank ``rank_`` > 0 keeps its bank shards of the checkpoint ``path`` of ``epoch``."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.rank{rank_}.epoch{epoch}{ext}"
+
+
+def save(path: str, state: Callable[[], dict], module: nn.Module, epoch: int) -> None:
+    """Write the checkpoint ``state()`` to ``path`` from rank 0 (atomically).
+
+    When a CRD loss shards its banks, each rank r > 0 first writes its losses' state to
+    :func:`shard_path` (``last.rank<r>.epoch<E>.pt``), all ranks meet, and only then rank 0
+    writes ``path``: ``path`` is the commit point, so whatever moment a rank dies at, the
+    ``path`` on disk names an epoch whose shard files are all complete. After it, each rank
+    removes its shard files of earlier epochs.
+    """
+    sharded = _sharded(module)
+    if sharded and not is_main():
+        save_checkpoint(shard_path(path, rank(), epoch), {"epoch": epoch, "losses": module.criteria.state_dict()})
+    if sharded:
+        dist.barrier()
     if is_main():
-        return path
-    if any(crd.sharded for _, crd in _crd_losses(module)):
-        stem, ext = os.path.splitext(path)
-        return f"{stem}.rank{rank()}{ext}"
-    return None
+        save_checkpoint(path, state())
+    if sharded:
+        dist.barrier()
+        if not is_main():
+            keep = os.path.basename(shard_path(path, rank(), epoch))
+            stem = os.path.basename(os.path.splitext(path)[0])
+            folder = os.path.dirname(os.path.abspath(path))
+            for name in os.listdir(folder):
+                if name.startswith(f"{stem}.rank{rank()}.epoch") and name != keep:
+                    os.unlink(os.path.join(folder, name))
+
+
+def load(path: str, module: nn.Module, map_location=None) -> dict:
+    """The checkpoint at ``path`` as this rank resumes it: with its own bank shards (from the
+    shard file of the checkpoint's epoch) when a CRD loss shards its banks."""
+    state = load_checkpoint(path, map_location=map_location)
+    if _sharded(module) and not is_main():
+        shard = load_checkpoint(shard_path(path, rank(), state["epoch"]), map_location=map_location)
+        state["losses"] = shard["losses"]
+    return state
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):

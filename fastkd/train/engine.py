@@ -22,7 +22,7 @@ import torch
 
 from fastkd._checks import value_checks
 from fastkd.train import distributed
-from fastkd.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastkd.train.checkpoint import rng_state, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.metrics import MetricsLog
 from fastkd.train.recipe import Recipe
@@ -178,14 +178,12 @@ class Trainer:
                 "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict()}
 
     def save(self, path: str) -> None:
-        """Write the checkpoint (rank 0; every rank its own when a CRD loss shards its banks)."""
-        path = distributed.checkpoint_path(path, self.distiller)
-        if path is not None:
-            save_checkpoint(path, self.state_dict())
+        """Write the checkpoint (from rank 0 under torchrun; see fastkd.train.distributed.save)."""
+        distributed.save(path, self.state_dict, self.distiller, self.epoch)
 
     def resume(self, path: str) -> None:
         """Continue from a checkpoint written by :meth:`save`: the same run, step for step."""
-        state = load_checkpoint(distributed.checkpoint_path(path, self.distiller) or path, map_location=self.device)
+        state = distributed.load(path, self.distiller, map_location=self.device)
         self.distiller.student.load_state_dict(state["student"])
         self.distiller.criteria.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
