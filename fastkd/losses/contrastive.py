@@ -43,9 +43,9 @@ class CRDLoss(nn.Module):
     Under ``torch.distributed`` (more than one rank, each with the same per-rank batch B; the
     samples of rank r are rows [r·B, (r+1)·B) of the global batch of G = W·B) the loss keeps the
     banks identical on every rank by itself: after the scores it all-gathers the global batch's
-    indices and embeddings (one [G, 2D + 2] fp32 tensor: G·(D+1)·8 bytes received per rank, the
-    issue's 2·G·(D+1)·4) and every rank applies the same update, in rank order, as one process
-    would for the global batch. The first step's Z is the global batch's estimate (the ranks'
+    indices and embeddings (one [G, 2D + 2] fp32 tensor, the int64 indices viewed as two fp32
+    words: each rank receives (W−1)/W · 2·G·(D+1)·4 bytes) and every rank applies the same
+    update, in rank order, as one process would for the global batch. The first step's Z is the global batch's estimate (the ranks'
     log-sum-exps of their scores all-gathered, [W] floats), a Z moving average is averaged over
     the ranks (2 floats), and rank r draws the Philox negatives of global anchors r·B … r·B+B−1,
     so the loss, its gradients and the banks are those of one process on the global batch.
@@ -56,7 +56,8 @@ class CRDLoss(nn.Module):
     bank would have), for datasets whose banks do not fit one device: the step then runs
     :func:`fastkd.ops.crd_shard.nce_sharded` (same loss and gradients as the replicated bank up
     to rounding; its docstring describes the exchange) and each rank's ``state_dict`` holds its
-    shard (save one checkpoint per rank). Each rank's loss value is then its shard's part of the
+    shard and one spare row (the engine writes one shard file per rank:
+    :func:`fastkd.train.distributed.save`). Each rank's loss value is then its shard's part of the
     global loss ×W: the mean over ranks is the global loss.
     """
 
@@ -153,7 +154,8 @@ class CRDLoss(nn.Module):
         """One step with W > 1 ranks; see the class doc."""
         sampled, batch, dim = contrast_idx is None, idx.shape[0], self.feat_dim
         # one all-gather carries the global batch's embeddings and (bit for bit) indices
-        packed = torch.cat([v_s.float(), v_t.float(), idx.reshape(batch, 1).view(torch.float32)], dim=1)
+        dtype = torch.promote_types(v_s.dtype, torch.float32)
+        packed = torch.cat([v_s.to(dtype), v_t.to(dtype), idx.reshape(batch, 1).view(dtype)], dim=1)
         if self.sharded:
             gathered = _dist.all_gather_rows(packed)  # with autograd: the anchors' gradients come back
             all_idx = gathered[:, 2 * dim:].detach().contiguous().view(torch.int64).reshape(-1)

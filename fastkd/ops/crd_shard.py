@@ -36,16 +36,20 @@ from fastkd.ops.crd import NCE_EPS
 CHUNK_ELEMENTS = 1 << 24  # rows gathered at once: ≤ 16M floats (64 MB) per anchor chunk
 
 
+def _acc(anchor: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(anchor.dtype, torch.float32)  # fp32 math (fp64 for fp64 anchors)
+
+
 def shard_logits(anchor: torch.Tensor, shard: torch.Tensor, local: torch.Tensor, inside: torch.Tensor,
                  temperature: float) -> torch.Tensor:
     """s/T of each entry [G, K+1] whose row is in this shard (``inside``); 0 elsewhere."""
     rows_per_anchor = local.shape[1] * shard.shape[1]
     step = max(1, CHUNK_ELEMENTS // max(rows_per_anchor, 1))
-    out = []
+    acc, out = _acc(anchor), []
     for start in range(0, local.shape[0], step):
         part = local[start:start + step]
-        rows = shard.index_select(0, part.reshape(-1)).float().view(*part.shape, -1)
-        out.append(torch.bmm(rows, anchor[start:start + step].float().unsqueeze(2)).squeeze(2))
+        rows = shard.index_select(0, part.reshape(-1)).to(acc).view(*part.shape, -1)
+        out.append(torch.bmm(rows, anchor[start:start + step].to(acc).unsqueeze(2)).squeeze(2))
     return torch.cat(out).div_(temperature).masked_fill_(~inside, 0.0)
 
 
@@ -56,7 +60,7 @@ def shard_anchor_grad(d_logits: torch.Tensor, shard: torch.Tensor, local: torch.
     out = []
     for start in range(0, local.shape[0], step):
         part = local[start:start + step]
-        rows = shard.index_select(0, part.reshape(-1)).float().view(*part.shape, -1)
+        rows = shard.index_select(0, part.reshape(-1)).to(d_logits.dtype).view(*part.shape, -1)
         out.append(torch.bmm(d_logits[start:start + step].unsqueeze(1), rows).squeeze(1))
     return torch.cat(out)
 
@@ -66,7 +70,7 @@ def _side(anchor, shard, local, inside, z, temperature, num_data, z_momentum, z_
     cols = local.shape[1]
     total_entries = anchor.shape[0] * cols
     logits = shard_logits(anchor, shard, local, inside, temperature)
-    z = z.float()
+    z = z.to(logits.dtype)
     if z_momentum > 0 or not z_known:  # every rank takes the same branch: no host read of Z
         local_lse = logits.masked_fill(~inside, float("-inf")).logsumexp(dim=(0, 1))
         all_lse = _dist.gather_rows(local_lse.reshape(1))
@@ -74,7 +78,7 @@ def _side(anchor, shard, local, inside, z, temperature, num_data, z_momentum, z_
         estimate = log_estimate.exp()
     else:
         log_estimate = estimate = z
-    log_z = torch.where(z < 0, log_estimate, z.clamp_min(torch.finfo(torch.float32).tiny).log())
+    log_z = torch.where(z < 0, log_estimate, z.clamp_min(torch.finfo(z.dtype).tiny).log())
     probs = torch.exp(logits - log_z)
     noise = (cols - 1) / num_data
     c = noise + NCE_EPS
@@ -104,6 +108,7 @@ class _ShardNCE(torch.autograd.Function):
         loss_t, z_t_new, grad_t = _side(v_t, memory_s, local, inside, z_t, temperature, num_data, z_momentum,
                                         z_known)
         ctx.save_for_backward(torch.cat([grad_s, grad_t], dim=1).to(anchors.dtype))
+        ctx.mark_non_differentiable(z_s_new, z_t_new)
         return loss_s + loss_t, z_s_new, z_t_new
 
     @staticmethod
