@@ -40,7 +40,8 @@ class Plain(nn.Module):
 def _dataset():
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (N, 8, 8, 3), generator=g, dtype=torch.uint8)
-    labels = (images[..., 0].float().mean(dim=(1, 2)) > 127).long() + 2 * (images[..., 1].float().mean(dim=(1, 2)) > 127).long()
+    bright = images.float().mean(dim=(1, 2)) > 127  # [N, 3]
+    labels = bright[:, 0].long() + 2 * bright[:, 1].long()
     return DeviceDataset(images, labels, mean=(127.0,) * 3, std=(64.0,) * 3)
 
 
@@ -62,7 +63,8 @@ def _trainer(output, shard_banks=False, rank=0, world=1):
 
 def _state(trainer):
     crd = trainer.distiller.criteria["crd"]
-    return {"history": trainer.history, "student": {k: v.clone() for k, v in trainer.distiller.student.state_dict().items()},
+    student = trainer.distiller.student.state_dict()
+    return {"history": trainer.history, "student": {k: v.clone() for k, v in student.items()},
             "embed": crd.embed_s.weight.detach().clone(), "memory_s": crd.memory_s.clone(),
             "memory_t": crd.memory_t.clone(), "z": (float(crd.z_s), float(crd.z_t)), "rng": crd.rng_state.clone(),
             "shard": (crd.shard_start, crd.shard_rows)}

@@ -45,11 +45,12 @@ class CRDLoss(nn.Module):
     banks identical on every rank by itself: after the scores it all-gathers the global batch's
     indices and embeddings (one [G, 2D + 2] fp32 tensor, the int64 indices viewed as two fp32
     words: each rank receives (W−1)/W · 2·G·(D+1)·4 bytes) and every rank applies the same
-    update, in rank order, as one process would for the global batch. The first step's Z is the global batch's estimate (the ranks'
-    log-sum-exps of their scores all-gathered, [W] floats), a Z moving average is averaged over
-    the ranks (2 floats), and rank r draws the Philox negatives of global anchors r·B … r·B+B−1,
-    so the loss, its gradients and the banks are those of one process on the global batch.
-    The negatives then go to the fused op as an explicit ``contrast_idx`` [B, K+1].
+    update, in rank order, as one process would for the global batch. The first step's Z is the
+    global batch's estimate (the ranks' log-sum-exps of their scores all-gathered, [W] floats),
+    a Z moving average is averaged over the ranks (2 floats), and rank r draws the Philox
+    negatives of global anchors r·B … r·B+B−1 (handed to the fused op as an explicit
+    ``contrast_idx`` [B, K+1]), so the loss, its gradients and the banks are those of one
+    process on the global batch.
 
     ``shard_banks=True`` (with more than one rank at construction) keeps only rows
     [r·S, r·S + S) of each bank on rank r (S = ceil(N / W); the rows hold the values the full

@@ -77,7 +77,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.epoch = 0
         self.history: list[dict] = []
-        self.progress = sys.stderr.isatty() and distributed.is_main()  # a one-line progress display, refreshed every second
+        # a one-line progress display, refreshed every second (rank 0 only)
+        self.progress = sys.stderr.isatty() and distributed.is_main()
 
     # --- one epoch ----------------------------------------------------------------------------
     def _batches(self, data: Iterable, epoch: int):
