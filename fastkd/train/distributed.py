@@ -18,9 +18,9 @@ gloo on the CPU. Then, as the engine uses them:
 - the model: :func:`wrap` puts the :class:`~fastkd.train.distiller.Distiller` in
   ``DistributedDataParallel``, so the student's gradients and those of the losses' trainable
   parameters (CRD's embeds, regressors, projectors) are averaged and stay identical on every
-  rank; the frozen teacher takes no part. Buffers (BatchNorm statistics) are broadcast from
-  rank 0 each step, except the CRD losses' banks, Z and sampler state, which
-  :class:`~fastkd.CRDLoss` keeps in sync itself; ``sync_bn: true`` turns the student's
+  rank; the frozen teacher takes no part. The student's buffers (BatchNorm statistics) are
+  broadcast from rank 0 each step; the teacher's are not (frozen), nor the CRD losses' banks, Z
+  and sampler state, which :class:`~fastkd.CRDLoss` keeps in sync itself; ``sync_bn: true`` turns the student's
   BatchNorms into SyncBatchNorm (statistics over the global batch);
 - the output: metrics (loss sums, accuracy counts) are all-reduced; only rank 0 logs and writes
   metrics files and checkpoints (when a CRD loss shards its banks, the other ranks write their
@@ -108,6 +108,8 @@ def wrap(distiller: nn.Module, device: torch.device, sync_bn: bool = False) -> n
             for bank in (crd.memory_s, crd.memory_t, crd.z_s, crd.z_t, crd.rng_state):
                 dist.broadcast(bank, 0)
         ignored += [f"{name}.{buffer}" for buffer, _ in crd.named_buffers()]
+    if getattr(distiller, "teacher", None) is not None:  # frozen and equal everywhere: no per-step broadcast
+        ignored += [f"teacher.{buffer}" for buffer, _ in distiller.teacher.named_buffers()]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(distiller, ignored)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(distiller, device_ids=ids, forward_sync_buffers=True)
