@@ -6,6 +6,8 @@
     fastkd train RECIPE [key=value..]    train a network alone (a teacher): losses = cross entropy
     fastkd eval MODEL CHECKPOINT [key=value..]   top-1 / top-5 of a checkpoint on the recipe's test set
     fastkd recipes                       list the shipped recipes
+
+Many GPUs: ``torchrun --nproc_per_node=N -m fastkd distill RECIPE ...`` (see fastkd.train.distributed).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ DEFAULT_RUNS = (
 
 
 def _run(recipe_name: str, overrides: list[str], output: str, device: str | None) -> dict:
+    from fastkd.train import distributed
     from fastkd.train.run import make_trainer
 
     recipe = load_recipe(recipe_name, overrides)
@@ -34,7 +37,8 @@ def _run(recipe_name: str, overrides: list[str], output: str, device: str | None
     last = os.path.join(output, "last.pt")
     if os.path.isfile(last):
         trainer.resume(last)
-        print(f"resumed from {last} at epoch {trainer.epoch}")
+        if distributed.is_main():
+            print(f"resumed from {last} at epoch {trainer.epoch}")
     start = time.perf_counter()
     history = trainer.fit()
     final = history[-1] if history else {}
@@ -111,15 +115,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             parser.error("train needs a recipe (fastkd recipes lists them)")
         rows = distill_default(args.output or "runs/digits", args.device, args.overrides)
-        print()
-        print(_table(rows))
+        from fastkd.train import distributed
+
+        main = distributed.is_main()
+        distributed.teardown()
+        if main:
+            print()
+            print(_table(rows))
         return 0
     overrides = list(args.overrides)
     if args.command == "train":
         overrides += ["teacher=null", "losses={ce: 1.0}"]
     recipe_output = args.output or load_recipe(args.recipe, overrides).output
+    from fastkd.train import distributed
+
     result = _run(args.recipe, overrides, recipe_output, args.device)
-    print(_table([(args.recipe, result)]))
+    main = distributed.is_main()
+    distributed.teardown()  # no-op without torchrun
+    if main:
+        print(_table([(args.recipe, result)]))
     return 0
 
 

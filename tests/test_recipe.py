@@ -46,7 +46,7 @@ def test_file_recipe_with_a_base(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("optim.lrr=0.1", r"unknown key 'lrr' in optim; valid: lr, momentum, name, nesterov, weight_decay"),
+    ("optim.lrr=0.1", r"unknown key 'lrr' in optim; valid: lr, momentum, name, nesterov, reference_batch, weight_decay"),
     ("epochz=3", r"unknown key 'epochz' in the recipe; valid: .*epochs"),
     ("losses.kd.temprature=3", r"unknown key 'temprature' in losses.kd; valid: .*temperature"),
     ("losses.mse={weight: 1}", r"unknown key 'mse' in losses; valid: .*crd"),

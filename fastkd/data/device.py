@@ -8,6 +8,12 @@ and, per batch, gathers the images, applies the standard CIFAR augmentation — 
 with probability 1/2 — as one indexed gather (:func:`crop_flip`), and normalises
 ``(x - mean) / std`` in float32. Everything also works on CPU tensors.
 
+Distributed runs: rank r of W (``rank``, ``world_size``) walks the same order in global batches
+of W·``batch_size`` and takes rows [r·b, (r+1)·b) of each, with that slice of the global batch's
+crop / flip / contrast draws, so the ranks' batches together are exactly one process's batch of
+W·b (the contrast draw is made for the whole global batch on every rank, W times the work of
+one slice, to keep that identity).
+
 Randomness is a function of ``(seed, epoch)`` only, so a resumed run sees the same batches: each
 pass builds a generator on the data's device seeded with ``mix_seed(seed, epoch)`` and draws, in
 this order, the permutation of the epoch (``randperm``, when shuffling), then per batch, when
@@ -106,11 +112,13 @@ class DeviceLoader:
             then also carry its ``[B, K + 1]`` contrast indices.
         seed: with the epoch, fixes every draw (see the module doc).
         channels_last: return images in channels-last memory format (else contiguous NCHW).
+        rank, world_size: this process's slice of each global batch (see the module doc).
     """
 
     def __init__(self, dataset: DeviceDataset, batch_size: int, *, shuffle: bool = True, augment: bool = True,
                  drop_last: bool = False, padding: int = 4, flip: bool = True,
-                 contrast: ContrastSampler | None = None, seed: int = 0, channels_last: bool = False):
+                 contrast: ContrastSampler | None = None, seed: int = 0, channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         if not isinstance(dataset, DeviceDataset):
             raise TypeError(f"dataset must be a DeviceDataset, got {type(dataset).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -127,6 +135,9 @@ class DeviceLoader:
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.padding, self.flip, self.contrast = padding, flip, contrast
         self.seed, self.channels_last = int(seed), channels_last
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -134,8 +145,8 @@ class DeviceLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, span = len(self.dataset), self.batch_size * self.world_size
+        return n // span if self.drop_last else math.ceil(n / span)
 
     def generator(self, epoch: int) -> torch.Generator:
         """The generator an epoch's pass draws from (a fresh one, seeded from ``seed`` and ``epoch``)."""
@@ -147,21 +158,25 @@ class DeviceLoader:
         g = self.generator(epoch)
         n = len(data)
         order = torch.randperm(n, generator=g, device=dev) if self.shuffle else torch.arange(n, device=dev)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            index = order[start:start + self.batch_size]
+        width = self.batch_size * self.world_size  # the global batch
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for start in range(0, len(self) * width, width):
+            every = order[start:start + width]
+            index = every[mine]
             images = data.images[index]
             if self.augment:
-                b, span = index.numel(), 2 * self.padding + 1
-                top = torch.randint(0, span, (b,), generator=g, device=dev)
-                left = torch.randint(0, span, (b,), generator=g, device=dev)
+                b, span = every.numel(), 2 * self.padding + 1
+                top = torch.randint(0, span, (b,), generator=g, device=dev)[mine]
+                left = torch.randint(0, span, (b,), generator=g, device=dev)[mine]
                 if self.flip:
-                    flip = torch.randint(0, 2, (b,), generator=g, device=dev).bool()
+                    flip = torch.randint(0, 2, (b,), generator=g, device=dev).bool()[mine]
                 else:
-                    flip = torch.zeros(b, dtype=torch.bool, device=dev)
+                    flip = torch.zeros(index.numel(), dtype=torch.bool, device=dev)
                 images = crop_flip(images, top, left, flip, self.padding)
             x = data.normalize(images)
             x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
             batch = (x, data.labels[index], index)
             if self.contrast is not None:
-                batch = (*batch, self.contrast.draw(index, g))
-            yield batch
+                batch = (*batch, self.contrast.draw(every, g)[mine])
+            if index.numel():  # a rank's slice of the short last batch may be empty
+                yield batch

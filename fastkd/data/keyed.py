@@ -22,22 +22,34 @@ Key = tuple[int, int, int]  # (epoch, step, dataset index)
 
 
 class EpochBatchSampler:
-    """The batches of an epoch as lists of :data:`Key`: a permutation of ``range(size)`` seeded by
-    (seed, epoch) when ``shuffle`` (else in order), cut into ``batch_size`` pieces."""
+    """The batches of an epoch as lists of :data:`Key`, for rank ``rank`` of ``world_size``.
 
-    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0):
+    The epoch's order is a permutation of ``range(size)`` seeded by (seed, epoch) when ``shuffle``
+    (else 0..N−1), cut into global batches of ``batch_size × world_size``, of which this rank takes
+    slice ``rank``: the slices of a global batch together are the batch one process would draw.
+    A key's ``step`` is the slice's number in the epoch (global batch × world_size + rank), so every
+    slice draws its own random numbers. ``drop_last`` leaves out the last, short global batch
+    (training); without it the ranks' last slices may be short or empty (evaluation).
+    """
+
+    def __init__(self, size: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if size < 1 or batch_size < 1:
             raise ValueError(f"size and batch_size must be positive, got {size} and {batch_size}")
-        if drop_last and size < batch_size:
-            raise ValueError(f"the dataset holds {size} samples, fewer than one batch of {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if drop_last and size < batch_size * world_size:
+            raise ValueError(f"the dataset holds {size} samples, fewer than one global batch of "
+                             f"{batch_size} x {world_size}")
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
-        self.seed, self.epoch = int(seed), 0
+        self.seed, self.rank, self.world_size, self.epoch = int(seed), rank, world_size, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+        span = self.batch_size * self.world_size
+        return self.size // span if self.drop_last else -(-self.size // span)
 
     def __iter__(self) -> Iterator[list[Key]]:
         if self.shuffle:
@@ -45,8 +57,12 @@ class EpochBatchSampler:
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
+        span = self.batch_size * self.world_size
         for step in range(len(self)):
-            yield [(self.epoch, step, i) for i in order[step * self.batch_size:(step + 1) * self.batch_size]]
+            first = step * span + self.rank * self.batch_size
+            mine = order[first:min(first + self.batch_size, (step + 1) * span)]
+            if mine:
+                yield [(self.epoch, step * self.world_size + self.rank, i) for i in mine]
 
 
 class KeyedBatches(Dataset):

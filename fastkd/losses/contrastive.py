@@ -6,10 +6,10 @@ import math
 import torch
 from torch import nn
 
-from fastkd import _checks
+from fastkd import _checks, _dist
 from fastkd.functional.contrastive import l2_normalize
 from fastkd.ops import crd as _crd
-from fastkd.ops import philox
+from fastkd.ops import crd_shard, philox
 
 __all__ = ["CRDLoss"]
 
@@ -39,11 +39,33 @@ class CRDLoss(nn.Module):
     On the ``native`` and ``triton`` backends the step runs as the fused op ``fastkd::crd_nce``
     (no [B, K+1, D] tensor, gradients taken in the same pass); on ``torch`` it is the published
     computation.
+
+    Under ``torch.distributed`` (more than one rank, each with the same per-rank batch B; the
+    samples of rank r are rows [r·B, (r+1)·B) of the global batch of G = W·B) the loss keeps the
+    banks identical on every rank by itself: after the scores it all-gathers the global batch's
+    indices and embeddings (one [G, 2D + 2] fp32 tensor, the int64 indices viewed as two fp32
+    words: each rank receives (W−1)/W · 2·G·(D+1)·4 bytes) and every rank applies the same
+    update, in rank order, as one process would for the global batch. The first step's Z is the
+    global batch's estimate (the ranks' log-sum-exps of their scores all-gathered, [W] floats),
+    a Z moving average is averaged over the ranks (2 floats), and rank r draws the Philox
+    negatives of global anchors r·B … r·B+B−1 (handed to the fused op as an explicit
+    ``contrast_idx`` [B, K+1]), so the loss, its gradients and the banks are those of one
+    process on the global batch.
+
+    ``shard_banks=True`` (with more than one rank at construction) keeps only rows
+    [r·S, r·S + S) of each bank on rank r (S = ceil(N / W); the rows hold the values the full
+    bank would have), for datasets whose banks do not fit one device: the step then runs
+    :func:`fastkd.ops.crd_shard.nce_sharded` (same loss and gradients as the replicated bank up
+    to rounding; its docstring describes the exchange) and each rank's ``state_dict`` holds its
+    shard and one spare row (the engine writes one shard file per rank:
+    :func:`fastkd.train.distributed.save`). Each rank's loss value is then its shard's part of the
+    global loss ×W: the mean over ranks is the global loss.
     """
 
     def __init__(self, s_dim: int, t_dim: int, num_data: int, feat_dim: int = 128, num_negatives: int = 16384,
                  temperature: float = 0.07, momentum: float = 0.5, seed: int | None = None,
-                 bank_dtype: torch.dtype = torch.float32, z_momentum: float = 0.0, shared_negatives: bool = False):
+                 bank_dtype: torch.dtype = torch.float32, z_momentum: float = 0.0, shared_negatives: bool = False,
+                 shard_banks: bool = False):
         super().__init__()
         for name, value in (("s_dim", s_dim), ("t_dim", t_dim), ("num_data", num_data), ("feat_dim", feat_dim),
                             ("num_negatives", num_negatives)):
@@ -65,8 +87,20 @@ class CRDLoss(nn.Module):
         self.embed_s = nn.Linear(s_dim, feat_dim)
         self.embed_t = nn.Linear(t_dim, feat_dim)
         bound = 1.0 / math.sqrt(feat_dim / 3)
-        self.register_buffer("memory_s", torch.rand(num_data, feat_dim).mul_(2 * bound).add_(-bound).to(bank_dtype))
-        self.register_buffer("memory_t", torch.rand(num_data, feat_dim).mul_(2 * bound).add_(-bound).to(bank_dtype))
+        world = _dist.world_size()
+        self.sharded = bool(shard_banks) and world > 1
+        if self.sharded:
+            rows = -(-num_data // world)
+            self.shard_start = min(_dist.rank() * rows, num_data)
+            self.shard_rows = min(rows, num_data - self.shard_start)
+            for name in ("memory_s", "memory_t"):
+                self.register_buffer(name, _bank_rows(num_data, feat_dim, bound, self.shard_start, rows)
+                                     .to(bank_dtype))
+        else:
+            self.shard_start, self.shard_rows = 0, num_data
+            self.register_buffer("memory_s", torch.rand(num_data, feat_dim).mul_(2 * bound).add_(-bound).to(bank_dtype))
+            self.register_buffer("memory_t", torch.rand(num_data, feat_dim).mul_(2 * bound).add_(-bound).to(bank_dtype))
+        self._z_known = False  # False until a step (after construction or a reload) has formed Z
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
         if seed is None:
@@ -76,7 +110,12 @@ class CRDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_data={self.num_data}, feat_dim={self.feat_dim}, num_negatives={self.num_negatives}, "
                 f"temperature={self.temperature}, momentum={self.momentum}, bank_dtype={self.memory_s.dtype}, "
-                f"z_momentum={self.z_momentum}, shared_negatives={self.shared_negatives}")
+                f"z_momentum={self.z_momentum}, shared_negatives={self.shared_negatives}"
+                + (f", shard=[{self.shard_start}, {self.shard_start + self.shard_rows})" if self.sharded else ""))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_known = False
 
     def sample_contrast_idx(self, idx: torch.Tensor) -> torch.Tensor:
         """The [B, K+1] indices the next step would draw (``idx`` in column 0); draws nothing."""
@@ -98,6 +137,8 @@ class CRDLoss(nn.Module):
         # a zero feature row gives a NaN embedding: refuse it before it reaches a bank
         _checks.finite("f_s (embedded)", v_s)
         _checks.finite("f_t (embedded)", v_t)
+        if _dist.active():
+            return self._forward_distributed(v_s, v_t, idx, contrast_idx)
         loss, z_s, z_t = _crd.nce(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx, self.z_s, self.z_t,
                                   self.rng_state, self.num_negatives, self.temperature, self.z_momentum,
                                   self.shared_negatives)
@@ -109,3 +150,65 @@ class CRDLoss(nn.Module):
             _crd.bank_update_(self.memory_s, idx, v_s, self.momentum)
             _crd.bank_update_(self.memory_t, idx, v_t, self.momentum)
         return loss
+
+    def _forward_distributed(self, v_s, v_t, idx, contrast_idx):
+        """One step with W > 1 ranks; see the class doc."""
+        sampled, batch, dim = contrast_idx is None, idx.shape[0], self.feat_dim
+        # one all-gather carries the global batch's embeddings and (bit for bit) indices
+        dtype = torch.promote_types(v_s.dtype, torch.float32)
+        packed = torch.cat([v_s.to(dtype), v_t.to(dtype), idx.reshape(batch, 1).view(dtype)], dim=1)
+        if self.sharded:
+            gathered = _dist.all_gather_rows(packed)  # with autograd: the anchors' gradients come back
+            all_idx = gathered[:, 2 * dim:].detach().contiguous().view(torch.int64).reshape(-1)
+            all_cidx = philox.contrast_indices(all_idx, self.rng_state, self.num_negatives, self.num_data,
+                                               self.shared_negatives) if sampled else _dist.gather_rows(contrast_idx)
+            loss, z_s, z_t = crd_shard.nce_sharded(
+                gathered[:, :dim], gathered[:, dim:2 * dim], self.memory_s, self.memory_t, all_cidx,
+                self.shard_start, self.shard_rows, self.z_s, self.z_t, self.temperature, self.num_data,
+                self.z_momentum, self._z_known)
+        else:
+            if sampled and not self.shared_negatives:  # this rank's rows of the global batch's draw
+                contrast_idx = philox.contrast_indices(idx, self.rng_state, self.num_negatives, self.num_data,
+                                                       first_anchor=_dist.rank() * batch)
+            if not self._z_known:  # the first step after construction or a reload: Z of the global batch
+                cidx = contrast_idx if contrast_idx is not None else self.sample_contrast_idx(idx)
+                with torch.no_grad():
+                    for z, anchor, bank in ((self.z_s, v_s, self.memory_t), (self.z_t, v_t, self.memory_s)):
+                        estimate = crd_shard.global_z_estimate(anchor, bank, cidx, self.temperature, self.num_data)
+                        z.copy_(torch.where(z < 0, estimate.to(z.dtype), z))
+            loss, z_s, z_t = _crd.nce(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx, self.z_s,
+                                      self.z_t, self.rng_state, self.num_negatives, self.temperature,
+                                      self.z_momentum, self.shared_negatives)
+            if self.z_momentum > 0:  # mean over ranks of m·Z + (1 − m)·local estimate = the global update
+                z_s, z_t = _dist.all_reduce_(torch.stack([z_s, z_t]).float(), "mean").to(z_s.dtype).unbind(0)
+            with torch.no_grad():
+                gathered = _dist.gather_rows(packed.detach())
+                all_idx = gathered[:, 2 * dim:].contiguous().view(torch.int64).reshape(-1)
+        self._z_known = True
+        with torch.no_grad():
+            self.z_s.copy_(z_s)
+            self.z_t.copy_(z_t)
+            if sampled:
+                self.rng_state[1] += 1
+            local = all_idx - self.shard_start
+            if self.sharded:  # rows of other shards go to the spare last row, never read as a bank row
+                local = torch.where((local >= 0) & (local < self.shard_rows), local,
+                                    torch.full_like(local, self.memory_s.shape[0] - 1))
+            values = gathered[:, :2 * dim].detach()
+            _crd.bank_update_(self.memory_s, local, values[:, :dim], self.momentum)
+            _crd.bank_update_(self.memory_t, local, values[:, dim:], self.momentum)
+        return loss
+
+
+def _bank_rows(num_data: int, feat_dim: int, bound: float, start: int, rows: int) -> torch.Tensor:
+    """Rows [start, start + rows) of the bank ``torch.rand(num_data, feat_dim)`` would initialise
+    (drawn in chunks from the global generator, which advances as for the full bank), plus one
+    spare row at the end; rows past ``num_data`` stay zero."""
+    out = torch.zeros(rows + 1, feat_dim)
+    chunk = max(1, (1 << 22) // feat_dim)
+    for first in range(0, num_data, chunk):
+        block = torch.rand(min(chunk, num_data - first), feat_dim)
+        lo, hi = max(first, start), min(first + block.shape[0], start + rows)
+        if lo < hi:
+            out[lo - start:hi - start] = block[lo - first:hi - first]
+    return out.mul_(2 * bound).add_(-bound)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from torch import nn
 
+from fastkd.models.mobilenet_imagenet import mobilenet_v1
 from fastkd.models.mobilenetv2 import mobilenetv2
 from fastkd.models.resnet import (resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44,
                                   resnet56, resnet110)
@@ -38,9 +39,10 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
 """RepDistiller's ``model_dict`` names → builders (CIFAR, 32×32 inputs, 100 classes by default)."""
 
 IMAGENET_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
+    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "mobilenet_v1": mobilenet_v1,
 }
-"""torchvision's names → builders (ImageNet, 1000 classes by default). Note ``resnet50`` is the
+"""torchvision's names → builders (ImageNet, 1000 classes by default), and MobileNet v1 (the
+ResNet-50 → MobileNet distillation student; torchvision has none). Note ``resnet50`` is the
 ImageNet model, ``ResNet50`` RepDistiller's CIFAR one."""
 
 _MODELS = {**CIFAR_MODELS, **IMAGENET_MODELS}
@@ -71,4 +73,5 @@ __all__ = [
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
     "resnet32x4", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
     "vgg16", "vgg19", "mobilenetv2", "ShuffleV1", "ShuffleV2", "resnet18", "resnet34", "resnet50",
+    "mobilenet_v1",
 ]

@@ -49,18 +49,24 @@ def philox_word0(seed: torch.Tensor, offset: torch.Tensor, counter: torch.Tensor
 
 
 def negatives(rng_state: torch.Tensor, batch: int, num_negatives: int, num_data: int,
-              shared: bool = False) -> torch.Tensor:
-    """[B, K] int64 row indices in [0, N) drawn from ``rng_state`` = (seed, offset), int64 [2]."""
+              shared: bool = False, first_anchor: int = 0) -> torch.Tensor:
+    """[B, K] int64 row indices in [0, N) drawn from ``rng_state`` = (seed, offset), int64 [2].
+
+    ``first_anchor`` numbers the rows from there (anchor b is ``first_anchor + b``): rank r of a
+    distributed run holding rows [r·B, (r+1)·B) of the global batch draws what one process
+    drawing for the whole global batch would give those rows.
+    """
     device = rng_state.device
     k = torch.arange(num_negatives, device=device, dtype=torch.int64)
     counter = k.expand(batch, num_negatives) if shared else \
-        torch.arange(batch, device=device, dtype=torch.int64).unsqueeze(1) * num_negatives + k
+        torch.arange(first_anchor, first_anchor + batch, device=device, dtype=torch.int64).unsqueeze(1) \
+        * num_negatives + k
     word = philox_word0(rng_state[0], rng_state[1], counter)
     return (word * num_data) >> 32
 
 
 def contrast_indices(idx: torch.Tensor, rng_state: torch.Tensor, num_negatives: int, num_data: int,
-                     shared: bool = False) -> torch.Tensor:
+                     shared: bool = False, first_anchor: int = 0) -> torch.Tensor:
     """[B, K+1]: the positives ``idx`` in column 0, the Philox negatives after them."""
-    drawn = negatives(rng_state, idx.shape[0], num_negatives, num_data, shared)
+    drawn = negatives(rng_state, idx.shape[0], num_negatives, num_data, shared, first_anchor)
     return torch.cat([idx.unsqueeze(1), drawn], dim=1)

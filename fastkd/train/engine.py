@@ -27,7 +27,8 @@ from typing import Iterable
 import torch
 
 from fastkd._checks import value_checks
-from fastkd.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastkd.train import distributed
+from fastkd.train.checkpoint import rng_state, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.graph import GraphedStep
 from fastkd.train.metrics import MetricsLog
@@ -71,11 +72,16 @@ class Trainer:
         self.train_data, self.test_data = train_data, test_data
         self.device = torch.device(device)
         self.output = output or recipe.output
+        # DDP(distiller) under torchrun (fastkd.train.distributed), else the distiller itself
+        self.step_module = distributed.wrap(self.distiller, self.device, recipe.sync_bn)
         self.amp = amp_dtype(recipe, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.graph: GraphedStep | None = None
         self.lr: torch.Tensor | None = None
-        if recipe.cuda_graph:
+        if recipe.cuda_graph and distributed.active():
+            warnings.warn("cuda_graph=true is not supported under torch.distributed yet (DDP's gradient "
+                          "all-reduce would be captured): the run uses eager steps", RuntimeWarning, stacklevel=2)
+        elif recipe.cuda_graph:
             # the graphed step's machinery (device lr tensor, capturable optimiser) is used wherever it
             # is asked for; GraphedStep itself captures only on CUDA and runs eagerly elsewhere
             if self.amp == torch.float16:
@@ -94,7 +100,8 @@ class Trainer:
         self.init_done = self.init_stage is None or recipe.init_epochs == 0
         self.epoch = self._epoch = 0
         self.history: list[dict] = []
-        self.progress = sys.stderr.isatty()  # a one-line progress display, refreshed every second
+        # a one-line progress display, refreshed every second (rank 0 only)
+        self.progress = sys.stderr.isatty() and distributed.is_main()
 
     # --- one epoch ----------------------------------------------------------------------------
     def _batches(self, data: Iterable, epoch: int):
@@ -136,7 +143,9 @@ class Trainer:
         if self.progress:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         elapsed = time.perf_counter() - start
-        metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in sums.items()}  # one sync per epoch
+        totals = distributed.reduce_sums({**sums, "seen": seen})  # over the ranks; one sync per epoch
+        seen = int(totals.pop("seen"))
+        metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in totals.items()}
         metrics.update(lr=lr if seen else None, images_per_s=seen / elapsed if elapsed else None)
         return metrics
 
@@ -145,7 +154,7 @@ class Trainer:
         sync, so :class:`GraphedStep` can capture it. Returns the detached total and terms."""
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                             cache_enabled=self.graph is None):
-            total, parts, _ = self.distiller(images, target, *rest, epoch=self._epoch)
+            total, parts, _ = self.step_module(images, target, *rest, epoch=self._epoch)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -165,6 +174,7 @@ class Trainer:
                     loss = loss_fn(images)
                 optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
+                distributed.average_gradients(modules.parameters())  # the stage runs outside DDP
                 self.scaler.step(optimizer)
                 self.scaler.update()
                 total, seen = total + loss.detach().float() * images.shape[0], seen + images.shape[0]
@@ -187,7 +197,9 @@ class Trainer:
             hit1, hit5 = accuracy(logits.float(), target)
             top1, top5, seen = top1 + hit1, top5 + hit5, seen + images.shape[0]
         student.train(was)
-        return {"top1": 100.0 * float(top1) / max(seen, 1), "top5": 100.0 * float(top5) / max(seen, 1)}
+        counts = distributed.reduce_sums({"top1": top1, "top5": top5, "seen": seen})  # each rank saw a slice
+        seen = max(float(counts["seen"]), 1.0)
+        return {"top1": 100.0 * float(counts["top1"]) / seen, "top5": 100.0 * float(counts["top5"]) / seen}
 
     # --- the run ------------------------------------------------------------------------------
     def fit(self, epochs: int | None = None, log=print) -> list[dict]:
@@ -197,10 +209,12 @@ class Trainer:
         installed) under the output folder; ``curves.png`` is redrawn when matplotlib is there.
         """
         last = self.recipe.epochs if epochs is None else epochs
-        os.makedirs(self.output, exist_ok=True)
-        record = MetricsLog(self.output, self.history)
+        main = distributed.is_main()  # under torchrun only rank 0 logs and writes files
+        if main:
+            os.makedirs(self.output, exist_ok=True)
+        record = MetricsLog(self.output, self.history) if main else None
         if not self.init_done:
-            self.run_init_stage(log)
+            self.run_init_stage(log if main else None)
             self.save(os.path.join(self.output, "last.pt"))
         while self.epoch < last:
             epoch = self.epoch
@@ -208,13 +222,17 @@ class Trainer:
             if (epoch + 1) % self.recipe.eval_every == 0 or epoch + 1 == last:
                 metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
             self.epoch = epoch + 1
-            record.append(metrics)
-            self.history = record.records
+            if record is not None:
+                record.append(metrics)
+                self.history = record.records
+            else:
+                self.history = [*self.history, metrics]
             if self.epoch % self.recipe.checkpoint_every == 0 or self.epoch == last:
                 self.save(os.path.join(self.output, "last.pt"))
-            if log is not None:
+            if log is not None and main:
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        record.plot()
+        if record is not None:
+            record.plot()
         return self.history
 
     def state_dict(self) -> dict:
@@ -224,11 +242,12 @@ class Trainer:
                 "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict()}
 
     def save(self, path: str) -> None:
-        save_checkpoint(path, self.state_dict())
+        """Write the checkpoint (from rank 0 under torchrun; see fastkd.train.distributed.save)."""
+        distributed.save(path, self.state_dict, self.distiller, self.epoch)
 
     def resume(self, path: str) -> None:
         """Continue from a checkpoint written by :meth:`save`: the same run, step for step."""
-        state = load_checkpoint(path, map_location=self.device)
+        state = distributed.load(path, self.distiller, map_location=self.device)
         self.distiller.student.load_state_dict(state["student"])
         self.distiller.criteria.load_state_dict(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])

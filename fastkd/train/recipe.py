@@ -58,6 +58,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    reference_batch: int | None = None  # lr is for this global batch: lr × batch·world / reference_batch
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Recipe:
     cuda_graph: bool = False
     compile: bool = False
     channels_last: bool = False
+    sync_bn: bool = False           # torchrun: the student's BatchNorm statistics over the global batch
     seed: int = 0
     output: str = "runs/fastkd"
     eval_every: int = 1

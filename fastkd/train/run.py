@@ -4,6 +4,7 @@ Datasets that fit in memory (digits, CIFAR, a cached ImageFolder of small images
 ``data.in_memory=true``) are held on the training device and batched there with device-side
 crop + flip (:mod:`fastkd.data.device`), so the input pipeline never waits on Python workers.
 Image trees on disk (ImageNet) are decoded by DataLoader workers with the standard transforms.
+Under torchrun each rank loads its slice of every global batch (:mod:`fastkd.train.distributed`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fastkd.data.folder import ImageFolder
 from fastkd.data.indexed import IndexedDataset
 from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
+from fastkd.train import distributed
 from fastkd.train.checkpoint import load_checkpoint
 from fastkd.train.distiller import Distiller
 from fastkd.train.engine import Trainer
@@ -30,16 +32,20 @@ DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated
 
 
 class StreamedLoader:
-    """Worker-fed batches of a dataset read from disk (pinned memory, persistent workers) whose order
-    and random draws (augmentations, contrast indices) are a function of (seed, epoch, step), so a
-    resumed run replays them exactly (see :mod:`fastkd.data.keyed`)."""
+    """Worker-fed batches of a dataset read from disk (pinned memory, persistent workers, a few
+    batches prefetched per worker) whose order and random draws (augmentations, contrast indices)
+    are a function of (seed, epoch, step), so a resumed run replays them exactly (see
+    :mod:`fastkd.data.keyed`); under torchrun each rank takes its slice of every global batch.
+    ``channels_last`` hands the model channels-last batches."""
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool,
-                 rng: random.Random | None = None):
-        self.batches = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed)
+                 rng: random.Random | None = None, channels_last: bool = False):
+        self.channels_last = channels_last
+        self.batches = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed,
+                                         rank=distributed.rank(), world_size=distributed.world_size())
         self.loader = torch.utils.data.DataLoader(
             KeyedBatches(dataset, seed, rng), batch_sampler=self.batches, num_workers=num_workers,
-            pin_memory=pin_memory, persistent_workers=num_workers > 0)
+            pin_memory=pin_memory, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.batches.set_epoch(epoch)
@@ -48,7 +54,10 @@ class StreamedLoader:
         return len(self.batches)
 
     def __iter__(self):
-        return iter(self.loader)
+        for batch in self.loader:
+            if self.channels_last:
+                batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+            yield batch
 
 
 def streamed_loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
@@ -62,9 +71,9 @@ def streamed_loaders(recipe: Recipe, device: torch.device, num_negatives: int | 
     indexed = IndexedDataset(train_set, contrast, data.contrast_mode or "exact", seed=recipe.seed)
     pin = device.type == "cuda"
     train = StreamedLoader(indexed, data.batch_size, shuffle=True, num_workers=data.num_workers, seed=recipe.seed,
-                           pin_memory=pin, rng=augment)
+                           pin_memory=pin, rng=augment, channels_last=recipe.channels_last)
     test = StreamedLoader(test_set, data.batch_size, shuffle=False, num_workers=data.num_workers, seed=recipe.seed,
-                          pin_memory=pin)
+                          pin_memory=pin, channels_last=recipe.channels_last)
     return train, test, len(train_set.classes), len(train_set)
 
 
@@ -99,10 +108,12 @@ def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
         contrast = ContrastSampler(train_data.labels, num_negatives, recipe.data.contrast_mode, seed=recipe.seed,
                                    device=device)
     flip = recipe.data.name != "digits"  # a mirrored digit is another glyph
+    shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     train = DeviceLoader(train_data, recipe.data.batch_size, augment=recipe.data.device_augment, flip=flip,
-                         contrast=contrast, seed=recipe.seed, drop_last=True, channels_last=recipe.channels_last)
+                         contrast=contrast, seed=recipe.seed, drop_last=True, channels_last=recipe.channels_last,
+                         **shard)
     test = DeviceLoader(test_data, max(recipe.data.batch_size, 256), shuffle=False, augment=False,
-                        channels_last=recipe.channels_last)
+                        channels_last=recipe.channels_last, **shard)
     return train, test, classes, len(train_data)
 
 
@@ -117,8 +128,10 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
-    """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default; under
+    torchrun this rank's GPU, after :func:`fastkd.train.distributed.setup`)."""
+    device = distributed.setup(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    recipe = distributed.scaled_recipe(recipe)
     torch.manual_seed(recipe.seed)
     crd = recipe.losses.get("crd")
     num_negatives = crd.get("num_negatives", 16384) if crd else None
