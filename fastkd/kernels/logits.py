@@ -31,8 +31,9 @@ def _online_lse(m, total, z):
 
 
 @triton.jit
-def _load_scaled(row_ptr, cols, mask, inv_t):
-    return tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+def _load_scaled(row_ptr, cols, mask, inv_t, other: tl.constexpr = 0.0):
+    """z = x / T of one chunk in fp32; masked columns read ``other`` (−inf for a log-sum-exp, else 0)."""
+    return tl.load(row_ptr + cols, mask=mask, other=other).to(tl.float32) * inv_t
 
 
 @triton.jit
@@ -51,8 +52,8 @@ def kd_forward_kernel(s_ptr, t_ptr, stats_ptr, C, stride_s, stride_t, inv_t, BLO
     for start in range(0, C, BLOCK):
         cols = start + offs
         mask = cols < C
-        m_s, l_s = _online_lse(m_s, l_s, _load_scaled(s_row, cols, mask, inv_t))
-        m_t, l_t = _online_lse(m_t, l_t, _load_scaled(t_row, cols, mask, inv_t))
+        m_s, l_s = _online_lse(m_s, l_s, _load_scaled(s_row, cols, mask, inv_t, float("-inf")))
+        m_t, l_t = _online_lse(m_t, l_t, _load_scaled(t_row, cols, mask, inv_t, float("-inf")))
     lse_s, lse_t = m_s + tl.log(l_s), m_t + tl.log(l_t)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
@@ -110,8 +111,8 @@ def dkd_forward_kernel(s_ptr, t_ptr, y_ptr, stats_ptr, C, stride_s, stride_t, in
     for start in range(0, C, BLOCK):
         cols = start + offs
         mask = (cols < C) & (cols != g)
-        m_s, l_s = _online_lse(m_s, l_s, _load_scaled(s_row, cols, mask, inv_t))
-        m_t, l_t = _online_lse(m_t, l_t, _load_scaled(t_row, cols, mask, inv_t))
+        m_s, l_s = _online_lse(m_s, l_s, _load_scaled(s_row, cols, mask, inv_t, float("-inf")))
+        m_t, l_t = _online_lse(m_t, l_t, _load_scaled(t_row, cols, mask, inv_t, float("-inf")))
     other_s, other_t = m_s + tl.log(l_s), m_t + tl.log(l_t)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
