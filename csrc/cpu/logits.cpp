@@ -5,10 +5,10 @@
 // a few passes that stay in cache: forward = max, Σ exp, KL terms (2 exponentials per class);
 // backward = one pass (2 exponentials per class). Nothing of size B×C is allocated besides the gradients.
 //
-// The inner loops are plain fixed-width lane loops over the buffers that GCC / Clang vectorise; they are
-// compiled twice, for AVX2 + FMA and for the baseline ISA, and picked at run time. (ATen's at::vec
-// would give the vectorised exponential only inside ATen's own per-ISA builds: an extension compiled
-// once gets its scalar fallback, so the exponential here is a branch-free polynomial instead.)
+// The inner loops run on 32-byte packs (GCC / Clang vector extensions) with a branch-free polynomial
+// exponential; they are compiled twice, for AVX2 + FMA and for the baseline ISA, and picked at run time.
+// (ATen's at::vec vectorises its exponential only inside ATen's own per-ISA builds: an extension compiled
+// once gets the scalar fallback, std::exp per lane.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -28,21 +29,72 @@
 namespace fastkd::cpu {
 namespace {
 
-constexpr int kLanes = 16;
 // Stands in for the target class where a loop must skip it: exp(kMasked − m) is 0 and differences stay finite.
 constexpr double kMasked = -1e30;
 constexpr double kTargetShift = 1000.0;  // mdistiller's −1000 on the target logit (NCKD)
 // Elements a thread should get at least before the rows are split.
 constexpr int64_t kGrainElements = 16384;
 
+// 32-byte packs of accumulators (GCC / Clang vector extensions): one AVX register, or two SSE ones.
+template <typename T>
+struct Pack;
+template <>
+struct Pack<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t bits __attribute__((vector_size(32)));
+  static constexpr int width = 8;
+};
+template <>
+struct Pack<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int width = 4;
+};
+template <typename T>
+using pack = typename Pack<T>::type;
+template <typename T>
+constexpr int kWidth = Pack<T>::width;
+
+template <typename T>
+FASTKD_INLINE pack<T> splat(T x) {
+  return pack<T>{} + x;
+}
+
+// ``count`` (≤ width) values from p; the other lanes hold ``pad``.
+template <typename T>
+FASTKD_INLINE pack<T> load(const T* p, int64_t count, T pad) {
+  pack<T> v = splat(pad);
+  std::memcpy(&v, p, sizeof(T) * count);
+  return v;
+}
+
+template <typename T>
+FASTKD_INLINE void store(T* p, pack<T> v, int64_t count) {
+  std::memcpy(p, &v, sizeof(T) * count);
+}
+
+template <typename T>
+FASTKD_INLINE T lane_sum(pack<T> v) {
+  T total = 0;
+  for (int j = 0; j < kWidth<T>; ++j) total += v[j];
+  return total;
+}
+
+// body(c, count) for the packs of a row of n: full packs, then one partial pack.
+template <typename T, typename Body>
+FASTKD_INLINE void for_packs(int64_t n, Body&& body) {
+  int64_t c = 0;
+  for (; c + kWidth<T> <= n; c += kWidth<T>) body(c, kWidth<T>);
+  if (c < n) body(c, n - c);
+}
+
 // exp(x) in fp32 for x ≤ 88: x = n·ln2 + r with |r| ≤ ln2/2, exp(r) by its degree-7 Taylor polynomial
-// (relative error < 1e-8 on that interval), 2^n through the exponent bits; 0 below −87.3 (no denormals).
-FASTKD_INLINE float exp_lane(float x) {
-  constexpr float lowest = -87.3f;
-  const float xc = x < lowest ? lowest : x;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 5040.0f;
+// (relative error < 1e-8 on that interval), 2^n through the exponent bits; 0 below −87.3 (no subnormals).
+FASTKD_INLINE pack<float> exp_pack(pack<float> x) {
+  const pack<float> lowest = splat(-87.3f);
+  const pack<float> xc = x < lowest ? lowest : x;
+  const pack<float> n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const pack<float> r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  pack<float> p = splat(1.0f / 5040.0f);
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -50,13 +102,14 @@ FASTKD_INLINE float exp_lane(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lowest ? 0.0f : p * scale;
+  const Pack<float>::bits exponent = (__builtin_convertvector(n, Pack<float>::bits) + 127) << 23;
+  return x < lowest ? splat(0.0f) : p * reinterpret_cast<const pack<float>&>(exponent);
 }
 
-FASTKD_INLINE double exp_lane(double x) { return std::exp(x); }
+FASTKD_INLINE pack<double> exp_pack(pack<double> x) {
+  for (int j = 0; j < kWidth<double>; ++j) x[j] = std::exp(x[j]);
+  return x;
+}
 
 template <typename acc_t>
 FASTKD_INLINE acc_t log_add_exp(acc_t a, acc_t b) {
@@ -67,41 +120,38 @@ FASTKD_INLINE acc_t log_add_exp(acc_t a, acc_t b) {
 // z[c] = x[c] / T for one row, in the accumulation type.
 template <typename scalar_t, typename acc_t>
 FASTKD_INLINE void load_scaled(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* z) {
-  for (int64_t c = 0; c < n; ++c) z[c] = static_cast<acc_t>(x[c]) * inv_t;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for_packs<acc_t>(n, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+      store(z + c, load(x + c, count, acc_t(0)) * inv_t, count);
+    });
+  } else {
+    for (int64_t c = 0; c < n; ++c) z[c] = static_cast<acc_t>(x[c]) * inv_t;
+  }
 }
 
 template <typename acc_t>
 FASTKD_INLINE acc_t row_max(const acc_t* z, int64_t n) {
-  acc_t lane[kLanes];
-  for (int j = 0; j < kLanes; ++j) lane[j] = -std::numeric_limits<acc_t>::infinity();
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] = lane[j] < z[c + j] ? z[c + j] : lane[j];
-  for (; c < n; ++c) lane[0] = lane[0] < z[c] ? z[c] : lane[0];
-  acc_t top = lane[0];
-  for (int j = 1; j < kLanes; ++j) top = top < lane[j] ? lane[j] : top;
-  return top;
+  const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
+  pack<acc_t> top = splat(lowest);
+  for_packs<acc_t>(n, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+    const pack<acc_t> v = load(z + c, count, lowest);
+    top = top < v ? v : top;
+  });
+  acc_t best = top[0];
+  for (int j = 1; j < kWidth<acc_t>; ++j) best = best < top[j] ? top[j] : best;
+  return best;
 }
 
 // Σ_c exp(z[c] − shift); with kStore, e[c] = exp(z[c] − shift) too.
 template <bool kStore, typename acc_t>
 FASTKD_INLINE acc_t sum_exp(const acc_t* z, int64_t n, acc_t shift, acc_t* e) {
-  acc_t lane[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const acc_t v = exp_lane(z[c + j] - shift);
-      if (kStore) e[c + j] = v;
-      lane[j] += v;
-    }
-  for (; c < n; ++c) {
-    const acc_t v = exp_lane(z[c] - shift);
-    if (kStore) e[c] = v;
-    lane[0] += v;
-  }
-  acc_t total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lane[j];
-  return total;
+  pack<acc_t> total = splat(acc_t(0));
+  for_packs<acc_t>(n, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+    const pack<acc_t> v = exp_pack(load(z + c, count, -std::numeric_limits<acc_t>::infinity()) - shift);
+    if (kStore) store(e + c, v, count);
+    total += v;
+  });
+  return lane_sum<acc_t>(total);
 }
 
 // log Σ_c exp(z[c]) (a row of at least one finite value); e[c] = exp(z[c] − max) on return.
@@ -115,19 +165,20 @@ FASTKD_INLINE acc_t log_sum_exp(const acc_t* z, int64_t n, acc_t* e) {
 template <typename acc_t>
 FASTKD_INLINE acc_t weighted_log_ratio(const acc_t* w, const acc_t* a, acc_t a0, const acc_t* b, acc_t b0,
                                        int64_t n) {
-  acc_t lane[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane[j] += w[c + j] * ((a[c + j] - a0) - (b[c + j] - b0));
-  for (; c < n; ++c) lane[0] += w[c] * ((a[c] - a0) - (b[c] - b0));
-  acc_t total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lane[j];
-  return total;
+  pack<acc_t> total = splat(acc_t(0));
+  for_packs<acc_t>(n, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+    total += load(w + c, count, acc_t(0)) * ((load(a + c, count, acc_t(0)) - a0) - (load(b + c, count, acc_t(0)) - b0));
+  });
+  return lane_sum<acc_t>(total);
 }
 
 template <typename scalar_t, typename acc_t>
-FASTKD_INLINE void store(const acc_t* src, int64_t n, scalar_t* out) {
-  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(src[c]);
+FASTKD_INLINE void store_row(const acc_t* src, int64_t n, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    std::memcpy(out, src, sizeof(acc_t) * n);
+  } else {
+    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(src[c]);
+  }
 }
 
 // The per-row work of each op over rows [begin, end); the buffers hold 4 rows of C accumulators.
@@ -152,28 +203,43 @@ struct KdForward {
   }
 };
 
+// Where a row's gradient is computed: straight into the output when it has the accumulation type.
+template <typename scalar_t, typename acc_t>
+FASTKD_INLINE acc_t* gradient_row(scalar_t* out, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return out;
+  } else {
+    return scratch;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+FASTKD_INLINE void finish_row(const acc_t* row, int64_t n, scalar_t* out) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) store_row(row, n, out);
+}
+
 template <typename scalar_t, typename acc_t>
 struct KdBackward {
   static FASTKD_INLINE void run(const scalar_t* xs, const scalar_t* xt, const acc_t* stats, int64_t classes,
                                 acc_t inv_t, acc_t k, scalar_t* gs, scalar_t* gt, acc_t* buf, int64_t begin,
                                 int64_t end) {
-    acc_t *zs = buf, *zt = buf + classes, *out_s = buf + 2 * classes, *out_t = buf + 3 * classes;
+    acc_t *zs = buf, *zt = buf + classes;
+    const bool teacher = gt != nullptr;
     for (int64_t b = begin; b < end; ++b) {
       load_scaled(xs + b * classes, classes, inv_t, zs);
       load_scaled(xt + b * classes, classes, inv_t, zt);
       const acc_t lse_s = stats[b * 3], lse_t = stats[b * 3 + 1], kl = stats[b * 3 + 2];
-      if (gt == nullptr) {
-        for (int64_t c = 0; c < classes; ++c)
-          out_s[c] = k * (exp_lane(zs[c] - lse_s) - exp_lane(zt[c] - lse_t));
-      } else {
-        for (int64_t c = 0; c < classes; ++c) {
-          const acc_t log_ps = zs[c] - lse_s, log_pt = zt[c] - lse_t, pt = exp_lane(log_pt);
-          out_s[c] = k * (exp_lane(log_ps) - pt);
-          out_t[c] = k * pt * (log_pt - log_ps - kl);
-        }
-        store(out_t, classes, gt + b * classes);
-      }
-      store(out_s, classes, gs + b * classes);
+      acc_t* out_s = gradient_row(gs + b * classes, buf + 2 * classes);
+      acc_t* out_t = teacher ? gradient_row(gt + b * classes, buf + 3 * classes) : nullptr;
+      for_packs<acc_t>(classes, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+        const pack<acc_t> log_ps = load(zs + c, count, acc_t(0)) - lse_s;
+        const pack<acc_t> log_pt = load(zt + c, count, acc_t(0)) - lse_t;
+        const pack<acc_t> pt = exp_pack(log_pt);
+        store(out_s + c, k * (exp_pack(log_ps) - pt), count);
+        if (teacher) store(out_t + c, k * pt * (log_pt - log_ps - kl), count);
+      });
+      finish_row(out_s, classes, gs + b * classes);
+      if (teacher) finish_row(out_t, classes, gt + b * classes);
     }
   }
 };
@@ -226,8 +292,9 @@ struct DkdBackward {
   static FASTKD_INLINE void run(const scalar_t* xs, const scalar_t* xt, const int64_t* target, const acc_t* stats,
                                 int64_t classes, acc_t inv_t, acc_t k, acc_t alpha, acc_t beta, scalar_t* gs,
                                 scalar_t* gt, acc_t* buf, int64_t begin, int64_t end) {
-    acc_t *zs = buf, *zt = buf + classes, *out_s = buf + 2 * classes, *out_t = buf + 3 * classes;
+    acc_t *zs = buf, *zt = buf + classes;
     const acc_t masked = static_cast<acc_t>(kMasked);
+    const bool teacher = gt != nullptr;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t g = target[b];
       load_scaled(xs + b * classes, classes, inv_t, zs);
@@ -237,26 +304,27 @@ struct DkdBackward {
       const DkdRow<acc_t> s(zs[g], other_s), t(zt[g], other_t);
       zs[g] = zt[g] = masked;
       const acc_t b_o_t = std::exp(t.lb_o), b_gt_t = std::exp(t.lb_gt), r_t = std::exp(t.log_r);
-      const acc_t g_s = std::exp(s.log_g), g_t = std::exp(t.log_g);
-      // non-target columns: k·(q_s·coef_s − beta·r_t·q_t)
+      const acc_t g_t = std::exp(t.log_g);
+      // non-target columns: k·(q_s·coef_s − coef_t·q_t) for the student,
+      // k·q_t·(tc_t + coef_t·(log q_t − log q_s + shift_t)) for the teacher
       const acc_t coef_s = alpha * (std::exp(s.lb_o) - b_o_t) + beta * std::exp(s.log_r), coef_t = beta * r_t;
-      const acc_t at_target_s = k * (alpha * (std::exp(s.lb_gt) - b_gt_t) + beta * (g_s - g_t));
-      if (gt == nullptr) {
-        for (int64_t c = 0; c < classes; ++c)
-          out_s[c] = k * (exp_lane(zs[c] - other_s) * coef_s - coef_t * exp_lane(zt[c] - other_t));
-      } else {
-        const acc_t tc_t = alpha * b_o_t * ((t.lb_o - s.lb_o) - tckd);
-        const acc_t shift_t = t.log_r - s.log_r - nckd;
-        for (int64_t c = 0; c < classes; ++c) {
-          const acc_t log_qs = zs[c] - other_s, log_qt = zt[c] - other_t, qt = exp_lane(log_qt);
-          out_s[c] = k * (exp_lane(log_qs) * coef_s - coef_t * qt);
-          out_t[c] = k * qt * (tc_t + coef_t * (log_qt - log_qs + shift_t));
-        }
+      const acc_t tc_t = alpha * b_o_t * ((t.lb_o - s.lb_o) - tckd);
+      const acc_t shift_t = t.log_r - s.log_r - nckd;
+      acc_t* out_s = gradient_row(gs + b * classes, buf + 2 * classes);
+      acc_t* out_t = teacher ? gradient_row(gt + b * classes, buf + 3 * classes) : nullptr;
+      for_packs<acc_t>(classes, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+        const pack<acc_t> log_qs = load(zs + c, count, acc_t(0)) - other_s;
+        const pack<acc_t> log_qt = load(zt + c, count, acc_t(0)) - other_t;
+        const pack<acc_t> qt = exp_pack(log_qt);
+        store(out_s + c, k * (exp_pack(log_qs) * coef_s - coef_t * qt), count);
+        if (teacher) store(out_t + c, k * qt * (tc_t + coef_t * (log_qt - log_qs + shift_t)), count);
+      });
+      out_s[g] = k * (alpha * (std::exp(s.lb_gt) - b_gt_t) + beta * (std::exp(s.log_g) - g_t));
+      finish_row(out_s, classes, gs + b * classes);
+      if (teacher) {
         out_t[g] = k * (alpha * b_gt_t * ((t.lb_gt - s.lb_gt) - tckd) + beta * g_t * (t.log_g - s.log_g - nckd));
-        store(out_t, classes, gt + b * classes);
+        finish_row(out_t, classes, gt + b * classes);
       }
-      out_s[g] = at_target_s;
-      store(out_s, classes, gs + b * classes);
     }
   }
 };
