@@ -12,7 +12,7 @@ from fastkd import functional as F
 from fastkd.ops import logits as ops
 from fastkd.ops import logits_triton
 
-from _logits_cases import ALPHA, BETA, LOSSES, case, check_backend, forward, rel
+from _logits_cases import ALPHA, BETA, LOSSES, Contract, case, check_backend, forward, rel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -82,7 +82,7 @@ def test_cuda_large(loss):
     """8192 rows × 32k classes in bf16 (the GPU target size), and 8 × 128k classes in fp32."""
     s, t, y = case(8192, 32768, dtype=torch.bfloat16, seed=7, device="cuda")
     got, stats = forward(loss, logits_triton, s, t, y)
-    want, _ = forward(loss, ops, s.float(), t.float(), y)  # the fp32 torch contract on the same rounded logits
+    want, _ = forward(loss, Contract, s.float(), t.float(), y)  # the fp32 torch contract on the rounded logits
     assert rel(got, want) <= 1e-4
     check_backend(loss, logits_triton, *case(8, 131072, seed=8, device="cuda"))
 

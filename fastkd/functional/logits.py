@@ -4,6 +4,10 @@ Precision: both losses compute in float32 at least. fp16 / bf16 logits are upcas
 softmax and the loss comes back as a float32 0-dim tensor (float32 and float64 logits keep
 their dtype), so the loss keeps its precision under AMP; the gradient reaches the logits in
 their own dtype through the cast.
+
+Both losses run on the backend :func:`fastkd.backends.choose` picks: the published computation
+(``torch``) or the fused ops ``fastkd::kd_loss`` / ``fastkd::dkd_loss`` of :mod:`fastkd.ops.logits`
+(native C++ on CPU tensors, Triton on CUDA tensors), which give the same values and gradients.
 """
 from __future__ import annotations
 
