@@ -20,3 +20,9 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("dkd_loss", &fastkd::cpu::dkd_loss);
   m.impl("dkd_loss_backward", &fastkd::cpu::dkd_loss_backward);
 }
+
+// The logit losses' autograd for CPU tensors in C++ (other devices use the Python registration).
+TORCH_LIBRARY_IMPL(fastkd, AutogradCPU, m) {
+  m.impl("kd_loss", &fastkd::cpu::kd_loss_autograd);
+  m.impl("dkd_loss", &fastkd::cpu::dkd_loss_autograd);
+}

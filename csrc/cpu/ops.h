@@ -33,4 +33,11 @@ std::tuple<at::Tensor, at::Tensor> dkd_loss_backward(const at::Tensor& grad, con
                                                      const at::Tensor& stats, double alpha, double beta,
                                                      double temperature, bool teacher_grad);
 
+// Their autograd for CPU tensors (registered for AutogradCPU): the same formulas as the Python registration.
+std::tuple<at::Tensor, at::Tensor> kd_loss_autograd(const at::Tensor& logits_s, const at::Tensor& logits_t,
+                                                    double temperature);
+std::tuple<at::Tensor, at::Tensor> dkd_loss_autograd(const at::Tensor& logits_s, const at::Tensor& logits_t,
+                                                     const at::Tensor& target, double alpha, double beta,
+                                                     double temperature);
+
 }  // namespace fastkd::cpu
