@@ -142,12 +142,13 @@ FASTKD_INLINE acc_t row_max(const acc_t* z, int64_t n) {
   return best;
 }
 
-// Σ_c exp(z[c] − shift); with kStore, e[c] = exp(z[c] − shift) too.
+// Σ_c exp(scale·z[c] − shift); with kStore, e[c] = exp(scale·z[c] − shift) too.
 template <bool kStore, typename acc_t>
-FASTKD_INLINE acc_t sum_exp(const acc_t* z, int64_t n, acc_t shift, acc_t* e) {
+FASTKD_INLINE acc_t sum_exp(const acc_t* z, int64_t n, acc_t scale, acc_t shift, acc_t* e) {
   pack<acc_t> total = splat(acc_t(0));
   for_packs<acc_t>(n, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
-    const pack<acc_t> v = exp_pack(load(z + c, count, -std::numeric_limits<acc_t>::infinity()) - shift);
+    const pack<acc_t> v =
+        exp_pack(load(z + c, count, -std::numeric_limits<acc_t>::infinity()) * scale - shift);
     if (kStore) store(e + c, v, count);
     total += v;
   });
@@ -158,18 +159,34 @@ FASTKD_INLINE acc_t sum_exp(const acc_t* z, int64_t n, acc_t shift, acc_t* e) {
 template <typename acc_t>
 FASTKD_INLINE acc_t log_sum_exp(const acc_t* z, int64_t n, acc_t* e) {
   const acc_t top = row_max(z, n);
-  return top + std::log(sum_exp<true>(z, n, top, e));
+  return top + std::log(sum_exp<true>(z, n, acc_t(1), top, e));
 }
 
-// Σ_c w[c]·((a[c] − a0) − (b[c] − b0)): the expectation under w of a log-ratio.
+// Σ_c w[c]·((scale·a[c] − a0) − (scale·b[c] − b0)): the expectation under w of a log-ratio.
 template <typename acc_t>
 FASTKD_INLINE acc_t weighted_log_ratio(const acc_t* w, const acc_t* a, acc_t a0, const acc_t* b, acc_t b0,
-                                       int64_t n) {
+                                       acc_t scale, int64_t n) {
   pack<acc_t> total = splat(acc_t(0));
   for_packs<acc_t>(n, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
-    total += load(w + c, count, acc_t(0)) * ((load(a + c, count, acc_t(0)) - a0) - (load(b + c, count, acc_t(0)) - b0));
+    const pack<acc_t> log_ratio =
+        (load(a + c, count, acc_t(0)) * scale - a0) - (load(b + c, count, acc_t(0)) * scale - b0);
+    total += load(w + c, count, acc_t(0)) * log_ratio;
   });
   return lane_sum<acc_t>(total);
+}
+
+// The row of z = x / T that the loops read: x itself when it has the accumulation type (the loops then
+// multiply by scale = 1/T), else x converted and scaled into ``buffer`` (scale = 1).
+template <typename scalar_t, typename acc_t>
+FASTKD_INLINE const acc_t* scaled_row(const scalar_t* x, int64_t n, acc_t inv_t, acc_t* buffer, acc_t& scale) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    scale = inv_t;
+    return x;
+  } else {
+    load_scaled(x, n, inv_t, buffer);
+    scale = acc_t(1);
+    return buffer;
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -186,15 +203,16 @@ template <typename scalar_t, typename acc_t>
 struct KdForward {
   static FASTKD_INLINE void run(const scalar_t* xs, const scalar_t* xt, int64_t classes, acc_t inv_t,
                                 acc_t* stats, acc_t* buf, int64_t begin, int64_t end) {
-    acc_t *zs = buf, *zt = buf + classes, *e = buf + 2 * classes;
+    acc_t* e = buf + 2 * classes;
     for (int64_t b = begin; b < end; ++b) {
-      load_scaled(xs + b * classes, classes, inv_t, zs);
-      load_scaled(xt + b * classes, classes, inv_t, zt);
-      const acc_t lse_s = log_sum_exp(zs, classes, e);
-      const acc_t top_t = row_max(zt, classes);
-      const acc_t sum_t = sum_exp<true>(zt, classes, top_t, e);  // e = p_t · sum_t
+      acc_t scale;
+      const acc_t* zs = scaled_row(xs + b * classes, classes, inv_t, buf, scale);
+      const acc_t* zt = scaled_row(xt + b * classes, classes, inv_t, buf + classes, scale);
+      const acc_t top_s = row_max(zs, classes) * scale, top_t = row_max(zt, classes) * scale;
+      const acc_t lse_s = top_s + std::log(sum_exp<false>(zs, classes, scale, top_s, e));
+      const acc_t sum_t = sum_exp<true>(zt, classes, scale, top_t, e);  // e = p_t · sum_t
       const acc_t lse_t = top_t + std::log(sum_t);
-      const acc_t kl = weighted_log_ratio(e, zt, lse_t, zs, lse_s, classes) / sum_t;
+      const acc_t kl = weighted_log_ratio(e, zt, lse_t, zs, lse_s, scale, classes) / sum_t;
       acc_t* row = stats + b * 3;
       row[0] = lse_s;
       row[1] = lse_t;
@@ -223,17 +241,17 @@ struct KdBackward {
   static FASTKD_INLINE void run(const scalar_t* xs, const scalar_t* xt, const acc_t* stats, int64_t classes,
                                 acc_t inv_t, acc_t k, scalar_t* gs, scalar_t* gt, acc_t* buf, int64_t begin,
                                 int64_t end) {
-    acc_t *zs = buf, *zt = buf + classes;
     const bool teacher = gt != nullptr;
     for (int64_t b = begin; b < end; ++b) {
-      load_scaled(xs + b * classes, classes, inv_t, zs);
-      load_scaled(xt + b * classes, classes, inv_t, zt);
+      acc_t scale;
+      const acc_t* zs = scaled_row(xs + b * classes, classes, inv_t, buf, scale);
+      const acc_t* zt = scaled_row(xt + b * classes, classes, inv_t, buf + classes, scale);
       const acc_t lse_s = stats[b * 3], lse_t = stats[b * 3 + 1], kl = stats[b * 3 + 2];
       acc_t* out_s = gradient_row(gs + b * classes, buf + 2 * classes);
       acc_t* out_t = teacher ? gradient_row(gt + b * classes, buf + 3 * classes) : nullptr;
       for_packs<acc_t>(classes, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
-        const pack<acc_t> log_ps = load(zs + c, count, acc_t(0)) - lse_s;
-        const pack<acc_t> log_pt = load(zt + c, count, acc_t(0)) - lse_t;
+        const pack<acc_t> log_ps = load(zs + c, count, acc_t(0)) * scale - lse_s;
+        const pack<acc_t> log_pt = load(zt + c, count, acc_t(0)) * scale - lse_t;
         const pack<acc_t> pt = exp_pack(log_pt);
         store(out_s + c, k * (exp_pack(log_ps) - pt), count);
         if (teacher) store(out_t + c, k * pt * (log_pt - log_ps - kl), count);
@@ -272,9 +290,9 @@ struct DkdForward {
       zs[g] = zt[g] = masked;
       const acc_t other_s = log_sum_exp(zs, classes, e);
       const acc_t top_t = row_max(zt, classes);
-      const acc_t sum_t = sum_exp<true>(zt, classes, top_t, e);  // e = q_t · sum_t, 0 at the target
+      const acc_t sum_t = sum_exp<true>(zt, classes, acc_t(1), top_t, e);  // e = q_t · sum_t, 0 at the target
       const acc_t other_t = top_t + std::log(sum_t);
-      const acc_t inner = weighted_log_ratio(e, zt, other_t, zs, other_s, classes) / sum_t;
+      const acc_t inner = weighted_log_ratio(e, zt, other_t, zs, other_s, acc_t(1), classes) / sum_t;
       const DkdRow<acc_t> s(zg_s, other_s), t(zg_t, other_t);
       const acc_t tckd = std::exp(t.lb_gt) * (t.lb_gt - s.lb_gt) + std::exp(t.lb_o) * (t.lb_o - s.lb_o);
       const acc_t nckd = std::exp(t.log_r) * (inner + t.log_r - s.log_r) + std::exp(t.log_g) * (t.log_g - s.log_g);
