@@ -49,6 +49,36 @@ def test_gradcheck_through_the_op(loss):
     assert torch.autograd.gradcheck(lambda a: op_loss(loss, a, t.detach(), y, 2.0), (s,))
 
 
+class _Ctx:
+    """What torch.library hands the Python autograd formula (CPU tensors use the C++ one when native is built)."""
+
+    def __init__(self, needs):
+        self.needs_input_grad = needs
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("teacher", [True, False])
+def test_python_autograd_formula(loss, teacher):
+    s, t, y = case(5, 12, dtype=torch.float64, seed=6)
+    s64, t64 = s.clone().requires_grad_(True), t.clone().requires_grad_(teacher)
+    want = torch.autograd.grad(published(loss, s64, t64, y) * 0.7, (s64, t64) if teacher else (s64,))
+    ctx = _Ctx((True, teacher) + (False,) * 4)
+    if loss == "kd":
+        inputs = (s, t, T)
+        ops._kd_setup_context(ctx, inputs, Contract.kd_loss(*inputs))
+        got = ops._kd_backward(ctx, torch.tensor(0.7, dtype=torch.float64), None)
+    else:
+        inputs = (s, t, y, ALPHA, BETA, T)
+        ops._dkd_setup_context(ctx, inputs, Contract.dkd_loss(*inputs))
+        got = ops._dkd_backward(ctx, torch.tensor(0.7, dtype=torch.float64), None)
+    assert len(got) == len(inputs) and all(g is None for g in got[2:])
+    assert rel(got[0], want[0]) <= 1e-12
+    assert (got[1] is None) != teacher and (not teacher or rel(got[1], want[1]) <= 1e-12)
+
+
 def test_teacher_gradient_only_when_asked():
     s, t, y = case(4, 9, seed=2)
     s.requires_grad_(True)

@@ -103,8 +103,9 @@ def dkd_forward_kernel(s_ptr, t_ptr, y_ptr, stats_ptr, C, stride_s, stride_t, in
     row = tl.program_id(0).to(tl.int64)
     s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
     g = tl.load(y_ptr + row)
-    zg_s = tl.load(s_row + g).to(tl.float32) * inv_t
-    zg_t = tl.load(t_row + g).to(tl.float32) * inv_t
+    valid = (g >= 0) & (g < C)  # an out-of-range target (unchecked on the device) reads nothing outside the row
+    zg_s = tl.load(s_row + g, mask=valid, other=0.0).to(tl.float32) * inv_t
+    zg_t = tl.load(t_row + g, mask=valid, other=0.0).to(tl.float32) * inv_t
     offs = tl.arange(0, BLOCK)
     m_s = tl.max(tl.full([BLOCK], _LOWEST, tl.float32), axis=0)
     m_t, l_s, l_t = m_s, m_s * 0.0, m_s * 0.0
@@ -144,8 +145,11 @@ def dkd_backward_kernel(grad_ptr, s_ptr, t_ptr, y_ptr, stats_ptr, gs_ptr, gt_ptr
     other_t = tl.load(stats_ptr + row * 4 + 1)
     tckd = tl.load(stats_ptr + row * 4 + 2)
     nckd = tl.load(stats_ptr + row * 4 + 3)
-    lb_gt_s, lb_o_s, log_r_s, log_g_s = _dkd_row(tl.load(s_row + g).to(tl.float32) * inv_t, other_s)
-    lb_gt_t, lb_o_t, log_r_t, log_g_t = _dkd_row(tl.load(t_row + g).to(tl.float32) * inv_t, other_t)
+    valid = (g >= 0) & (g < C)
+    lb_gt_s, lb_o_s, log_r_s, log_g_s = _dkd_row(tl.load(s_row + g, mask=valid, other=0.0).to(tl.float32) * inv_t,
+                                                 other_s)
+    lb_gt_t, lb_o_t, log_r_t, log_g_t = _dkd_row(tl.load(t_row + g, mask=valid, other=0.0).to(tl.float32) * inv_t,
+                                                 other_t)
     b_o_t, b_gt_t, r_t = tl.exp(lb_o_t), tl.exp(lb_gt_t), tl.exp(log_r_t)
     coef_s = alpha * (tl.exp(lb_o_s) - b_o_t) + beta * tl.exp(log_r_s)
     coef_t = beta * r_t
