@@ -44,6 +44,12 @@ def test_chunked_rows_match_contract(loss, shape, dtype):
     check_backend(loss, Chunked, *case(*shape, dtype=dtype, seed=shape[1], device=DEVICE))
 
 
+def test_dkd_chunk_holding_only_the_target():
+    """17 classes in chunks of 16 with targets 16 and 0: one chunk's only column is masked out of O."""
+    s, t, _ = case(2, 17, seed=11, device=DEVICE)
+    check_backend("dkd", Chunked, s, t, torch.tensor([16, 0], device=DEVICE))
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_default_block_and_fp16_overflow(loss):
     """One chunk per row (the default block); fp16 logits far beyond exp's range at T = 1."""
