@@ -15,4 +15,14 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("crd_bank_update_", &fastkd::cpu::crd_bank_update_);
   m.impl("crd_nce", &fastkd::cpu::crd_nce);
+  m.impl("kd_loss", &fastkd::cpu::kd_loss);
+  m.impl("kd_loss_backward", &fastkd::cpu::kd_loss_backward);
+  m.impl("dkd_loss", &fastkd::cpu::dkd_loss);
+  m.impl("dkd_loss_backward", &fastkd::cpu::dkd_loss_backward);
+}
+
+// The logit losses' autograd for CPU tensors in C++ (other devices use the Python registration).
+TORCH_LIBRARY_IMPL(fastkd, AutogradCPU, m) {
+  m.impl("kd_loss", &fastkd::cpu::kd_loss_autograd);
+  m.impl("dkd_loss", &fastkd::cpu::dkd_loss_autograd);
 }

@@ -20,4 +20,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
     const at::Tensor& z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
     double z_momentum, bool shared_negatives);
 
+// Logit losses (the contract of fastkd.ops.logits): forward returns (loss, per-row statistics);
+// backward returns (d/d logits_s, d/d logits_t), the second empty unless teacher_grad.
+std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& logits_s, const at::Tensor& logits_t, double temperature);
+std::tuple<at::Tensor, at::Tensor> kd_loss_backward(const at::Tensor& grad, const at::Tensor& logits_s,
+                                                    const at::Tensor& logits_t, const at::Tensor& stats,
+                                                    double temperature, bool teacher_grad);
+std::tuple<at::Tensor, at::Tensor> dkd_loss(const at::Tensor& logits_s, const at::Tensor& logits_t,
+                                            const at::Tensor& target, double alpha, double beta, double temperature);
+std::tuple<at::Tensor, at::Tensor> dkd_loss_backward(const at::Tensor& grad, const at::Tensor& logits_s,
+                                                     const at::Tensor& logits_t, const at::Tensor& target,
+                                                     const at::Tensor& stats, double alpha, double beta,
+                                                     double temperature, bool teacher_grad);
+
+// Their autograd for CPU tensors (registered for AutogradCPU): the same formulas as the Python registration.
+std::tuple<at::Tensor, at::Tensor> kd_loss_autograd(const at::Tensor& logits_s, const at::Tensor& logits_t,
+                                                    double temperature);
+std::tuple<at::Tensor, at::Tensor> dkd_loss_autograd(const at::Tensor& logits_s, const at::Tensor& logits_t,
+                                                     const at::Tensor& target, double alpha, double beta,
+                                                     double temperature);
+
 }  // namespace fastkd::cpu

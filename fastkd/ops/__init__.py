@@ -4,3 +4,4 @@ The readable torch reference of each op lives beside its registration and is the
 tests and the fallback of every backend.
 """
 from fastkd.ops import crd  # noqa: F401
+from fastkd.ops import logits  # noqa: F401,E402

@@ -1,0 +1,95 @@
+"""KD and DKD: the published computation (torch backend) vs fastkd's fused kernels, side by side.
+
+    bash scripts/dev bench benchmarks/test_logits.py --benchmark-json benchmarks/results/logits-cpu.json
+
+CPU: 64 rows × 100 (CIFAR-100), 1000 (ImageNet) and 32,768 classes, providers torch and native; phases
+forward (the loss, graph kept), backward (from a fresh forward, untimed) and full (both). The GPU size
+(8192 × 32k, torch vs triton) runs only with a GPU. The full-step entries' extra_info holds the peak extra
+memory of one step (CPU: resident memory, measured in a fresh process so no provider inherits another's
+freed memory; GPU: torch's allocator peak).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastkd
+
+sys.path.insert(0, os.path.dirname(__file__))
+from logits_step import CPU_SIZES, GPU_SIZES, make_forward, make_inputs, make_step  # noqa: E402
+
+ROUNDS = {100: 200, 1000: 100, 32768: 10}
+
+
+def measure_memory(provider: str, loss: str, rows: int, classes: int) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big buffers are mmapped and returned on free
+    script = os.path.join(os.path.dirname(__file__), "logits_step.py")
+    out = subprocess.run([sys.executable, script, provider, loss, str(rows), str(classes)], capture_output=True,
+                         text=True, check=True, env=env)
+    return int(out.stdout.strip())
+
+
+def run_phase(benchmark, provider, loss, rows, classes, phase, rounds, device="cpu"):
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if phase == "full":
+        step = make_step(provider, loss, rows, classes, device)
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=2)
+        return
+    s, t, y = make_inputs(rows, classes, device)
+    forward = make_forward(provider, loss, s, t, y)
+    forward().backward()
+    if phase == "forward":
+        def timed():
+            forward()
+            sync()
+
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2)
+    else:
+        def setup():
+            s.grad = None
+            value = forward()
+            sync()
+            return (value,), {}
+
+        def timed(value):
+            value.backward()
+            sync()
+
+        benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward", "full"])
+@pytest.mark.parametrize("rows,classes", CPU_SIZES, ids=[f"{r}x{c}" for r, c in CPU_SIZES])
+@pytest.mark.parametrize("loss", ["kd", "dkd"])
+@pytest.mark.parametrize("provider", ["torch", "native"])
+def test_logits_cpu(benchmark, provider, loss, rows, classes, phase):
+    if provider not in fastkd.backends():
+        pytest.skip(f"backend {provider} is not available")
+    benchmark.group = f"{loss} {rows}x{classes} {phase}"
+    benchmark.extra_info.update(device="cpu", torch=torch.__version__, threads=torch.get_num_threads(), rows=rows,
+                                classes=classes, dtype="float32")
+    if phase == "full":
+        benchmark.extra_info["peak_extra_bytes"] = measure_memory(provider, loss, rows, classes)
+    run_phase(benchmark, provider, loss, rows, classes, phase, ROUNDS[classes])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("phase", ["forward", "backward", "full"])
+@pytest.mark.parametrize("rows,classes", GPU_SIZES, ids=[f"{r}x{c}" for r, c in GPU_SIZES])
+@pytest.mark.parametrize("loss", ["kd", "dkd"])
+@pytest.mark.parametrize("provider", ["torch", "triton"])
+def test_logits_gpu(benchmark, provider, loss, rows, classes, phase):
+    if provider not in fastkd.backends():
+        pytest.skip(f"backend {provider} is not available")
+    benchmark.group = f"{loss} {rows}x{classes} {phase} gpu"
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows,
+                                classes=classes, dtype="float32")
+    if phase == "full":
+        step = make_step(provider, loss, rows, classes, "cuda")
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        benchmark.extra_info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
+    run_phase(benchmark, provider, loss, rows, classes, phase, 20, device="cuda")
