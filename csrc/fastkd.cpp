@@ -15,4 +15,9 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("crd_bank_update_", &fastkd::cpu::crd_bank_update_);
   m.impl("crd_nce", &fastkd::cpu::crd_nce);
+  m.impl("sp_loss", &fastkd::cpu::sp_loss);
+  m.impl("cckd_loss", &fastkd::cpu::cckd_loss);
+  m.impl("pkt_loss", &fastkd::cpu::pkt_loss);
+  m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss);
+  m.impl("nst_loss", &fastkd::cpu::nst_loss);
 }

@@ -20,4 +20,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
     const at::Tensor& z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
     double z_momentum, bool shared_negatives);
 
+// Batch-relation losses (fastkd/ops/similarity.py): (loss, m_s, m_t) with M = dL/dG + (dL/dG)^T for
+// the Gram matrices G = X X^T of the [B, D] inputs, so that dL/dX = M X.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cckd_loss(const at::Tensor& e_s, const at::Tensor& e_t, double gamma,
+                                                         int64_t order);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss(const at::Tensor& f_s, const at::Tensor& f_t, double eps);
+// RKD's distance term: (loss, m_s); the teacher side has no gradient.
+std::tuple<at::Tensor, at::Tensor> rkd_distance_loss(const at::Tensor& f_s, const at::Tensor& f_t);
+
+// NST (fastkd/ops/nst.py) on [B, C, HW] maps: (loss, dL/df_s, dL/df_t).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss(const at::Tensor& f_s, const at::Tensor& f_t);
+
 }  // namespace fastkd::cpu

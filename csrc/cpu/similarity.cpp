@@ -1,0 +1,353 @@
+// CPU kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance.
+//
+// Each loss is a function of the Gram matrices G = X X^T ([B, B]) of the student and teacher
+// batches. A kernel computes G with one GEMM per side (at::mm, in fp32 for fp16/bf16 inputs),
+// then runs the whole elementwise chain of the loss and of its derivative in one fused epilogue
+// over the B x B entries, row by row (at::parallel_for), writing straight into the outputs
+// M = dL/dG + (dL/dG)^T, so that backward is dL/dX = M X. No other B x B temporary exists.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+
+namespace fastkd::cpu {
+namespace {
+
+constexpr double kRownormEps = 1e-12;  // F.normalize's eps
+constexpr double kDistEps = 1e-12;     // RepDistiller's clamp of squared distances
+constexpr int64_t kRowGrain = 8;
+
+void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": the CPU kernel needs CPU tensors");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected [B, D] inputs, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(0) == b.size(0), op, ": student and teacher batch sizes differ (", a.size(0), " vs ", b.size(0), ")");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": student and teacher dtypes differ");
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": expected floating-point inputs, got ", a.scalar_type());
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// G = X X^T in the accumulation dtype.
+at::Tensor gram(const at::Tensor& x) {
+  const at::Tensor q = x.to(acc_type(x)).contiguous();
+  return at::mm(q, q.t());
+}
+
+// Loss partials, one per row, summed in a fixed order (the result does not depend on threads).
+double sum_rows(const std::vector<double>& rows) { return std::accumulate(rows.begin(), rows.end(), 0.0); }
+
+// m <- m + m^T in place (the upper and lower triangles of each pair of rows by one thread).
+template <typename acc_t>
+void symmetrize(acc_t* m, int64_t b) {
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      m[i * b + i] *= 2;
+      for (int64_t j = i + 1; j < b; ++j) {
+        const acc_t s = m[i * b + j] + m[j * b + i];
+        m[i * b + j] = s;
+        m[j * b + i] = s;
+      }
+    }
+  });
+}
+
+// For c_ij = G_ij / (nu_i nu_j): given M0 = D + D^T of the direct part D_ij = dL/dc_ij / (nu_i nu_j),
+// adds the path through nu_i(G_ii): dL/dG_ii += -(sum_j M0_ij G_ij) / nu_i * dnu_i, doubled in M.
+template <typename acc_t>
+void add_norm_path(acc_t* m, const acc_t* g, const acc_t* nu, const acc_t* dnu, int64_t b) {
+  std::vector<acc_t> corr(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t s = 0;
+      for (int64_t j = 0; j < b; ++j) s += m[i * b + j] * g[i * b + j];
+      corr[i] = -s / nu[i] * dnu[i];
+    }
+  });
+  for (int64_t i = 0; i < b; ++i) m[i * b + i] += 2 * corr[i];
+}
+
+// ---- SP -------------------------------------------------------------------------------------
+
+template <typename acc_t>
+double sp_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b) {
+  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(2) / static_cast<acc_t>(b * b);
+  std::vector<double> rows(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* rs = gs + i * b;
+      const acc_t* rt = gt + i * b;
+      acc_t ns = 0, nt = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        ns += rs[j] * rs[j];
+        nt += rt[j] * rt[j];
+      }
+      ns = std::sqrt(ns);
+      nt = std::sqrt(nt);
+      const acc_t inv_s = acc_t(1) / std::max(ns, eps), inv_t = acc_t(1) / std::max(nt, eps);
+      acc_t loss = 0, inner_s = 0, inner_t = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t ys = rs[j] * inv_s, yt = rt[j] * inv_t, diff = ys - yt;
+        loss += diff * diff;
+        inner_s += ys * diff;
+        inner_t += yt * diff;
+      }
+      // d/dy_s = scale * diff, d/dy_t = -scale * diff; rownorm backward per row
+      const acc_t ps = ns >= eps ? inner_s : acc_t(0), pt = nt >= eps ? inner_t : acc_t(0);
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t ys = rs[j] * inv_s, yt = rt[j] * inv_t, diff = ys - yt;
+        ms[i * b + j] = scale * (diff - ys * ps) * inv_s;
+        mt[i * b + j] = -scale * (diff - yt * pt) * inv_t;
+      }
+      rows[i] = static_cast<double>(loss);
+    }
+  });
+  symmetrize(ms, b);
+  symmetrize(mt, b);
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+// ---- CCKD / PKT: cosines c_ij = G_ij / (nu_i nu_j) ------------------------------------------
+
+// nu_i and dnu_i / dG_ii of one side: CCKD nu = max(n, 1e-12), PKT nu = n + eps, n = sqrt(G_ii).
+template <typename acc_t>
+void norms(const acc_t* g, int64_t b, bool additive, acc_t eps, acc_t* nu, acc_t* dnu) {
+  for (int64_t i = 0; i < b; ++i) {
+    const acc_t n = std::sqrt(std::max(g[i * b + i], acc_t(0)));
+    if (additive) {
+      nu[i] = n + eps;
+      dnu[i] = n > 0 ? acc_t(0.5) / n : acc_t(0);
+    } else {
+      nu[i] = std::max(n, eps);
+      dnu[i] = n >= eps ? acc_t(0.5) / n : acc_t(0);
+    }
+  }
+}
+
+template <typename acc_t>
+double cckd_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b,
+                     const std::vector<double>& coef_d) {
+  const int64_t order = static_cast<int64_t>(coef_d.size()) - 1;
+  std::vector<acc_t> coef(coef_d.begin(), coef_d.end());
+  std::vector<acc_t> nus(b), nut(b), dnus(b), dnut(b);
+  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(2) / static_cast<acc_t>(b * b);
+  norms(gs, b, false, eps, nus.data(), dnus.data());
+  norms(gt, b, false, eps, nut.data(), dnut.data());
+  std::vector<double> rows(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t loss = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t inv_s = acc_t(1) / (nus[i] * nus[j]), inv_t = acc_t(1) / (nut[i] * nut[j]);
+        const acc_t cs = gs[i * b + j] * inv_s, ct = gt[i * b + j] * inv_t;
+        acc_t ks = coef[order], kt = coef[order];
+        acc_t dks = 0, dkt = 0;
+        for (int64_t p = order - 1; p >= 0; --p) {  // Horner for k and k' together
+          dks = dks * cs + ks;
+          dkt = dkt * ct + kt;
+          ks = ks * cs + coef[p];
+          kt = kt * ct + coef[p];
+        }
+        const acc_t diff = ks - kt;
+        loss += diff * diff;
+        ms[i * b + j] = scale * diff * dks * inv_s;
+        mt[i * b + j] = -scale * diff * dkt * inv_t;
+      }
+      rows[i] = static_cast<double>(loss);
+    }
+  });
+  symmetrize(ms, b);
+  symmetrize(mt, b);
+  add_norm_path(ms, gs, nus.data(), dnus.data(), b);
+  add_norm_path(mt, gt, nut.data(), dnut.data(), b);
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+template <typename acc_t>
+double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b, double eps_d) {
+  const acc_t eps = static_cast<acc_t>(eps_d), inv_bb = acc_t(1) / static_cast<acc_t>(b * b);
+  std::vector<acc_t> nus(b), nut(b), dnus(b), dnut(b);
+  norms(gs, b, true, eps, nus.data(), dnus.data());
+  norms(gt, b, true, eps, nut.data(), dnut.data());
+  std::vector<double> rows(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* rs = gs + i * b;
+      const acc_t* rt = gt + i * b;
+      acc_t tot_s = 0, tot_t = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        tot_s += (rs[j] / (nus[i] * nus[j]) + acc_t(1)) / acc_t(2);
+        tot_t += (rt[j] / (nut[i] * nut[j]) + acc_t(1)) / acc_t(2);
+      }
+      const acc_t inv_tot_s = acc_t(1) / tot_s, inv_tot_t = acc_t(1) / tot_t;
+      acc_t loss = 0, inner_s = 0, inner_t = 0;
+      acc_t* out_s = ms + i * b;
+      acc_t* out_t = mt + i * b;
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t ps = (rs[j] / (nus[i] * nus[j]) + acc_t(1)) / acc_t(2) * inv_tot_s;
+        const acc_t pt = (rt[j] / (nut[i] * nut[j]) + acc_t(1)) / acc_t(2) * inv_tot_t;
+        const acc_t log_ratio = std::log((pt + eps) / (ps + eps));
+        loss += pt * log_ratio;
+        const acc_t dps = -pt / (ps + eps) * inv_bb;
+        const acc_t dpt = (log_ratio + pt / (pt + eps)) * inv_bb;
+        out_s[j] = dps;
+        out_t[j] = dpt;
+        inner_s += dps * ps;
+        inner_t += dpt * pt;
+      }
+      // through the row sums (P = S / sum S), S = (c + 1) / 2 and c = G / (nu_i nu_j)
+      for (int64_t j = 0; j < b; ++j) {
+        out_s[j] = (out_s[j] - inner_s) * inv_tot_s / (acc_t(2) * nus[i] * nus[j]);
+        out_t[j] = (out_t[j] - inner_t) * inv_tot_t / (acc_t(2) * nut[i] * nut[j]);
+      }
+      rows[i] = static_cast<double>(loss);
+    }
+  });
+  symmetrize(ms, b);
+  symmetrize(mt, b);
+  add_norm_path(ms, gs, nus.data(), dnus.data(), b);
+  add_norm_path(mt, gt, nut.data(), dnut.data(), b);
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+// ---- RKD distance ---------------------------------------------------------------------------
+
+template <typename acc_t>
+acc_t distance(const acc_t* g, int64_t b, int64_t i, int64_t j) {
+  if (i == j) return 0;
+  const acc_t d2 = g[i * b + i] + g[j * b + j] - 2 * g[i * b + j];
+  return std::sqrt(std::max(d2, static_cast<acc_t>(kDistEps)));
+}
+
+// (mu, count of d > 0) of one side
+template <typename acc_t>
+std::pair<acc_t, acc_t> distance_mean(const acc_t* g, int64_t b) {
+  std::vector<double> sums(b), counts(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t s = 0, c = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t d = distance(g, b, i, j);
+        s += d;
+        c += d > 0 ? acc_t(1) : acc_t(0);
+      }
+      sums[i] = static_cast<double>(s);
+      counts[i] = static_cast<double>(c);
+    }
+  });
+  const double count = sum_rows(counts);
+  return {static_cast<acc_t>(sum_rows(sums) / count), static_cast<acc_t>(count)};
+}
+
+template <typename acc_t>
+double rkd_distance_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, int64_t b) {
+  const auto [mu_s, count_s] = distance_mean(gs, b);
+  const auto [mu_t, count_t] = distance_mean(gt, b);
+  (void)count_t;
+  const acc_t inv_bb = acc_t(1) / static_cast<acc_t>(b * b);
+  std::vector<double> rows(b), weighted(b);
+  // pass 1: loss and u = dL/d(d_s / mu_s), kept in ms
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t loss = 0, w = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t ds = distance(gs, b, i, j), x = ds / mu_s - distance(gt, b, i, j) / mu_t;
+        const acc_t ax = std::abs(x);
+        loss += ax < 1 ? acc_t(0.5) * x * x : ax - acc_t(0.5);
+        const acc_t u = std::min(std::max(x, acc_t(-1)), acc_t(1)) * inv_bb;
+        ms[i * b + j] = u;
+        w += u * ds;
+      }
+      rows[i] = static_cast<double>(loss);
+      weighted[i] = static_cast<double>(w);
+    }
+  });
+  const acc_t through_mu = static_cast<acc_t>(sum_rows(weighted)) / (mu_s * mu_s * count_s);
+  // pass 2: v = dL/d(d^2) where the clamp passes (off the diagonal), kept in ms
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < b; ++j) {
+        acc_t v = 0;
+        if (i != j) {
+          const acc_t d2 = gs[i * b + i] + gs[j * b + j] - 2 * gs[i * b + j];
+          if (d2 >= static_cast<acc_t>(kDistEps)) {
+            const acc_t d = std::sqrt(d2);
+            v = (ms[i * b + j] / mu_s - through_mu) / (2 * d);
+          }
+        }
+        ms[i * b + j] = v;
+      }
+    }
+  });
+  // d^2_ij = G_ii + G_jj - 2 G_ij: with V = v + v^T, M_ij = -2 V_ij off the diagonal, M_ii = 2 sum_j V_ij
+  symmetrize(ms, b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t s = 0;
+      for (int64_t j = 0; j < b; ++j) s += ms[i * b + j];
+      for (int64_t j = 0; j < b; ++j) ms[i * b + j] *= -2;
+      ms[i * b + i] = 2 * s;
+    }
+  });
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+// Runs ``epilogue(gs, gt, ms, mt, b)`` on the two Gram matrices; returns (loss, m_s, m_t).
+template <typename Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relation(const char* op, const at::Tensor& f_s, const at::Tensor& f_t,
+                                                        Epilogue&& epilogue) {
+  check_pair(op, f_s, f_t);
+  const at::Tensor gs = gram(f_s), gt = gram(f_t);
+  at::Tensor ms = at::empty_like(gs), mt = at::empty_like(gt);
+  double loss = 0;
+  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "relation_epilogue", [&] {
+    loss = epilogue(gs.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
+                    mt.data_ptr<scalar_t>(), f_s.size(0));
+  });
+  return {at::scalar_tensor(loss, gs.options()), ms, mt};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t) {
+  return relation("sp_loss", f_s, f_t, [](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
+    return sp_epilogue(gs, gt, ms, mt, b);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cckd_loss(const at::Tensor& e_s, const at::Tensor& e_t, double gamma,
+                                                         int64_t order) {
+  TORCH_CHECK(order >= 0, "cckd_loss: order must be >= 0, got ", order);
+  std::vector<double> coef(order + 1);
+  double term = std::exp(-2 * gamma);
+  for (int64_t p = 0; p <= order; ++p) {
+    coef[p] = term;
+    term *= 2 * gamma / static_cast<double>(p + 1);
+  }
+  return relation("cckd_loss", e_s, e_t, [&](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
+    return cckd_epilogue(gs, gt, ms, mt, b, coef);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss(const at::Tensor& f_s, const at::Tensor& f_t, double eps) {
+  return relation("pkt_loss", f_s, f_t, [&](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
+    return pkt_epilogue(gs, gt, ms, mt, b, eps);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_distance_loss(const at::Tensor& f_s, const at::Tensor& f_t) {
+  auto [loss, ms, mt] = relation("rkd_distance_loss", f_s, f_t, [](auto* gs, auto* gt, auto* ms, auto*, int64_t b) {
+    return rkd_distance_epilogue(gs, gt, ms, b);
+  });
+  return {loss, ms};
+}
+
+}  // namespace fastkd::cpu
