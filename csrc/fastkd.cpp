@@ -21,3 +21,13 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss);
   m.impl("nst_loss", &fastkd::cpu::nst_loss);
 }
+
+// The batch-relation ops' autograd on CPU tensors in C++ (a Python autograd node would cost more than
+// their kernels at b = 64); other devices use the formula registered in Python (fastkd/ops).
+TORCH_LIBRARY_IMPL(fastkd, AutogradCPU, m) {
+  m.impl("sp_loss", &fastkd::cpu::sp_loss_autograd);
+  m.impl("cckd_loss", &fastkd::cpu::cckd_loss_autograd);
+  m.impl("pkt_loss", &fastkd::cpu::pkt_loss_autograd);
+  m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss_autograd);
+  m.impl("nst_loss", &fastkd::cpu::nst_loss_autograd);
+}

@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss(const at::Tensor& f_s, c
               "nst_loss: expected two floating-point maps of one dtype");
   const int64_t batch = f_s.size(0), cs = f_s.size(1), ct = f_t.size(1), hw = f_s.size(2);
   const auto acc = f_s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor xs = f_s.contiguous(), xt = f_t.contiguous();
+  const at::Tensor xs = as_contiguous(f_s), xt = as_contiguous(f_t);
   at::Tensor us = at::empty({batch, cs, hw}, xs.options().dtype(acc)), ut = at::empty({batch, ct, hw}, us.options());
   at::Tensor ns = at::empty({batch * cs}, us.options()), nt = at::empty({batch * ct}, us.options());
   at::Tensor grad_s = at::empty_like(xs), grad_t = at::empty_like(xt);
@@ -155,9 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss(const at::Tensor& f_s, c
         dus = at::baddbmm(at::bmm(kst, ut), kss, us);
         dut = at::bmm(kst.transpose(1, 2), us);
       }
-      normalize_backward(us.data_ptr<acc_t>(), ns.data_ptr<acc_t>(), dus.contiguous().data_ptr<acc_t>(),
+      normalize_backward(us.data_ptr<acc_t>(), ns.data_ptr<acc_t>(), as_contiguous(dus).data_ptr<acc_t>(),
                          grad_s.data_ptr<in_t>(), batch * cs, hw);
-      normalize_backward(ut.data_ptr<acc_t>(), nt.data_ptr<acc_t>(), dut.contiguous().data_ptr<acc_t>(),
+      normalize_backward(ut.data_ptr<acc_t>(), nt.data_ptr<acc_t>(), as_contiguous(dut).data_ptr<acc_t>(),
                          grad_t.data_ptr<in_t>(), batch * ct, hw);
     });
   });

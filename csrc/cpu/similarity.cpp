@@ -38,7 +38,7 @@ at::ScalarType acc_type(const at::Tensor& x) {
 
 // G = X X^T in the accumulation dtype.
 at::Tensor gram(const at::Tensor& x) {
-  const at::Tensor q = x.to(acc_type(x)).contiguous();
+  const at::Tensor q = as_contiguous(as_dtype(x, acc_type(x)));
   return at::mm(q, q.t());
 }
 
@@ -133,6 +133,13 @@ void norms(const acc_t* g, int64_t b, bool additive, acc_t eps, acc_t* nu, acc_t
 }
 
 template <typename acc_t>
+std::vector<acc_t> reciprocals(const std::vector<acc_t>& v) {
+  std::vector<acc_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = acc_t(1) / v[i];
+  return out;
+}
+
+template <typename acc_t>
 double cckd_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b,
                      const std::vector<double>& coef_d) {
   const int64_t order = static_cast<int64_t>(coef_d.size()) - 1;
@@ -141,12 +148,13 @@ double cckd_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int
   const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(2) / static_cast<acc_t>(b * b);
   norms(gs, b, false, eps, nus.data(), dnus.data());
   norms(gt, b, false, eps, nut.data(), dnut.data());
+  const std::vector<acc_t> rs = reciprocals(nus), rt = reciprocals(nut);
   std::vector<double> rows(b);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       acc_t loss = 0;
       for (int64_t j = 0; j < b; ++j) {
-        const acc_t inv_s = acc_t(1) / (nus[i] * nus[j]), inv_t = acc_t(1) / (nut[i] * nut[j]);
+        const acc_t inv_s = rs[i] * rs[j], inv_t = rt[i] * rt[j];
         const acc_t cs = gs[i * b + j] * inv_s, ct = gt[i * b + j] * inv_t;
         acc_t ks = coef[order], kt = coef[order];
         acc_t dks = 0, dkt = 0;
@@ -177,23 +185,26 @@ double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int6
   std::vector<acc_t> nus(b), nut(b), dnus(b), dnut(b);
   norms(gs, b, true, eps, nus.data(), dnus.data());
   norms(gt, b, true, eps, nut.data(), dnut.data());
+  const std::vector<acc_t> ris = reciprocals(nus), rit = reciprocals(nut);
   std::vector<double> rows(b);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* rs = gs + i * b;
       const acc_t* rt = gt + i * b;
+      acc_t* out_s = ms + i * b;
+      acc_t* out_t = mt + i * b;
       acc_t tot_s = 0, tot_t = 0;
-      for (int64_t j = 0; j < b; ++j) {
-        tot_s += (rs[j] / (nus[i] * nus[j]) + acc_t(1)) / acc_t(2);
-        tot_t += (rt[j] / (nut[i] * nut[j]) + acc_t(1)) / acc_t(2);
+      for (int64_t j = 0; j < b; ++j) {  // S = (c + 1) / 2, kept in the output rows
+        out_s[j] = (rs[j] * ris[i] * ris[j] + acc_t(1)) * acc_t(0.5);
+        out_t[j] = (rt[j] * rit[i] * rit[j] + acc_t(1)) * acc_t(0.5);
+        tot_s += out_s[j];
+        tot_t += out_t[j];
       }
       const acc_t inv_tot_s = acc_t(1) / tot_s, inv_tot_t = acc_t(1) / tot_t;
       acc_t loss = 0, inner_s = 0, inner_t = 0;
-      acc_t* out_s = ms + i * b;
-      acc_t* out_t = mt + i * b;
       for (int64_t j = 0; j < b; ++j) {
-        const acc_t ps = (rs[j] / (nus[i] * nus[j]) + acc_t(1)) / acc_t(2) * inv_tot_s;
-        const acc_t pt = (rt[j] / (nut[i] * nut[j]) + acc_t(1)) / acc_t(2) * inv_tot_t;
+        const acc_t ps = out_s[j] * inv_tot_s;
+        const acc_t pt = out_t[j] * inv_tot_t;
         const acc_t log_ratio = std::log((pt + eps) / (ps + eps));
         loss += pt * log_ratio;
         const acc_t dps = -pt / (ps + eps) * inv_bb;
@@ -205,8 +216,8 @@ double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int6
       }
       // through the row sums (P = S / sum S), S = (c + 1) / 2 and c = G / (nu_i nu_j)
       for (int64_t j = 0; j < b; ++j) {
-        out_s[j] = (out_s[j] - inner_s) * inv_tot_s / (acc_t(2) * nus[i] * nus[j]);
-        out_t[j] = (out_t[j] - inner_t) * inv_tot_t / (acc_t(2) * nut[i] * nut[j]);
+        out_s[j] = (out_s[j] - inner_s) * (inv_tot_s * acc_t(0.5) * ris[i] * ris[j]);
+        out_t[j] = (out_t[j] - inner_t) * (inv_tot_t * acc_t(0.5) * rit[i] * rit[j]);
       }
       rows[i] = static_cast<double>(loss);
     }
