@@ -2,6 +2,8 @@
 their torch contracts against the published computations' autograd in float64, gradcheck, opcheck,
 precision, and the functionals' routing. Backend-specific kernels: test_similarity_native.py,
 test_similarity_triton.py."""
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,7 +172,7 @@ def test_functional_runs_the_op_unless_torch_is_selected(name, monkeypatch):
     fn, f_s, f_t = ROUTES[name]
     calls = []
     op = getattr(torch.ops.fastkd, name)
-    monkeypatch.setattr(torch.ops.fastkd, name, lambda *a: calls.append(1) or op(*a))
+    monkeypatch.setattr(torch.ops.fastkd, name, types.SimpleNamespace(default=lambda *a: calls.append(1) or op(*a)))
     fused = fn(f_s, f_t)
     routed = [1] if "native" in fastkd.backends() else []  # auto on CPU: native, else the eager torch path
     assert calls == routed

@@ -17,6 +17,11 @@
 
 #include "ops.h"
 
+// sqrt without errno, so that the epilogues' loops vectorise (nothing here reads errno).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-math-errno")
+#endif
+
 namespace fastkd::cpu {
 namespace {
 
@@ -205,10 +210,11 @@ double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int6
       for (int64_t j = 0; j < b; ++j) {
         const acc_t ps = out_s[j] * inv_tot_s;
         const acc_t pt = out_t[j] * inv_tot_t;
-        const acc_t log_ratio = std::log((pt + eps) / (ps + eps));
+        const acc_t inv_s = acc_t(1) / (ps + eps), inv_t = acc_t(1) / (pt + eps);
+        const acc_t log_ratio = std::log((pt + eps) * inv_s);
         loss += pt * log_ratio;
-        const acc_t dps = -pt / (ps + eps) * inv_bb;
-        const acc_t dpt = (log_ratio + pt / (pt + eps)) * inv_bb;
+        const acc_t dps = -pt * inv_s * inv_bb;
+        const acc_t dpt = (log_ratio + pt * inv_t) * inv_bb;
         out_s[j] = dps;
         out_t[j] = dpt;
         inner_s += dps * ps;
@@ -231,70 +237,65 @@ double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int6
 
 // ---- RKD distance ---------------------------------------------------------------------------
 
+// d_ij = sqrt(max(G_ii + G_jj - 2 G_ij, eps)), d_ii = 0, into d; returns (sum of d, count of d > 0).
 template <typename acc_t>
-acc_t distance(const acc_t* g, int64_t b, int64_t i, int64_t j) {
-  if (i == j) return 0;
-  const acc_t d2 = g[i * b + i] + g[j * b + j] - 2 * g[i * b + j];
-  return std::sqrt(std::max(d2, static_cast<acc_t>(kDistEps)));
-}
-
-// (mu, count of d > 0) of one side
-template <typename acc_t>
-std::pair<acc_t, acc_t> distance_mean(const acc_t* g, int64_t b) {
+std::pair<double, double> distances(const acc_t* g, acc_t* d, int64_t b) {
   std::vector<double> sums(b), counts(b);
+  const acc_t eps = static_cast<acc_t>(kDistEps);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      acc_t s = 0, c = 0;
+      const acc_t gii = g[i * b + i];
+      acc_t* row = d + i * b;
+      acc_t s = 0;
       for (int64_t j = 0; j < b; ++j) {
-        const acc_t d = distance(g, b, i, j);
-        s += d;
-        c += d > 0 ? acc_t(1) : acc_t(0);
+        row[j] = std::sqrt(std::max(gii + g[j * b + j] - 2 * g[i * b + j], eps));
+        s += row[j];
       }
+      s -= row[i];
+      row[i] = 0;
       sums[i] = static_cast<double>(s);
-      counts[i] = static_cast<double>(c);
+      counts[i] = static_cast<double>(b - 1);  // every off-diagonal distance is at least sqrt(eps) > 0
     }
   });
-  const double count = sum_rows(counts);
-  return {static_cast<acc_t>(sum_rows(sums) / count), static_cast<acc_t>(count)};
+  return {sum_rows(sums), sum_rows(counts)};
 }
 
 template <typename acc_t>
 double rkd_distance_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, int64_t b) {
-  const auto [mu_s, count_s] = distance_mean(gs, b);
-  const auto [mu_t, count_t] = distance_mean(gt, b);
-  (void)count_t;
+  std::vector<acc_t> dt(b * b);
+  const auto [sum_s, count_s] = distances(gs, ms, b);  // d_s, kept in ms until pass 2
+  const auto [sum_t, count_t] = distances(gt, dt.data(), b);
+  const acc_t inv_mu_s = static_cast<acc_t>(count_s / sum_s), inv_mu_t = static_cast<acc_t>(count_t / sum_t);
   const acc_t inv_bb = acc_t(1) / static_cast<acc_t>(b * b);
   std::vector<double> rows(b), weighted(b);
-  // pass 1: loss and u = dL/d(d_s / mu_s), kept in ms
+  // pass 1: loss, u = dL/d(d_s / mu_s) (into dt's storage) and sum u d_s
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const acc_t* ds = ms + i * b;
+      acc_t* u = dt.data() + i * b;
       acc_t loss = 0, w = 0;
       for (int64_t j = 0; j < b; ++j) {
-        const acc_t ds = distance(gs, b, i, j), x = ds / mu_s - distance(gt, b, i, j) / mu_t;
-        const acc_t ax = std::abs(x);
+        const acc_t x = ds[j] * inv_mu_s - u[j] * inv_mu_t, ax = std::abs(x);
         loss += ax < 1 ? acc_t(0.5) * x * x : ax - acc_t(0.5);
-        const acc_t u = std::min(std::max(x, acc_t(-1)), acc_t(1)) * inv_bb;
-        ms[i * b + j] = u;
-        w += u * ds;
+        u[j] = std::min(std::max(x, acc_t(-1)), acc_t(1)) * inv_bb;
+        w += u[j] * ds[j];
       }
       rows[i] = static_cast<double>(loss);
       weighted[i] = static_cast<double>(w);
     }
   });
-  const acc_t through_mu = static_cast<acc_t>(sum_rows(weighted)) / (mu_s * mu_s * count_s);
-  // pass 2: v = dL/d(d^2) where the clamp passes (off the diagonal), kept in ms
+  const double mu_s = sum_s / count_s;
+  const acc_t through_mu = static_cast<acc_t>(sum_rows(weighted) / (mu_s * mu_s * count_s));
+  // pass 2: v = dL/d(d^2) = (u / mu_s - through_mu) / (2 d_s) where the clamp passes (off the diagonal)
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      const acc_t gii = gs[i * b + i];
+      const acc_t* u = dt.data() + i * b;
+      acc_t* row = ms + i * b;
       for (int64_t j = 0; j < b; ++j) {
-        acc_t v = 0;
-        if (i != j) {
-          const acc_t d2 = gs[i * b + i] + gs[j * b + j] - 2 * gs[i * b + j];
-          if (d2 >= static_cast<acc_t>(kDistEps)) {
-            const acc_t d = std::sqrt(d2);
-            v = (ms[i * b + j] / mu_s - through_mu) / (2 * d);
-          }
-        }
-        ms[i * b + j] = v;
+        const acc_t d2 = gii + gs[j * b + j] - 2 * gs[i * b + j];
+        const bool passes = j != i && d2 >= static_cast<acc_t>(kDistEps);
+        row[j] = passes ? (u[j] * inv_mu_s - through_mu) / (2 * row[j]) : acc_t(0);
       }
     }
   });

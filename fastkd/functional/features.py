@@ -90,7 +90,7 @@ def _nst_pair(name_s: str, f_s: torch.Tensor, name_t: str, f_t: torch.Tensor) ->
     _check_map_pair(name_s, f_s, name_t, f_t)
     f_s, f_t = _pool_to_smaller(name_s, f_s, name_t, f_t)
     if choose("nst_loss", f_s.device.type) != "torch":
-        return torch.ops.fastkd.nst_loss(f_s.flatten(2), f_t.flatten(2))[0]
+        return torch.ops.fastkd.nst_loss.default(f_s.flatten(2), f_t.flatten(2))[0]
     s = F.normalize(upcast(f_s).flatten(2), dim=2)
     t = F.normalize(upcast(f_t).flatten(2), dim=2)
     return _poly_kernel_mean(t, t).detach() + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)

@@ -63,7 +63,7 @@ def sp_loss(f_s, f_t) -> torch.Tensor:
 def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     if choose("sp_loss", f_s.device.type) == "torch":
         return _sp_single(f_s, f_t)
-    return torch.ops.fastkd.sp_loss(_flat(f_s), _flat(f_t))[0]
+    return torch.ops.fastkd.sp_loss.default(_flat(f_s), _flat(f_t))[0]
 
 
 def _flat(f: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,7 @@ def cckd_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float = 0.4, order: i
     order = _checks.integer("order", order, 0)
     _checks.pair_of("e_s", e_s, "e_t", e_t, ndim=2)
     if choose("cckd_loss", e_s.device.type) != "torch":
-        return torch.ops.fastkd.cckd_loss(e_s, e_t, gamma, order)[0]
+        return torch.ops.fastkd.cckd_loss.default(e_s, e_t, gamma, order)[0]
     return (_taylor_rbf(e_s, gamma, order) - _taylor_rbf(e_t, gamma, order)).pow(2).mean()
 
 
@@ -183,7 +183,7 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
 def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """smooth_l1(d_s / μ_s, d_t / μ_t) on the chosen backend (the fused op takes the inputs' dtype)."""
     if choose("rkd_distance_loss", f_s.device.type) != "torch":
-        return torch.ops.fastkd.rkd_distance_loss(_flat(f_s), _flat(f_t).detach())[0]
+        return torch.ops.fastkd.rkd_distance_loss.default(_flat(f_s), _flat(f_t).detach())[0]
     with torch.no_grad():
         d_t = _normalized_distances(teacher)
     return F.smooth_l1_loss(_normalized_distances(student), d_t)
@@ -217,7 +217,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     eps = _checks.number("eps", eps, nonnegative=True)
     _checks.pair_of("f_s", f_s, "f_t", f_t, ndim=2)
     if choose("pkt_loss", f_s.device.type) != "torch":
-        return torch.ops.fastkd.pkt_loss(f_s, f_t, eps)[0]
+        return torch.ops.fastkd.pkt_loss.default(f_s, f_t, eps)[0]
     p_s = _cosine_probabilities(f_s, eps)
     p_t = _cosine_probabilities(f_t, eps)
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
