@@ -17,11 +17,6 @@
 
 #include "ops.h"
 
-// sqrt without errno, so that the epilogues' loops vectorise (nothing here reads errno).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-math-errno")
-#endif
-
 namespace fastkd::cpu {
 namespace {
 
