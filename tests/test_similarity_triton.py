@@ -9,7 +9,7 @@ import torch
 
 import fastkd
 from fastkd import functional as fk
-from fastkd.ops import similarity, similarity_triton
+from fastkd.ops import nst, similarity, similarity_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 3), "pkt_loss": (1e-7,), "rkd_distance_loss": ()}
@@ -44,6 +44,19 @@ def test_matches_contract(name, b, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,c_s,c_t,hw", [(1, 12, 7, 9), (3, 3, 5, 16), (2, 20, 24, 4)])  # spatial, channel, spatial
+def test_nst_matches_contract(b, c_s, c_t, hw, dtype):
+    g = torch.Generator().manual_seed(c_s)
+    f_s = torch.randn(b, c_s, hw, generator=g).to(DEVICE, dtype)
+    f_t = torch.randn(b, c_t, hw, generator=g).to(DEVICE, dtype)
+    want = nst.nst_with_grad_reference(f_s.double(), f_t.double())
+    got = similarity_triton.nst_loss(f_s, f_t)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    assert rel(got[0], want[0], floor=1e-3) <= TOL[dtype]
+    assert rel(got[1], want[1], floor=1e-8) <= TOL[dtype] and rel(got[2], want[2], floor=1e-8) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backward_product(dtype):
     x = pair(17, 70, 1, dtype, seed=4)[0]
     m = torch.randn(17, 17, generator=torch.Generator().manual_seed(5)).to(x.device)
@@ -73,8 +86,8 @@ def test_gpu_sizes(name, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("fn,shape", [(fk.sp_loss, (64, 32, 8, 8)), (fk.cckd_loss, (64, 128)),
-                                      (fk.pkt_loss, (64, 128)), (fk.rkd_loss, (64, 128))])
+@pytest.mark.parametrize("fn,shape", [(fk.sp_loss, (64, 32, 8, 8)), (fk.nst_loss, (64, 256, 8, 8)),
+                                      (fk.cckd_loss, (64, 128)), (fk.pkt_loss, (64, 128)), (fk.rkd_loss, (64, 128))])
 def test_gpu_functionals_and_gradients(fn, shape):
     g = torch.Generator().manual_seed(8)
     f_s, f_t = torch.randn(shape, generator=g).cuda(), torch.randn(shape, generator=g).cuda()

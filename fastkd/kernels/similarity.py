@@ -250,3 +250,57 @@ def rkd_finish_kernel(v_ptr, m_ptr, B, BLOCK_B: tl.constexpr):
     v = tl.load(v_ptr + i * B + cols, mask=mask, other=0.0) + tl.load(v_ptr + cols * B + i, mask=mask, other=0.0)
     m = tl.where(cols == i, 2.0 * tl.sum(v, axis=0), -2.0 * v)
     tl.store(m_ptr + i * B + cols, m, mask=mask)
+
+
+# --- NST (fastkd/ops/nst.py): channel normalisation and the Gram epilogues --------------------
+
+@triton.jit
+def rownorm_kernel(x_ptr, unit_ptr, norm_ptr, HW, eps, BLOCK: tl.constexpr):
+    """Row r of [R, HW]: unit = x / max(‖x‖, eps) in fp32, and the norm."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HW
+    x = tl.load(x_ptr + r * HW + cols, mask=mask, other=0.0).to(tl.float32)
+    n = tl.sqrt(tl.sum(x * x, axis=0))
+    tl.store(unit_ptr + r * HW + cols, x / tl.maximum(n, eps), mask=mask)
+    tl.store(norm_ptr + r, n)
+
+
+@triton.jit
+def rownorm_backward_kernel(unit_ptr, norm_ptr, grad_unit_ptr, grad_ptr, HW, eps, BLOCK: tl.constexpr):
+    """Row r: ∂L/∂x = (g − y·(y·g)) / ‖x‖ (g / eps where ‖x‖ < eps), in the input's dtype."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HW
+    y = tl.load(unit_ptr + r * HW + cols, mask=mask, other=0.0)
+    g = tl.load(grad_unit_ptr + r * HW + cols, mask=mask, other=0.0)
+    n = tl.load(norm_ptr + r)
+    inner = tl.where(n >= eps, tl.sum(y * g, axis=0), 0.0)
+    grad = (g - y * inner) / tl.maximum(n, eps)
+    tl.store(grad_ptr + r * HW + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nst_spatial_kernel(a_ptr, c_ptr, loss_ptr, N, inv_cs, inv_ct, scale_s, scale_t, BLOCK: tl.constexpr):
+    """Row r of the spatial Grams a = SᵀS, c = TᵀT ([B·HW, HW]): loss_r = Σ (a/C_s − c/C_t)²; in place
+    a ← scale_s·(a/C_s − c/C_t), c ← scale_t·a, so that ∂L/∂S = S·a and ∂L/∂T = T·c."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    a = tl.load(a_ptr + r * N + cols, mask=mask, other=0.0)
+    c = tl.load(c_ptr + r * N + cols, mask=mask, other=0.0)
+    diff = a * inv_cs - c * inv_ct
+    tl.store(loss_ptr + r, tl.sum(diff * diff, axis=0))
+    tl.store(c_ptr + r * N + cols, scale_t * a, mask=mask)
+    tl.store(a_ptr + r * N + cols, scale_s * diff, mask=mask)
+
+
+@triton.jit
+def sumsq_scale_kernel(x_ptr, partial_ptr, numel, scale, BLOCK: tl.constexpr):
+    """Block p of a flat fp32 tensor: partial_p = Σ x², then x ← scale·x in place."""
+    p = tl.program_id(0)
+    offs = p * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(partial_ptr + p, tl.sum(x * x, axis=0))
+    tl.store(x_ptr + offs, x * scale, mask=mask)

@@ -16,8 +16,8 @@ form needs a quarter of the multiply-adds).
 ``fastkd::nst_loss(Tensor f_s, Tensor f_t) -> (Tensor loss, Tensor grad_s, Tensor grad_t)`` takes
 [B, C, HW] maps of one HW; the gradients (for a unit upstream gradient, in the inputs' dtype) are
 computed in the same pass, so backward only scales them. Loss in fp32 (fp64 for fp64 inputs).
-Kernels: the reference (any device) and native C++ on CPU; there is no Triton kernel yet, so CUDA
-tensors run the reference.
+Kernels: the reference (any device), native C++ on CPU, Triton on CUDA
+(:func:`fastkd.ops.similarity_triton.nst_loss`).
 :func:`nst_with_grad_reference` is its contract, written in the channel form.
 """
 from __future__ import annotations
@@ -77,6 +77,13 @@ def _backward(ctx, grad_loss, *unused):
 torch.library.register_autograd("fastkd::nst_loss", _backward, setup_context=_setup_context, lib=_lib)
 
 
+def _triton(*args):
+    from fastkd.ops import similarity_triton
+
+    return similarity_triton.nst_loss(*args)
+
+
 register("nst_loss", "torch", nst_with_grad_reference)
 register("nst_loss", "native", torch.ops.fastkd.nst_loss.default, devices=("cpu",))
+register("nst_loss", "triton", _triton, devices=("cuda",))
 _native.load()
