@@ -139,21 +139,23 @@ std::vector<acc_t> reciprocals(const std::vector<acc_t>& v) {
   return out;
 }
 
+// CCKD's matrices are symmetric (k and k' of a symmetric c), so only j >= i is computed and mirrored:
+// M = D + D^T = 2 D.
 template <typename acc_t>
 double cckd_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b,
                      const std::vector<double>& coef_d) {
   const int64_t order = static_cast<int64_t>(coef_d.size()) - 1;
   std::vector<acc_t> coef(coef_d.begin(), coef_d.end());
   std::vector<acc_t> nus(b), nut(b), dnus(b), dnut(b);
-  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(2) / static_cast<acc_t>(b * b);
+  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(4) / static_cast<acc_t>(b * b);
   norms(gs, b, false, eps, nus.data(), dnus.data());
   norms(gt, b, false, eps, nut.data(), dnut.data());
   const std::vector<acc_t> rs = reciprocals(nus), rt = reciprocals(nut);
   std::vector<double> rows(b);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      acc_t loss = 0;
-      for (int64_t j = 0; j < b; ++j) {
+      acc_t diagonal = 0, off = 0;
+      for (int64_t j = i; j < b; ++j) {
         const acc_t inv_s = rs[i] * rs[j], inv_t = rt[i] * rt[j];
         const acc_t cs = gs[i * b + j] * inv_s, ct = gt[i * b + j] * inv_t;
         acc_t ks = coef[order], kt = coef[order];
@@ -165,15 +167,16 @@ double cckd_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int
           kt = kt * ct + coef[p];
         }
         const acc_t diff = ks - kt;
-        loss += diff * diff;
-        ms[i * b + j] = scale * diff * dks * inv_s;
-        mt[i * b + j] = -scale * diff * dkt * inv_t;
+        (j == i ? diagonal : off) += diff * diff;
+        const acc_t m_s = scale * diff * dks * inv_s, m_t = -scale * diff * dkt * inv_t;
+        ms[i * b + j] = m_s;
+        ms[j * b + i] = m_s;
+        mt[i * b + j] = m_t;
+        mt[j * b + i] = m_t;
       }
-      rows[i] = static_cast<double>(loss);
+      rows[i] = static_cast<double>(diagonal) + 2 * static_cast<double>(off);
     }
   });
-  symmetrize(ms, b);
-  symmetrize(mt, b);
   add_norm_path(ms, gs, nus.data(), dnus.data(), b);
   add_norm_path(mt, gt, nut.data(), dnut.data(), b);
   return sum_rows(rows) / static_cast<double>(b * b);

@@ -33,8 +33,9 @@ at::Tensor relation_grad(const at::Tensor& x, const at::Tensor& m, const at::Ten
   return as_dtype(at::mm(m * as_dtype(grad, m.scalar_type()), as_dtype(x, m.scalar_type())), x.scalar_type());
 }
 
-// Saves (f_s, f_t, m_s[, m_t]) and marks the M's non-differentiable.
+// Saves (f_s, f_t, m_s[, m_t]) and marks the M's non-differentiable (their gradients are not filled).
 void save(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t, const variable_list& ms) {
+  ctx->set_materialize_grads(false);
   variable_list saved{f_s, f_t};
   saved.insert(saved.end(), ms.begin(), ms.end());
   ctx->save_for_backward(saved);
@@ -45,6 +46,7 @@ void save(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t, co
 variable_list relation_backward(AutogradContext* ctx, const variable_list& grads, size_t extra_args) {
   const variable_list saved = ctx->get_saved_variables();
   variable_list out(2 + extra_args);
+  if (!grads[0].defined()) return out;
   for (size_t i = 0; i < 2 && i + 2 < saved.size(); ++i) {
     if (ctx->needs_input_grad(i)) out[i] = relation_grad(saved[i], saved[i + 2], grads[0]);
   }
