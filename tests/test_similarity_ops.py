@@ -180,3 +180,26 @@ def test_functional_runs_the_op_unless_torch_is_selected(name, monkeypatch):
         eager = fn(f_s, f_t)
     assert calls == routed
     torch.testing.assert_close(fused, eager, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["cckd_loss", "rkd_distance_loss", "nst_loss"])
+def test_python_autograd_formula(name):
+    """The formula registered in Python (used where the native library's C++ autograd is not: CUDA, or no
+    native build) gives the contract's gradients; needs_input_grad is honoured."""
+    f_s, f_t, extra = make(name, 5, seed=9)
+    x_s, x_t = flat(name, f_s), flat(name, f_t)
+    w = torch.tensor(0.7, dtype=torch.float64)
+    if name == "nst_loss":
+        _, g_s, g_t = nst.nst_with_grad_reference(x_s, x_t)
+        ctx = types.SimpleNamespace(saved_tensors=(g_s, g_t))
+        got = nst._backward(ctx, w, None, None)
+    else:
+        _, *ms = similarity.REFERENCES[name](x_s, x_t, *extra)
+        needs = (True, False) + (False,) * len(extra)
+        ctx = types.SimpleNamespace(saved_tensors=(x_s, x_t, *ms), needs_input_grad=needs)
+        got = similarity._backward(ctx, w, *([None] * len(ms)))
+        assert len(got) == 2 + len(extra) and all(g is None for g in got[1:])
+    want = contract_with_grads(name, f_s, f_t, extra, w)
+    torch.testing.assert_close(got[0].view_as(f_s), want[1], rtol=1e-12, atol=1e-14)
+    if name == "nst_loss":
+        torch.testing.assert_close(got[1], want[2], rtol=1e-12, atol=1e-14)
