@@ -234,77 +234,76 @@ double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int6
 }
 
 // ---- RKD distance ---------------------------------------------------------------------------
+// Every matrix here is symmetric (d, u, v), so the passes run over j > i only: d_ii = 0 contributes
+// nothing, and the off-diagonal entries count twice.
 
-// d_ij = sqrt(max(G_ii + G_jj - 2 G_ij, eps)), d_ii = 0, into d; returns (sum of d, count of d > 0).
+// d_ij = sqrt(max(G_ii + G_jj - 2 G_ij, eps)) for j > i into d's upper triangle; returns the sum over
+// all i != j. Every off-diagonal distance is at least sqrt(eps) > 0, so all b (b - 1) of them count.
 template <typename acc_t>
-std::pair<double, double> distances(const acc_t* g, acc_t* d, int64_t b) {
-  std::vector<double> sums(b), counts(b);
+double upper_distances(const acc_t* g, acc_t* d, int64_t b) {
+  std::vector<double> sums(b);
   const acc_t eps = static_cast<acc_t>(kDistEps);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t gii = g[i * b + i];
-      acc_t* row = d + i * b;
       acc_t s = 0;
-      for (int64_t j = 0; j < b; ++j) {
-        row[j] = std::sqrt(std::max(gii + g[j * b + j] - 2 * g[i * b + j], eps));
-        s += row[j];
+      for (int64_t j = i + 1; j < b; ++j) {
+        const acc_t dij = std::sqrt(std::max(gii + g[j * b + j] - 2 * g[i * b + j], eps));
+        d[i * b + j] = dij;
+        s += dij;
       }
-      s -= row[i];
-      row[i] = 0;
       sums[i] = static_cast<double>(s);
-      counts[i] = static_cast<double>(b - 1);  // every off-diagonal distance is at least sqrt(eps) > 0
     }
   });
-  return {sum_rows(sums), sum_rows(counts)};
+  return 2 * sum_rows(sums);
 }
 
 template <typename acc_t>
 double rkd_distance_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, int64_t b) {
   std::vector<acc_t> dt(b * b);
-  const auto [sum_s, count_s] = distances(gs, ms, b);  // d_s, kept in ms until pass 2
-  const auto [sum_t, count_t] = distances(gt, dt.data(), b);
-  const acc_t inv_mu_s = static_cast<acc_t>(count_s / sum_s), inv_mu_t = static_cast<acc_t>(count_t / sum_t);
+  const double count = static_cast<double>(b * (b - 1));
+  const double mu_s = upper_distances(gs, ms, b) / count;  // d_s, kept in ms's upper triangle until pass 2
+  const double mu_t = upper_distances(gt, dt.data(), b) / count;
+  const acc_t inv_mu_s = static_cast<acc_t>(1 / mu_s), inv_mu_t = static_cast<acc_t>(1 / mu_t);
   const acc_t inv_bb = acc_t(1) / static_cast<acc_t>(b * b);
   std::vector<double> rows(b), weighted(b);
-  // pass 1: loss, u = dL/d(d_s / mu_s) (into dt's storage) and sum u d_s
+  // pass 1: loss, u = dL/d(d_s / mu_s) (into dt's upper triangle) and sum u d_s
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* ds = ms + i * b;
       acc_t* u = dt.data() + i * b;
       acc_t loss = 0, w = 0;
-      for (int64_t j = 0; j < b; ++j) {
+      for (int64_t j = i + 1; j < b; ++j) {
         const acc_t x = ds[j] * inv_mu_s - u[j] * inv_mu_t, ax = std::abs(x);
         loss += ax < 1 ? acc_t(0.5) * x * x : ax - acc_t(0.5);
         u[j] = std::min(std::max(x, acc_t(-1)), acc_t(1)) * inv_bb;
         w += u[j] * ds[j];
       }
-      rows[i] = static_cast<double>(loss);
-      weighted[i] = static_cast<double>(w);
+      rows[i] = 2 * static_cast<double>(loss);
+      weighted[i] = 2 * static_cast<double>(w);
     }
   });
-  const double mu_s = sum_s / count_s;
-  const acc_t through_mu = static_cast<acc_t>(sum_rows(weighted) / (mu_s * mu_s * count_s));
-  // pass 2: v = dL/d(d^2) = (u / mu_s - through_mu) / (2 d_s) where the clamp passes (off the diagonal)
+  const acc_t through_mu = static_cast<acc_t>(sum_rows(weighted) / (mu_s * mu_s * count));
+  // pass 2: v = dL/d(d^2) = (u / mu_s - through_mu) / (2 d_s) where the clamp passes; with
+  // d^2_ij = G_ii + G_jj - 2 G_ij and V = v + v^T = 2v: M_ij = M_ji = -4 v_ij, then M_ii = -sum_j M_ij
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t gii = gs[i * b + i];
       const acc_t* u = dt.data() + i * b;
-      acc_t* row = ms + i * b;
-      for (int64_t j = 0; j < b; ++j) {
+      ms[i * b + i] = 0;
+      for (int64_t j = i + 1; j < b; ++j) {
         const acc_t d2 = gii + gs[j * b + j] - 2 * gs[i * b + j];
-        const bool passes = j != i && d2 >= static_cast<acc_t>(kDistEps);
-        row[j] = passes ? (u[j] * inv_mu_s - through_mu) / (2 * row[j]) : acc_t(0);
+        const acc_t v = d2 >= static_cast<acc_t>(kDistEps) ? (u[j] * inv_mu_s - through_mu) / (2 * ms[i * b + j]) : 0;
+        ms[i * b + j] = -4 * v;
+        ms[j * b + i] = -4 * v;
       }
     }
   });
-  // d^2_ij = G_ii + G_jj - 2 G_ij: with V = v + v^T, M_ij = -2 V_ij off the diagonal, M_ii = 2 sum_j V_ij
-  symmetrize(ms, b);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       acc_t s = 0;
       for (int64_t j = 0; j < b; ++j) s += ms[i * b + j];
-      for (int64_t j = 0; j < b; ++j) ms[i * b + j] *= -2;
-      ms[i * b + i] = 2 * s;
+      ms[i * b + i] = -s;
     }
   });
   return sum_rows(rows) / static_cast<double>(b * b);
