@@ -19,10 +19,21 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("kd_loss_backward", &fastkd::cpu::kd_loss_backward);
   m.impl("dkd_loss", &fastkd::cpu::dkd_loss);
   m.impl("dkd_loss_backward", &fastkd::cpu::dkd_loss_backward);
+  m.impl("sp_loss", &fastkd::cpu::sp_loss);
+  m.impl("cckd_loss", &fastkd::cpu::cckd_loss);
+  m.impl("pkt_loss", &fastkd::cpu::pkt_loss);
+  m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss);
+  m.impl("nst_loss", &fastkd::cpu::nst_loss);
 }
 
-// The logit losses' autograd for CPU tensors in C++ (other devices use the Python registration).
+// Autograd of the logit and batch-relation ops for CPU tensors, in C++ (a Python autograd node would
+// cost more than their kernels at b = 64); other devices use the formulas registered in Python (fastkd/ops).
 TORCH_LIBRARY_IMPL(fastkd, AutogradCPU, m) {
   m.impl("kd_loss", &fastkd::cpu::kd_loss_autograd);
   m.impl("dkd_loss", &fastkd::cpu::dkd_loss_autograd);
+  m.impl("sp_loss", &fastkd::cpu::sp_loss_autograd);
+  m.impl("cckd_loss", &fastkd::cpu::cckd_loss_autograd);
+  m.impl("pkt_loss", &fastkd::cpu::pkt_loss_autograd);
+  m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss_autograd);
+  m.impl("nst_loss", &fastkd::cpu::nst_loss_autograd);
 }

@@ -17,7 +17,6 @@ native; CPU tensors → native. Ops register their implementations here with :fu
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from typing import Callable, Iterator
@@ -43,10 +42,14 @@ def native_available() -> bool:
     return _native.loaded()
 
 
-@functools.lru_cache(maxsize=None)
+_triton_found: list[bool] = []  # a plain list, not functools.lru_cache, so torch.compile traces it
+
+
 def _triton_installed() -> bool:
-    """Whether triton can be imported (looked up once: the search walks sys.path, ~0.3 ms a call)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported (looked up once: every op call asks, and a lookup costs ~70 µs)."""
+    if not _triton_found:
+        _triton_found.append(importlib.util.find_spec("triton") is not None)
+    return _triton_found[0]
 
 
 def triton_available() -> bool:

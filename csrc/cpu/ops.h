@@ -7,6 +7,13 @@
 
 namespace fastkd::cpu {
 
+// x in dtype / contiguous, without calling the dispatcher when it already is (an op that returns
+// its input unchanged is an aliasing error for torch.library's schema checks).
+inline at::Tensor as_dtype(const at::Tensor& x, at::ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : x.to(dtype);
+}
+inline at::Tensor as_contiguous(const at::Tensor& x) { return x.is_contiguous() ? x : x.contiguous(); }
+
 // CRD memory bank: bank[index[i]] <- rownorm(momentum * bank[index[i]] + (1 - momentum) * value[i]),
 // every new row computed from the rows as they were before the call; when an index repeats,
 // its last occurrence wins. All indices are checked before any row is written.
@@ -39,5 +46,26 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_autograd(const at::Tensor& logits_s, 
 std::tuple<at::Tensor, at::Tensor> dkd_loss_autograd(const at::Tensor& logits_s, const at::Tensor& logits_t,
                                                      const at::Tensor& target, double alpha, double beta,
                                                      double temperature);
+
+// Batch-relation losses (fastkd/ops/similarity.py): (loss, m_s, m_t) with M = dL/dG + (dL/dG)^T for
+// the Gram matrices G = X X^T of the [B, D] inputs, so that dL/dX = M X.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cckd_loss(const at::Tensor& e_s, const at::Tensor& e_t, double gamma,
+                                                         int64_t order);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss(const at::Tensor& f_s, const at::Tensor& f_t, double eps);
+// RKD's distance term: (loss, m_s); the teacher side has no gradient.
+std::tuple<at::Tensor, at::Tensor> rkd_distance_loss(const at::Tensor& f_s, const at::Tensor& f_t);
+
+// NST (fastkd/ops/nst.py) on [B, C, HW] maps: (loss, dL/df_s, dL/df_t).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss(const at::Tensor& f_s, const at::Tensor& f_t);
+
+// The same five ops with their autograd formulas in C++ (registered at AutogradCPU).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cckd_loss_autograd(const at::Tensor& e_s, const at::Tensor& e_t,
+                                                                  double gamma, int64_t order);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t,
+                                                                 double eps);
+std::tuple<at::Tensor, at::Tensor> rkd_distance_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
 
 }  // namespace fastkd::cpu

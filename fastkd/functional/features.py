@@ -5,7 +5,7 @@ VID) the larger one is adaptive-average-pooled to the smaller one's (H, W) first
 ``adaptive_avg_pool2d(x, (H, H))`` for the square maps it uses; one map must be at least as large
 as the other in both H and W. AT, NST and AB take one pair of tensors or two equal-length
 sequences of them; a sequence gives the sum of the per-pair losses (RepDistiller returns the list
-and its training script sums it). Losses are computed in the dtype of their inputs.
+and its training script sums it). Losses are computed in the dtype of their inputs (NST: in fp32).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
+from fastkd.backends import choose
+from fastkd.functional._precision import upcast
 
 __all__ = ["hint_loss", "at_loss", "nst_loss", "ft_loss", "ab_loss", "fsp_loss", "vid_loss"]
 
@@ -87,8 +89,10 @@ def _nst_pair(name_s: str, f_s: torch.Tensor, name_t: str, f_t: torch.Tensor) ->
     """NST for one pair of maps."""
     _check_map_pair(name_s, f_s, name_t, f_t)
     f_s, f_t = _pool_to_smaller(name_s, f_s, name_t, f_t)
-    s = F.normalize(f_s.flatten(2), dim=2)
-    t = F.normalize(f_t.flatten(2), dim=2)
+    if choose("nst_loss", f_s.device.type) != "torch":
+        return torch.ops.fastkd.nst_loss.default(f_s.flatten(2), f_t.flatten(2))[0]
+    s = F.normalize(upcast(f_s).flatten(2), dim=2)
+    t = F.normalize(upcast(f_t).flatten(2), dim=2)
     return _poly_kernel_mean(t, t).detach() + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)
 
 
@@ -97,7 +101,9 @@ def nst_loss(f_s: _Maps, f_t: _Maps) -> torch.Tensor:
 
     Per pair, after pooling: each channel flattened over space and rownormed; k(x, y) = (x·y)²
     over all channel pairs; loss = mean k(t, t) (no gradient) + mean k(s, s) − 2 mean k(s, t).
-    Channel counts may differ; sequences are summed.
+    Channel counts may differ; sequences are summed. Computed in fp32 for fp16 / bf16 maps (the loss
+    comes back in fp32), on the fused op ``fastkd::nst_loss`` (:mod:`fastkd.ops.nst`) unless the
+    ``torch`` backend is selected.
     """
     return _sum_over_pairs("f_s", f_s, "f_t", f_t, _nst_pair)
 

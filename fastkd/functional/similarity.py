@@ -5,6 +5,10 @@ Values match RepDistiller (SP, CC, RKD, PKT) and the CCKD paper (Peng et al. 201
 gives each formula. Inputs in fp16 / bf16 are computed in fp32, and the loss comes back in fp32.
 None of the math reads tensor values on the host; the only data-reading is the NaN / Inf check
 of :mod:`fastkd._checks`, which ``fastkd.value_checks(False)`` turns off.
+
+SP, CCKD, PKT and RKD's distance term run on the fused ops of :mod:`fastkd.ops.similarity` (native
+C++ on CPU, Triton on CUDA) unless the ``torch`` backend is selected; the eager code below is the
+published computation and that backend.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
+from fastkd.backends import choose
 from fastkd.functional._precision import upcast
+from fastkd.ops import similarity as ops
 
 __all__ = ["sp_loss", "cc_loss", "cckd_loss", "rkd_loss", "pkt_loss"]
 
@@ -51,7 +57,17 @@ def sp_loss(f_s, f_t) -> torch.Tensor:
     pairs = _checks.named_pairs("f_s", f_s, "f_t", f_t)
     for name_s, s, name_t, t in pairs:
         _checks.pair_of(name_s, s, name_t, t, min_ndim=2)
-    return sum(_sp_single(s, t) for _, s, _, t in pairs)
+    return sum(_sp_pair(s, t) for _, s, _, t in pairs)
+
+
+def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    if choose("sp_loss", f_s.device.type) == "torch":
+        return _sp_single(f_s, f_t)
+    return torch.ops.fastkd.sp_loss.default(_flat(f_s), _flat(f_t))[0]
+
+
+def _flat(f: torch.Tensor) -> torch.Tensor:
+    return f.reshape(f.shape[0], -1)
 
 
 # --- CC (RepDistiller form) -------------------------------------------------------------------
@@ -109,6 +125,8 @@ def cckd_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float = 0.4, order: i
     gamma = _checks.number("gamma", gamma, positive=True)
     order = _checks.integer("order", order, 0)
     _checks.pair_of("e_s", e_s, "e_t", e_t, ndim=2)
+    if choose("cckd_loss", e_s.device.type) != "torch":
+        return torch.ops.fastkd.cckd_loss.default(e_s, e_t, gamma, order)[0]
     return (_taylor_rbf(e_s, gamma, order) - _taylor_rbf(e_t, gamma, order)).pow(2).mean()
 
 
@@ -157,11 +175,18 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
     student = upcast(f_s).reshape(f_s.shape[0], -1)
     with torch.no_grad():
         teacher = upcast(f_t).reshape(f_t.shape[0], -1)
-        d_t = _normalized_distances(teacher)
         a_t = _angles(teacher)
-    loss_d = F.smooth_l1_loss(_normalized_distances(student), d_t)
     loss_a = F.smooth_l1_loss(_angles(student), a_t)
-    return w_dist * loss_d + w_angle * loss_a
+    return w_dist * _rkd_distance(f_s, f_t, student, teacher) + w_angle * loss_a
+
+
+def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """smooth_l1(d_s / μ_s, d_t / μ_t) on the chosen backend (the fused op takes the inputs' dtype)."""
+    if choose("rkd_distance_loss", f_s.device.type) != "torch":
+        return torch.ops.fastkd.rkd_distance_loss.default(_flat(f_s), _flat(f_t).detach())[0]
+    with torch.no_grad():
+        d_t = _normalized_distances(teacher)
+    return F.smooth_l1_loss(_normalized_distances(student), d_t)
 
 
 # --- PKT --------------------------------------------------------------------------------------
@@ -191,6 +216,8 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     """
     eps = _checks.number("eps", eps, nonnegative=True)
     _checks.pair_of("f_s", f_s, "f_t", f_t, ndim=2)
+    if choose("pkt_loss", f_s.device.type) != "torch":
+        return torch.ops.fastkd.pkt_loss.default(f_s, f_t, eps)[0]
     p_s = _cosine_probabilities(f_s, eps)
     p_t = _cosine_probabilities(f_t, eps)
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()

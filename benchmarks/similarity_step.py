@@ -1,0 +1,101 @@
+"""One step of a batch-relation loss (SP, CCKD, PKT, RKD distance, NST) at a benchmark size, per provider.
+
+Used by benchmarks/test_similarity.py, and as a script to measure one provider's peak extra memory in a
+fresh process (``python benchmarks/similarity_step.py LOSS PROVIDER SIZE`` prints bytes): the peak resident
+memory of a full step (forward + backward) beyond what the process held before it (Linux: VmHWM reset
+through clear_refs), with big buffers mmapped so that freed memory is returned.
+
+Providers: ``torch`` (the published computation: eager torch with autograd, the ``torch`` backend),
+``native`` (the C++ kernels), ``triton``. Modes: ``forward`` (the loss, with the graph recorded),
+``backward`` (backward of a recorded forward), ``full`` (both).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import fastkd
+from fastkd import functional as fk
+from fastkd.functional import similarity as sim
+
+# loss -> (student shape, teacher shape) per size: CPU sizes at b = 64 (SP / NST on a resnet8x4-like
+# last-stage map, 256 × 8 × 8; CCKD / PKT / RKD on 128-d embeddings); GPU sizes at b = 256, C·H·W = 16,384.
+SIZES = {
+    "cpu": {
+        "sp": ((64, 256, 8, 8), (64, 256, 8, 8)),
+        "cckd": ((64, 128), (64, 128)),
+        "pkt": ((64, 128), (64, 128)),
+        "rkd_distance": ((64, 128), (64, 128)),
+        "nst": ((64, 256, 8, 8), (64, 256, 8, 8)),
+    },
+    "gpu": {
+        "sp": ((256, 256, 8, 8), (256, 256, 8, 8)),
+        "cckd": ((256, 16384), (256, 16384)),
+        "pkt": ((256, 16384), (256, 16384)),
+        "rkd_distance": ((256, 16384), (256, 16384)),
+        "nst": ((256, 256, 8, 8), (256, 256, 8, 8)),
+    },
+}
+
+
+def _rkd_distance(f_s, f_t):
+    """RKD's distance term alone (RKDLoss computes it beside the angle term)."""
+    return sim._rkd_distance(f_s, f_t, f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1))
+
+
+LOSSES = {"sp": fk.sp_loss, "cckd": fk.cckd_loss, "pkt": fk.pkt_loss, "rkd_distance": _rkd_distance,
+          "nst": fk.nst_loss}
+
+
+def make_step(loss: str, provider: str, size: str, mode: str, device: str = "cpu"):
+    """(target, setup): ``target(*setup())`` runs one ``mode`` step; ``setup`` is None except for backward."""
+    shape_s, shape_t = SIZES[size][loss]
+    gen = torch.Generator().manual_seed(0)
+    f_s = torch.randn(shape_s, generator=gen).to(device).requires_grad_()
+    f_t = torch.randn(shape_t, generator=gen).to(device)
+    fn = LOSSES[loss]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward():
+        with fastkd.use_backend(provider), fastkd.value_checks(False):
+            f_s.grad = None
+            out = fn(f_s, f_t)
+        sync()
+        return out
+
+    def backward(out):
+        out.backward()
+        sync()
+
+    def full():
+        backward(forward())
+
+    full()  # warm-up (and Triton's compilation)
+    if mode == "forward":
+        return forward, None
+    if mode == "backward":
+        return backward, lambda: ((forward(),), {})
+    return full, None
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(loss: str, provider: str, size: str) -> int:
+    """Peak resident memory of one full step beyond the process's memory before it (this process)."""
+    step, _ = make_step(loss, provider, size, "full")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current VmRSS
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+if __name__ == "__main__":
+    print(peak_extra_bytes(sys.argv[1], sys.argv[2], sys.argv[3]))

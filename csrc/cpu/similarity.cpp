@@ -1,0 +1,362 @@
+// CPU kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance.
+//
+// Each loss is a function of the Gram matrices G = X X^T ([B, B]) of the student and teacher
+// batches. A kernel computes G with one GEMM per side (at::mm, in fp32 for fp16/bf16 inputs),
+// then runs the whole elementwise chain of the loss and of its derivative in one fused epilogue
+// over the B x B entries, row by row (at::parallel_for), writing straight into the outputs
+// M = dL/dG + (dL/dG)^T, so that backward is dL/dX = M X. No other B x B temporary exists.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <tuple>
+#include <vector>
+
+#include "ops.h"
+
+namespace fastkd::cpu {
+namespace {
+
+constexpr double kRownormEps = 1e-12;  // F.normalize's eps
+constexpr double kDistEps = 1e-12;     // RepDistiller's clamp of squared distances
+constexpr int64_t kRowGrain = 8;
+
+void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": the CPU kernel needs CPU tensors");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected [B, D] inputs, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(0) == b.size(0), op, ": student and teacher batch sizes differ (", a.size(0), " vs ", b.size(0), ")");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": student and teacher dtypes differ");
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": expected floating-point inputs, got ", a.scalar_type());
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// G = X X^T in the accumulation dtype.
+at::Tensor gram(const at::Tensor& x) {
+  const at::Tensor q = as_contiguous(as_dtype(x, acc_type(x)));
+  return at::mm(q, q.t());
+}
+
+// Loss partials, one per row, summed in a fixed order (the result does not depend on threads).
+double sum_rows(const std::vector<double>& rows) { return std::accumulate(rows.begin(), rows.end(), 0.0); }
+
+// m <- m + m^T in place (the upper and lower triangles of each pair of rows by one thread).
+template <typename acc_t>
+void symmetrize(acc_t* m, int64_t b) {
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      m[i * b + i] *= 2;
+      for (int64_t j = i + 1; j < b; ++j) {
+        const acc_t s = m[i * b + j] + m[j * b + i];
+        m[i * b + j] = s;
+        m[j * b + i] = s;
+      }
+    }
+  });
+}
+
+// For c_ij = G_ij / (nu_i nu_j): given M0 = D + D^T of the direct part D_ij = dL/dc_ij / (nu_i nu_j),
+// adds the path through nu_i(G_ii): dL/dG_ii += -(sum_j M0_ij G_ij) / nu_i * dnu_i, doubled in M.
+template <typename acc_t>
+void add_norm_path(acc_t* m, const acc_t* g, const acc_t* nu, const acc_t* dnu, int64_t b) {
+  std::vector<acc_t> corr(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t s = 0;
+      for (int64_t j = 0; j < b; ++j) s += m[i * b + j] * g[i * b + j];
+      corr[i] = -s / nu[i] * dnu[i];
+    }
+  });
+  for (int64_t i = 0; i < b; ++i) m[i * b + i] += 2 * corr[i];
+}
+
+// ---- SP -------------------------------------------------------------------------------------
+
+template <typename acc_t>
+double sp_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b) {
+  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(2) / static_cast<acc_t>(b * b);
+  std::vector<double> rows(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* rs = gs + i * b;
+      const acc_t* rt = gt + i * b;
+      acc_t ns = 0, nt = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        ns += rs[j] * rs[j];
+        nt += rt[j] * rt[j];
+      }
+      ns = std::sqrt(ns);
+      nt = std::sqrt(nt);
+      const acc_t inv_s = acc_t(1) / std::max(ns, eps), inv_t = acc_t(1) / std::max(nt, eps);
+      acc_t loss = 0, inner_s = 0, inner_t = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t ys = rs[j] * inv_s, yt = rt[j] * inv_t, diff = ys - yt;
+        loss += diff * diff;
+        inner_s += ys * diff;
+        inner_t += yt * diff;
+      }
+      // d/dy_s = scale * diff, d/dy_t = -scale * diff; rownorm backward per row
+      const acc_t ps = ns >= eps ? inner_s : acc_t(0), pt = nt >= eps ? inner_t : acc_t(0);
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t ys = rs[j] * inv_s, yt = rt[j] * inv_t, diff = ys - yt;
+        ms[i * b + j] = scale * (diff - ys * ps) * inv_s;
+        mt[i * b + j] = -scale * (diff - yt * pt) * inv_t;
+      }
+      rows[i] = static_cast<double>(loss);
+    }
+  });
+  symmetrize(ms, b);
+  symmetrize(mt, b);
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+// ---- CCKD / PKT: cosines c_ij = G_ij / (nu_i nu_j) ------------------------------------------
+
+// nu_i and dnu_i / dG_ii of one side: CCKD nu = max(n, 1e-12), PKT nu = n + eps, n = sqrt(G_ii).
+template <typename acc_t>
+void norms(const acc_t* g, int64_t b, bool additive, acc_t eps, acc_t* nu, acc_t* dnu) {
+  for (int64_t i = 0; i < b; ++i) {
+    const acc_t n = std::sqrt(std::max(g[i * b + i], acc_t(0)));
+    if (additive) {
+      nu[i] = n + eps;
+      dnu[i] = n > 0 ? acc_t(0.5) / n : acc_t(0);
+    } else {
+      nu[i] = std::max(n, eps);
+      dnu[i] = n >= eps ? acc_t(0.5) / n : acc_t(0);
+    }
+  }
+}
+
+template <typename acc_t>
+std::vector<acc_t> reciprocals(const std::vector<acc_t>& v) {
+  std::vector<acc_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = acc_t(1) / v[i];
+  return out;
+}
+
+// CCKD's matrices are symmetric (k and k' of a symmetric c), so only j >= i is computed and mirrored:
+// M = D + D^T = 2 D.
+template <typename acc_t>
+double cckd_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b,
+                     const std::vector<double>& coef_d) {
+  const int64_t order = static_cast<int64_t>(coef_d.size()) - 1;
+  std::vector<acc_t> coef(coef_d.begin(), coef_d.end());
+  std::vector<acc_t> nus(b), nut(b), dnus(b), dnut(b);
+  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(4) / static_cast<acc_t>(b * b);
+  norms(gs, b, false, eps, nus.data(), dnus.data());
+  norms(gt, b, false, eps, nut.data(), dnut.data());
+  const std::vector<acc_t> rs = reciprocals(nus), rt = reciprocals(nut);
+  std::vector<double> rows(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t diagonal = 0, off = 0;
+      for (int64_t j = i; j < b; ++j) {
+        const acc_t inv_s = rs[i] * rs[j], inv_t = rt[i] * rt[j];
+        const acc_t cs = gs[i * b + j] * inv_s, ct = gt[i * b + j] * inv_t;
+        acc_t ks = coef[order], kt = coef[order];
+        acc_t dks = 0, dkt = 0;
+        for (int64_t p = order - 1; p >= 0; --p) {  // Horner for k and k' together
+          dks = dks * cs + ks;
+          dkt = dkt * ct + kt;
+          ks = ks * cs + coef[p];
+          kt = kt * ct + coef[p];
+        }
+        const acc_t diff = ks - kt;
+        (j == i ? diagonal : off) += diff * diff;
+        const acc_t m_s = scale * diff * dks * inv_s, m_t = -scale * diff * dkt * inv_t;
+        ms[i * b + j] = m_s;
+        ms[j * b + i] = m_s;
+        mt[i * b + j] = m_t;
+        mt[j * b + i] = m_t;
+      }
+      rows[i] = static_cast<double>(diagonal) + 2 * static_cast<double>(off);
+    }
+  });
+  add_norm_path(ms, gs, nus.data(), dnus.data(), b);
+  add_norm_path(mt, gt, nut.data(), dnut.data(), b);
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+template <typename acc_t>
+double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b, double eps_d) {
+  const acc_t eps = static_cast<acc_t>(eps_d), inv_bb = acc_t(1) / static_cast<acc_t>(b * b);
+  std::vector<acc_t> nus(b), nut(b), dnus(b), dnut(b);
+  norms(gs, b, true, eps, nus.data(), dnus.data());
+  norms(gt, b, true, eps, nut.data(), dnut.data());
+  const std::vector<acc_t> ris = reciprocals(nus), rit = reciprocals(nut);
+  std::vector<double> rows(b);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* rs = gs + i * b;
+      const acc_t* rt = gt + i * b;
+      acc_t* out_s = ms + i * b;
+      acc_t* out_t = mt + i * b;
+      acc_t tot_s = 0, tot_t = 0;
+      for (int64_t j = 0; j < b; ++j) {  // S = (c + 1) / 2, kept in the output rows
+        out_s[j] = (rs[j] * ris[i] * ris[j] + acc_t(1)) * acc_t(0.5);
+        out_t[j] = (rt[j] * rit[i] * rit[j] + acc_t(1)) * acc_t(0.5);
+        tot_s += out_s[j];
+        tot_t += out_t[j];
+      }
+      const acc_t inv_tot_s = acc_t(1) / tot_s, inv_tot_t = acc_t(1) / tot_t;
+      acc_t loss = 0, inner_s = 0, inner_t = 0;
+      for (int64_t j = 0; j < b; ++j) {
+        const acc_t ps = out_s[j] * inv_tot_s;
+        const acc_t pt = out_t[j] * inv_tot_t;
+        const acc_t inv_s = acc_t(1) / (ps + eps), inv_t = acc_t(1) / (pt + eps);
+        const acc_t log_ratio = std::log((pt + eps) * inv_s);
+        loss += pt * log_ratio;
+        const acc_t dps = -pt * inv_s * inv_bb;
+        const acc_t dpt = (log_ratio + pt * inv_t) * inv_bb;
+        out_s[j] = dps;
+        out_t[j] = dpt;
+        inner_s += dps * ps;
+        inner_t += dpt * pt;
+      }
+      // through the row sums (P = S / sum S), S = (c + 1) / 2 and c = G / (nu_i nu_j)
+      for (int64_t j = 0; j < b; ++j) {
+        out_s[j] = (out_s[j] - inner_s) * (inv_tot_s * acc_t(0.5) * ris[i] * ris[j]);
+        out_t[j] = (out_t[j] - inner_t) * (inv_tot_t * acc_t(0.5) * rit[i] * rit[j]);
+      }
+      rows[i] = static_cast<double>(loss);
+    }
+  });
+  symmetrize(ms, b);
+  symmetrize(mt, b);
+  add_norm_path(ms, gs, nus.data(), dnus.data(), b);
+  add_norm_path(mt, gt, nut.data(), dnut.data(), b);
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+// ---- RKD distance ---------------------------------------------------------------------------
+// Every matrix here is symmetric (d, u, v), so the passes run over j > i only: d_ii = 0 contributes
+// nothing, and the off-diagonal entries count twice.
+
+// d_ij = sqrt(max(G_ii + G_jj - 2 G_ij, eps)) for j > i into d's upper triangle; returns the sum over
+// all i != j. Every off-diagonal distance is at least sqrt(eps) > 0, so all b (b - 1) of them count.
+template <typename acc_t>
+double upper_distances(const acc_t* g, acc_t* d, int64_t b) {
+  std::vector<double> sums(b);
+  const acc_t eps = static_cast<acc_t>(kDistEps);
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t gii = g[i * b + i];
+      acc_t s = 0;
+      for (int64_t j = i + 1; j < b; ++j) {
+        const acc_t dij = std::sqrt(std::max(gii + g[j * b + j] - 2 * g[i * b + j], eps));
+        d[i * b + j] = dij;
+        s += dij;
+      }
+      sums[i] = static_cast<double>(s);
+    }
+  });
+  return 2 * sum_rows(sums);
+}
+
+template <typename acc_t>
+double rkd_distance_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, int64_t b) {
+  std::vector<acc_t> dt(b * b);
+  const double count = static_cast<double>(b * (b - 1));
+  const double mu_s = upper_distances(gs, ms, b) / count;  // d_s, kept in ms's upper triangle until pass 2
+  const double mu_t = upper_distances(gt, dt.data(), b) / count;
+  const acc_t inv_mu_s = static_cast<acc_t>(1 / mu_s), inv_mu_t = static_cast<acc_t>(1 / mu_t);
+  const acc_t inv_bb = acc_t(1) / static_cast<acc_t>(b * b);
+  std::vector<double> rows(b), weighted(b);
+  // pass 1: loss, u = dL/d(d_s / mu_s) (into dt's upper triangle) and sum u d_s
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* ds = ms + i * b;
+      acc_t* u = dt.data() + i * b;
+      acc_t loss = 0, w = 0;
+      for (int64_t j = i + 1; j < b; ++j) {
+        const acc_t x = ds[j] * inv_mu_s - u[j] * inv_mu_t, ax = std::abs(x);
+        loss += ax < 1 ? acc_t(0.5) * x * x : ax - acc_t(0.5);
+        u[j] = std::min(std::max(x, acc_t(-1)), acc_t(1)) * inv_bb;
+        w += u[j] * ds[j];
+      }
+      rows[i] = 2 * static_cast<double>(loss);
+      weighted[i] = 2 * static_cast<double>(w);
+    }
+  });
+  const acc_t through_mu = static_cast<acc_t>(sum_rows(weighted) / (mu_s * mu_s * count));
+  // pass 2: v = dL/d(d^2) = (u / mu_s - through_mu) / (2 d_s) where the clamp passes; with
+  // d^2_ij = G_ii + G_jj - 2 G_ij and V = v + v^T = 2v: M_ij = M_ji = -4 v_ij, then M_ii = -sum_j M_ij
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t gii = gs[i * b + i];
+      const acc_t* u = dt.data() + i * b;
+      ms[i * b + i] = 0;
+      for (int64_t j = i + 1; j < b; ++j) {
+        const acc_t d2 = gii + gs[j * b + j] - 2 * gs[i * b + j];
+        const acc_t v = d2 >= static_cast<acc_t>(kDistEps) ? (u[j] * inv_mu_s - through_mu) / (2 * ms[i * b + j]) : 0;
+        ms[i * b + j] = -4 * v;
+        ms[j * b + i] = -4 * v;
+      }
+    }
+  });
+  at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t s = 0;
+      for (int64_t j = 0; j < b; ++j) s += ms[i * b + j];
+      ms[i * b + i] = -s;
+    }
+  });
+  return sum_rows(rows) / static_cast<double>(b * b);
+}
+
+// Runs ``epilogue(gs, gt, ms, mt, b)`` on the two Gram matrices; returns (loss, m_s, m_t).
+template <typename Epilogue>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relation(const char* op, const at::Tensor& f_s, const at::Tensor& f_t,
+                                                        Epilogue&& epilogue) {
+  check_pair(op, f_s, f_t);
+  const at::Tensor gs = gram(f_s), gt = gram(f_t);
+  at::Tensor ms = at::empty_like(gs), mt = at::empty_like(gt);
+  double loss = 0;
+  AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "relation_epilogue", [&] {
+    loss = epilogue(gs.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), ms.data_ptr<scalar_t>(),
+                    mt.data_ptr<scalar_t>(), f_s.size(0));
+  });
+  return {at::scalar_tensor(loss, gs.options()), ms, mt};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t) {
+  return relation("sp_loss", f_s, f_t, [](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
+    return sp_epilogue(gs, gt, ms, mt, b);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cckd_loss(const at::Tensor& e_s, const at::Tensor& e_t, double gamma,
+                                                         int64_t order) {
+  TORCH_CHECK(order >= 0, "cckd_loss: order must be >= 0, got ", order);
+  std::vector<double> coef(order + 1);
+  double term = std::exp(-2 * gamma);
+  for (int64_t p = 0; p <= order; ++p) {
+    coef[p] = term;
+    term *= 2 * gamma / static_cast<double>(p + 1);
+  }
+  return relation("cckd_loss", e_s, e_t, [&](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
+    return cckd_epilogue(gs, gt, ms, mt, b, coef);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss(const at::Tensor& f_s, const at::Tensor& f_t, double eps) {
+  return relation("pkt_loss", f_s, f_t, [&](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
+    return pkt_epilogue(gs, gt, ms, mt, b, eps);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_distance_loss(const at::Tensor& f_s, const at::Tensor& f_t) {
+  auto [loss, ms, mt] = relation("rkd_distance_loss", f_s, f_t, [](auto* gs, auto* gt, auto* ms, auto*, int64_t b) {
+    return rkd_distance_epilogue(gs, gt, ms, b);
+  });
+  return {loss, ms};
+}
+
+}  // namespace fastkd::cpu

@@ -1,0 +1,306 @@
+"""Triton kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance.
+
+Each loss is a function of the Gram matrices G = XXᵀ ([B, B], B ≤ 256) of the student and teacher
+batches X ([B, D]); the op returns the loss and M = ∂L/∂G + (∂L/∂G)ᵀ, and backward is ∂L/∂X = M·X.
+
+* ``matmul_kernel``: C = scale·A·B with fp32 accumulation, A and B given by strides (so Xᵀ is X
+  with its strides swapped): the Grams, and backward's M·X (``scale`` read from a pointer, the
+  upstream gradient, so nothing syncs). Half-precision tiles are multiplied as they are (their
+  products are exact in fp32); fp32 tiles in IEEE fp32 (no TF32).
+* ``sp_rows_kernel``, ``cckd_rows_kernel``, ``pkt_rows_kernel``: one program per row i of the two
+  Grams; the whole elementwise chain of the loss and its derivative along that row, writing the
+  loss partial and row i of ∂L/∂G (the direct part, for CCKD / PKT without the path through the
+  norms) for both sides, and for CCKD / PKT the per-row factor dν_i/dG_ii / ν_i.
+* ``symmetrize_kernel``: M = D + Dᵀ row by row, plus (``NORM_PATH``) the path through the norms
+  ν_i(G_ii): M_ii += −2·(Σ_j M_ij G_ij)·dν_i/ν_i.
+* ``rkd_sums_kernel``, ``rkd_rows_kernel``, ``rkd_grad_kernel``, ``rkd_finish_kernel``: RKD's
+  distances need their mean μ over the batch first, so four row passes: sums of d (→ μ), the loss
+  and u = ∂L/∂(d_s/μ_s), v = ∂L/∂d²_s, and M from v.
+
+Every load is upcast to fp32 before arithmetic; the row kernels hold one row (BLOCK_B ≥ B) in
+registers.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk,
+                  stride_bn, stride_cb, stride_cm, stride_cn,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
+                  HAS_SCALE: tl.constexpr):
+    """C[z] = scale·A[z]·B[z] for batch z = program_id(2); grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), batches)."""
+    pid_m, pid_n, z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + z * stride_ab
+    b_base = b_ptr + z * stride_bb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_base + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_base + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        if HALF:
+            acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+    c = c_ptr + z * stride_cb + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _row(g_ptr, i, B, BLOCK_B: tl.constexpr):
+    """(row i of G, its column offsets, the mask, the diagonal of G) in fp32."""
+    cols = tl.arange(0, BLOCK_B)
+    mask = cols < B
+    row = tl.load(g_ptr + i * B + cols, mask=mask, other=0.0).to(tl.float32)
+    diag = tl.load(g_ptr + cols * (B + 1), mask=mask, other=1.0).to(tl.float32)
+    return row, cols, mask, diag
+
+
+@triton.jit
+def sp_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, loss_ptr, B, scale, eps, BLOCK_B: tl.constexpr):
+    """SP: y = g / max(‖g_i‖, eps) per row; loss_i = Σ_j (y_s − y_t)²; D = rownorm backward of ±scale·(y_s − y_t)."""
+    i = tl.program_id(0)
+    rs, cols, mask, _ = _row(gs_ptr, i, B, BLOCK_B)
+    rt, _, _, _ = _row(gt_ptr, i, B, BLOCK_B)
+    ns = tl.sqrt(tl.sum(rs * rs, axis=0))
+    nt = tl.sqrt(tl.sum(rt * rt, axis=0))
+    ys = rs / tl.maximum(ns, eps)
+    yt = rt / tl.maximum(nt, eps)
+    diff = ys - yt
+    tl.store(loss_ptr + i, tl.sum(diff * diff, axis=0))
+    inner_s = tl.where(ns >= eps, tl.sum(ys * diff, axis=0), 0.0)
+    inner_t = tl.where(nt >= eps, tl.sum(yt * diff, axis=0), 0.0)
+    tl.store(ds_ptr + i * B + cols, scale * (diff - ys * inner_s) / tl.maximum(ns, eps), mask=mask)
+    tl.store(dt_ptr + i * B + cols, -scale * (diff - yt * inner_t) / tl.maximum(nt, eps), mask=mask)
+
+
+@triton.jit
+def _nu(n, eps, ADDITIVE: tl.constexpr):
+    """(ν, dν/dG_ii) from n = √G_ii: PKT ν = n + eps, CCKD ν = max(n, eps)."""
+    if ADDITIVE:
+        nu = n + eps
+        dnu = tl.where(n > 0, 0.5 / tl.where(n > 0, n, 1.0), 0.0)
+    else:
+        nu = tl.maximum(n, eps)
+        dnu = tl.where(n >= eps, 0.5 / tl.maximum(n, eps), 0.0)
+    return nu, dnu
+
+
+@triton.jit
+def cckd_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, fs_ptr, ft_ptr, loss_ptr, coef_ptr, B, scale, eps,
+                     ORDER: tl.constexpr, BLOCK_B: tl.constexpr):
+    """CCKD: c = G/(ν_i ν_j), k = Σ_p coef_p c^p; loss_i = Σ_j (k_s − k_t)²; D = ±scale·(k_s − k_t)·k'(c)/(ν_i ν_j)."""
+    i = tl.program_id(0)
+    rs, cols, mask, diag_s = _row(gs_ptr, i, B, BLOCK_B)
+    rt, _, _, diag_t = _row(gt_ptr, i, B, BLOCK_B)
+    nu_s, _ = _nu(tl.sqrt(tl.maximum(diag_s, 0.0)), eps, False)
+    nu_t, _ = _nu(tl.sqrt(tl.maximum(diag_t, 0.0)), eps, False)
+    gii_s = tl.load(gs_ptr + i * (B + 1)).to(tl.float32)
+    gii_t = tl.load(gt_ptr + i * (B + 1)).to(tl.float32)
+    nui_s, dnui_s = _nu(tl.sqrt(tl.maximum(gii_s, 0.0)), eps, False)
+    nui_t, dnui_t = _nu(tl.sqrt(tl.maximum(gii_t, 0.0)), eps, False)
+    inv_s = 1.0 / (nui_s * nu_s)
+    inv_t = 1.0 / (nui_t * nu_t)
+    cs = rs * inv_s
+    ct = rt * inv_t
+    top = tl.load(coef_ptr + ORDER)
+    ks = tl.zeros_like(cs) + top
+    kt = tl.zeros_like(ct) + top
+    dks = tl.zeros_like(cs)
+    dkt = tl.zeros_like(ct)
+    for q in tl.static_range(ORDER):
+        c = tl.load(coef_ptr + ORDER - 1 - q)
+        dks = dks * cs + ks
+        dkt = dkt * ct + kt
+        ks = ks * cs + c
+        kt = kt * ct + c
+    diff = tl.where(mask, ks - kt, 0.0)
+    tl.store(loss_ptr + i, tl.sum(diff * diff, axis=0))
+    tl.store(ds_ptr + i * B + cols, scale * diff * dks * inv_s, mask=mask)
+    tl.store(dt_ptr + i * B + cols, -scale * diff * dkt * inv_t, mask=mask)
+    tl.store(fs_ptr + i, dnui_s / nui_s)
+    tl.store(ft_ptr + i, dnui_t / nui_t)
+
+
+@triton.jit
+def pkt_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, fs_ptr, ft_ptr, loss_ptr, B, inv_bb, eps, BLOCK_B: tl.constexpr):
+    """PKT: P = rows of (c + 1)/2 normalised to sum 1; loss_i = Σ_j P_t log((P_t + ε)/(P_s + ε)); D through
+    the row sums, (c + 1)/2 and c = G/(ν_i ν_j)."""
+    i = tl.program_id(0)
+    rs, cols, mask, diag_s = _row(gs_ptr, i, B, BLOCK_B)
+    rt, _, _, diag_t = _row(gt_ptr, i, B, BLOCK_B)
+    nu_s, _ = _nu(tl.sqrt(tl.maximum(diag_s, 0.0)), eps, True)
+    nu_t, _ = _nu(tl.sqrt(tl.maximum(diag_t, 0.0)), eps, True)
+    gii_s = tl.load(gs_ptr + i * (B + 1)).to(tl.float32)
+    gii_t = tl.load(gt_ptr + i * (B + 1)).to(tl.float32)
+    nui_s, dnui_s = _nu(tl.sqrt(tl.maximum(gii_s, 0.0)), eps, True)
+    nui_t, dnui_t = _nu(tl.sqrt(tl.maximum(gii_t, 0.0)), eps, True)
+    inv_s = 1.0 / (nui_s * nu_s)
+    inv_t = 1.0 / (nui_t * nu_t)
+    ss = tl.where(mask, (rs * inv_s + 1.0) * 0.5, 0.0)
+    st = tl.where(mask, (rt * inv_t + 1.0) * 0.5, 0.0)
+    tot_s = tl.sum(ss, axis=0)
+    tot_t = tl.sum(st, axis=0)
+    ps = ss / tot_s
+    pt = st / tot_t
+    log_ratio = tl.log((pt + eps) / (ps + eps))
+    tl.store(loss_ptr + i, tl.sum(tl.where(mask, pt * log_ratio, 0.0), axis=0))
+    dps = tl.where(mask, -pt / (ps + eps) * inv_bb, 0.0)
+    dpt = tl.where(mask, (log_ratio + pt / (pt + eps)) * inv_bb, 0.0)
+    inner_s = tl.sum(dps * ps, axis=0)
+    inner_t = tl.sum(dpt * pt, axis=0)
+    tl.store(ds_ptr + i * B + cols, (dps - inner_s) / tot_s * 0.5 * inv_s, mask=mask)
+    tl.store(dt_ptr + i * B + cols, (dpt - inner_t) / tot_t * 0.5 * inv_t, mask=mask)
+    tl.store(fs_ptr + i, dnui_s / nui_s)
+    tl.store(ft_ptr + i, dnui_t / nui_t)
+
+
+@triton.jit
+def symmetrize_kernel(d_ptr, g_ptr, f_ptr, m_ptr, B, NORM_PATH: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Row i of M = D + Dᵀ; with NORM_PATH, M_ii += −2·(Σ_j M_ij G_ij)·f_i (f_i = dν_i/dG_ii / ν_i)."""
+    i = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_B)
+    mask = cols < B
+    m = tl.load(d_ptr + i * B + cols, mask=mask, other=0.0) + tl.load(d_ptr + cols * B + i, mask=mask, other=0.0)
+    if NORM_PATH:
+        g = tl.load(g_ptr + i * B + cols, mask=mask, other=0.0).to(tl.float32)
+        corr = -2.0 * tl.sum(m * g, axis=0) * tl.load(f_ptr + i)
+        m = m + tl.where(cols == i, corr, 0.0)
+    tl.store(m_ptr + i * B + cols, m, mask=mask)
+
+
+@triton.jit
+def _distances(g_ptr, i, B, dist_eps, BLOCK_B: tl.constexpr):
+    """(row i of d = √max(G_ii + G_jj − 2G_ij, eps) with d_ii = 0, d² before the clamp, columns, mask)."""
+    row, cols, mask, diag = _row(g_ptr, i, B, BLOCK_B)
+    gii = tl.load(g_ptr + i * (B + 1)).to(tl.float32)
+    d2 = gii + diag - 2.0 * row
+    off = mask & (cols != i)
+    d = tl.where(off, tl.sqrt(tl.maximum(d2, dist_eps)), 0.0)
+    return d, d2, cols, mask, off
+
+
+@triton.jit
+def rkd_sums_kernel(gs_ptr, gt_ptr, sums_ptr, B, dist_eps, BLOCK_B: tl.constexpr):
+    """Row sums of d_s, d_t and the count of d_s > 0: sums[0, i], sums[1, i], sums[2, i]."""
+    i = tl.program_id(0)
+    ds, _, _, _, _ = _distances(gs_ptr, i, B, dist_eps, BLOCK_B)
+    dt, _, _, _, _ = _distances(gt_ptr, i, B, dist_eps, BLOCK_B)
+    tl.store(sums_ptr + i, tl.sum(ds, axis=0))
+    tl.store(sums_ptr + B + i, tl.sum(dt, axis=0))
+    tl.store(sums_ptr + 2 * B + i, tl.sum(tl.where(ds > 0, 1.0, 0.0), axis=0))
+
+
+@triton.jit
+def _rkd_means(sums_ptr, B, BLOCK_B: tl.constexpr):
+    """(μ_s, μ_t, count) from rkd_sums_kernel's partials (μ_t over the teacher's own count of d_t > 0 = the student's
+    off-diagonal count: every off-diagonal distance is at least √eps > 0)."""
+    cols = tl.arange(0, BLOCK_B)
+    mask = cols < B
+    count = tl.sum(tl.load(sums_ptr + 2 * B + cols, mask=mask, other=0.0), axis=0)
+    mu_s = tl.sum(tl.load(sums_ptr + cols, mask=mask, other=0.0), axis=0) / count
+    mu_t = tl.sum(tl.load(sums_ptr + B + cols, mask=mask, other=0.0), axis=0) / count
+    return mu_s, mu_t, count
+
+
+@triton.jit
+def rkd_rows_kernel(gs_ptr, gt_ptr, sums_ptr, u_ptr, loss_ptr, weighted_ptr, B, inv_bb, dist_eps,
+                    BLOCK_B: tl.constexpr):
+    """Row i: loss_i = Σ_j smooth-L1(d_s/μ_s − d_t/μ_t); u = clamp(x, ±1)/B²; Σ_j u·d_s."""
+    i = tl.program_id(0)
+    mu_s, mu_t, _ = _rkd_means(sums_ptr, B, BLOCK_B)
+    ds, _, cols, mask, _ = _distances(gs_ptr, i, B, dist_eps, BLOCK_B)
+    dt, _, _, _, _ = _distances(gt_ptr, i, B, dist_eps, BLOCK_B)
+    x = tl.where(mask, ds / mu_s - dt / mu_t, 0.0)
+    ax = tl.abs(x)
+    tl.store(loss_ptr + i, tl.sum(tl.where(ax < 1.0, 0.5 * x * x, ax - 0.5), axis=0))
+    u = tl.minimum(tl.maximum(x, -1.0), 1.0) * inv_bb
+    tl.store(u_ptr + i * B + cols, u, mask=mask)
+    tl.store(weighted_ptr + i, tl.sum(u * ds, axis=0))
+
+
+@triton.jit
+def rkd_grad_kernel(gs_ptr, sums_ptr, u_ptr, weighted_ptr, v_ptr, B, dist_eps, BLOCK_B: tl.constexpr):
+    """Row i of v = ∂L/∂d²_s = (u/μ_s − Σ(u·d_s)/(μ_s²·count)) / (2 d_s) where the clamp passes, off the diagonal."""
+    i = tl.program_id(0)
+    mu_s, _, count = _rkd_means(sums_ptr, B, BLOCK_B)
+    cols = tl.arange(0, BLOCK_B)
+    mask = cols < B
+    through_mu = tl.sum(tl.load(weighted_ptr + cols, mask=mask, other=0.0), axis=0) / (mu_s * mu_s * count)
+    ds, d2, _, _, off = _distances(gs_ptr, i, B, dist_eps, BLOCK_B)
+    u = tl.load(u_ptr + i * B + cols, mask=mask, other=0.0)
+    passes = off & (d2 >= dist_eps)
+    v = tl.where(passes, (u / mu_s - through_mu) / (2.0 * tl.where(passes, ds, 1.0)), 0.0)
+    tl.store(v_ptr + i * B + cols, v, mask=mask)
+
+
+@triton.jit
+def rkd_finish_kernel(v_ptr, m_ptr, B, BLOCK_B: tl.constexpr):
+    """Row i of M from V = v + vᵀ (d²_ij = G_ii + G_jj − 2G_ij): M_ij = −2V_ij off the diagonal, M_ii = 2Σ_j V_ij."""
+    i = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_B)
+    mask = cols < B
+    v = tl.load(v_ptr + i * B + cols, mask=mask, other=0.0) + tl.load(v_ptr + cols * B + i, mask=mask, other=0.0)
+    m = tl.where(cols == i, 2.0 * tl.sum(v, axis=0), -2.0 * v)
+    tl.store(m_ptr + i * B + cols, m, mask=mask)
+
+
+# --- NST (fastkd/ops/nst.py): channel normalisation and the Gram epilogues --------------------
+
+@triton.jit
+def rownorm_kernel(x_ptr, unit_ptr, norm_ptr, HW, eps, BLOCK: tl.constexpr):
+    """Row r of [R, HW]: unit = x / max(‖x‖, eps) in fp32, and the norm."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HW
+    x = tl.load(x_ptr + r * HW + cols, mask=mask, other=0.0).to(tl.float32)
+    n = tl.sqrt(tl.sum(x * x, axis=0))
+    tl.store(unit_ptr + r * HW + cols, x / tl.maximum(n, eps), mask=mask)
+    tl.store(norm_ptr + r, n)
+
+
+@triton.jit
+def rownorm_backward_kernel(unit_ptr, norm_ptr, grad_unit_ptr, grad_ptr, HW, eps, BLOCK: tl.constexpr):
+    """Row r: ∂L/∂x = (g − y·(y·g)) / ‖x‖ (g / eps where ‖x‖ < eps), in the input's dtype."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HW
+    y = tl.load(unit_ptr + r * HW + cols, mask=mask, other=0.0)
+    g = tl.load(grad_unit_ptr + r * HW + cols, mask=mask, other=0.0)
+    n = tl.load(norm_ptr + r)
+    inner = tl.where(n >= eps, tl.sum(y * g, axis=0), 0.0)
+    grad = (g - y * inner) / tl.maximum(n, eps)
+    tl.store(grad_ptr + r * HW + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nst_spatial_kernel(a_ptr, c_ptr, loss_ptr, N, inv_cs, inv_ct, scale_s, scale_t, BLOCK: tl.constexpr):
+    """Row r of the spatial Grams a = SᵀS, c = TᵀT ([B·HW, HW]): loss_r = Σ (a/C_s − c/C_t)²; in place
+    a ← scale_s·(a/C_s − c/C_t), c ← scale_t·a, so that ∂L/∂S = S·a and ∂L/∂T = T·c."""
+    r = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    a = tl.load(a_ptr + r * N + cols, mask=mask, other=0.0)
+    c = tl.load(c_ptr + r * N + cols, mask=mask, other=0.0)
+    diff = a * inv_cs - c * inv_ct
+    tl.store(loss_ptr + r, tl.sum(diff * diff, axis=0))
+    tl.store(c_ptr + r * N + cols, scale_t * a, mask=mask)
+    tl.store(a_ptr + r * N + cols, scale_s * diff, mask=mask)
+
+
+@triton.jit
+def sumsq_scale_kernel(x_ptr, partial_ptr, numel, scale, BLOCK: tl.constexpr):
+    """Block p of a flat fp32 tensor: partial_p = Σ x², then x ← scale·x in place."""
+    p = tl.program_id(0)
+    offs = p * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    tl.store(partial_ptr + p, tl.sum(x * x, axis=0))
+    tl.store(x_ptr + offs, x * scale, mask=mask)

@@ -1,0 +1,283 @@
+"""Batch-relation ops: SP, CCKD, PKT and RKD's distance term as functions of the Gram matrix.
+
+Every one of these losses compares, for the student and the teacher, a B × B matrix built from the
+batch X ([B, D], the features flattened per sample), and every such matrix is a function of the
+Gram matrix G = XXᵀ alone (the diagonal holds the squared norms):
+
+* SP (Tung & Mori, ICCV 2019): rownorm(G).
+* CCKD (Peng et al., ICCV 2019): Σ_p e^{−2γ}(2γ)^p/p! · c^p with c_ij = G_ij / (ν_i ν_j), ν_i = max(√G_ii, 1e-12).
+* PKT (Passalis & Tefas, ECCV 2018): (c + 1)/2 with ν_i = √G_ii + ε, rows divided by their sums.
+* RKD's distance term (Park et al., CVPR 2019): d_ij = √max(G_ii + G_jj − 2G_ij, 1e-12), d_ii = 0,
+  divided by its mean over the entries > 0.
+
+So each fused op is (1) the Gram matrices — the only O(B²D) work, a matrix product — and (2) an
+epilogue over B × B entries that produces the loss and, in the same pass, the matrix
+M = ∂L/∂G + (∂L/∂G)ᵀ. Since ∂L/∂X = M·X, backward is one B × B by B × D product per side and reads
+nothing larger than M. One op per loss (rather than one generic op with a loss switch) keeps each
+schema and fake implementation exact and lets each backend fuse its own epilogue.
+
+Ops (namespace ``fastkd``), each returning ``(loss, m_s, m_t)`` (RKD: ``(loss, m_s)``; its teacher side
+has no gradient); ``loss`` and the M's are fp32 for fp16 / bf16 / fp32 inputs, fp64 for fp64:
+
+* ``sp_loss(Tensor f_s, Tensor f_t)``                    ‖rownorm(G_t) − rownorm(G_s)‖²_F / B²
+* ``cckd_loss(Tensor e_s, Tensor e_t, float gamma, int order)``   mean (k(c_s) − k(c_t))²
+* ``pkt_loss(Tensor f_s, Tensor f_t, float eps)``         mean P_t log((P_t + ε)/(P_s + ε))
+* ``rkd_distance_loss(Tensor f_s, Tensor f_t)``           mean smooth-L1(d_s/μ_s − d_t/μ_t), β = 1
+
+Inputs are [B, D] (the callers flatten), D may differ between student and teacher. The readable
+contract of each op is its ``*_with_grad_reference`` below: the default kernel, the oracle of the
+native and Triton kernels. The published computations (autograd through eager torch) stay in
+:mod:`fastkd.functional.similarity` as the ``torch`` backend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastkd import _native
+from fastkd.backends import dispatch, register
+
+ROWNORM_EPS = 1e-12   # F.normalize's eps (SP's row norms, CCKD's embedding norms)
+RKD_DIST_EPS = 1e-12  # RepDistiller's clamp of the squared distances
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp16 / bf16 / fp32 inputs, fp64 for fp64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """G = XXᵀ of [B, D] X, accumulated in fp32 (fp64 for fp64 X)."""
+    q = x.to(accumulation_dtype(x))
+    return q @ q.T
+
+
+# --- the epilogues' building blocks: a loss's gradient through each transformation of G ---------
+
+def rownorm_backward(y: torch.Tensor, norm: torch.Tensor, grad_y: torch.Tensor, eps: float) -> torch.Tensor:
+    """∂L/∂g for y = g / max(‖g_i‖, eps) row by row, given y, the row norms [B, 1] and ∂L/∂y."""
+    clamped = norm.clamp_min(eps)
+    projected = grad_y - y * (y * grad_y).sum(1, keepdim=True)
+    return torch.where(norm >= eps, projected, grad_y) / clamped
+
+
+def cosine_backward(g: torch.Tensor, c: torch.Tensor, nu: torch.Tensor, dnu: torch.Tensor,
+                    grad_c: torch.Tensor) -> torch.Tensor:
+    """∂L/∂G for c_ij = G_ij / (ν_i ν_j), ν_i a function of G_ii with derivative ``dnu`` (= dν_i/dG_ii)."""
+    grad_g = grad_c / (nu.unsqueeze(1) * nu.unsqueeze(0))
+    weighted = grad_c * c
+    grad_nu = -(weighted.sum(1) + weighted.sum(0)) / nu
+    return grad_g + torch.diag(grad_nu * dnu)
+
+
+def symmetrized(grad_g: torch.Tensor) -> torch.Tensor:
+    """M = ∂L/∂G + (∂L/∂G)ᵀ, so that ∂L/∂X = M·X for G = XXᵀ."""
+    return grad_g + grad_g.T
+
+
+def _norms(g: torch.Tensor) -> torch.Tensor:
+    return g.diagonal().clamp_min(0).sqrt()
+
+
+# --- SP ---------------------------------------------------------------------------------------
+
+def sp_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):
+    """``fastkd::sp_loss``: (‖rownorm(G_s) − rownorm(G_t)‖²_F / B², M_s, M_t)."""
+    b = f_s.shape[0]
+    g_s, g_t = gram(f_s), gram(f_t)
+    n_s, n_t = g_s.norm(dim=1, keepdim=True), g_t.norm(dim=1, keepdim=True)
+    y_s, y_t = g_s / n_s.clamp_min(ROWNORM_EPS), g_t / n_t.clamp_min(ROWNORM_EPS)
+    diff = y_s - y_t
+    loss = diff.pow(2).sum() / (b * b)
+    grad_y = diff * (2.0 / (b * b))
+    m_s = symmetrized(rownorm_backward(y_s, n_s, grad_y, ROWNORM_EPS))
+    m_t = symmetrized(rownorm_backward(y_t, n_t, -grad_y, ROWNORM_EPS))
+    return loss, m_s, m_t
+
+
+# --- CCKD -------------------------------------------------------------------------------------
+
+def taylor_coefficients(gamma: float, order: int) -> list[float]:
+    """c_p = e^{−2γ}(2γ)^p / p!, p = 0..P."""
+    return [math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
+
+
+def _cckd_side(f: torch.Tensor, coef: list[float]):
+    """(k(c), k'(c), c, ν, dν/dG_ii) of one side, k by Horner's rule."""
+    g = gram(f)
+    n = _norms(g)
+    nu = n.clamp_min(ROWNORM_EPS)
+    c = g / (nu.unsqueeze(1) * nu.unsqueeze(0))
+    k = torch.full_like(c, coef[-1])
+    dk = torch.full_like(c, coef[-1] * (len(coef) - 1))
+    for p in range(len(coef) - 2, -1, -1):
+        k = k * c + coef[p]
+        if p >= 1:
+            dk = dk * c + coef[p] * p
+    if len(coef) == 1:
+        dk = torch.zeros_like(c)
+    dnu = torch.where(n >= ROWNORM_EPS, 0.5 / n.clamp_min(ROWNORM_EPS), torch.zeros_like(n))
+    return g, k, dk, c, nu, dnu
+
+
+def cckd_with_grad_reference(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float, order: int):
+    """``fastkd::cckd_loss``: (mean over B² of (k(c_s) − k(c_t))², M_s, M_t)."""
+    b = e_s.shape[0]
+    coef = taylor_coefficients(gamma, order)
+    g_s, k_s, dk_s, c_s, nu_s, dnu_s = _cckd_side(e_s, coef)
+    g_t, k_t, dk_t, c_t, nu_t, dnu_t = _cckd_side(e_t, coef)
+    diff = k_s - k_t
+    loss = diff.pow(2).sum() / (b * b)
+    grad_k = diff * (2.0 / (b * b))
+    m_s = symmetrized(cosine_backward(g_s, c_s, nu_s, dnu_s, grad_k * dk_s))
+    m_t = symmetrized(cosine_backward(g_t, c_t, nu_t, dnu_t, -grad_k * dk_t))
+    return loss, m_s, m_t
+
+
+# --- PKT --------------------------------------------------------------------------------------
+
+def _pkt_side(f: torch.Tensor, eps: float):
+    g = gram(f)
+    n = _norms(g)
+    nu = n + eps
+    c = g / (nu.unsqueeze(1) * nu.unsqueeze(0))
+    s = (c + 1.0) / 2.0
+    total = s.sum(1, keepdim=True)
+    # x.norm()'s gradient is 0 at a zero row: so is ν's here
+    dnu = torch.where(n > 0, 0.5 / n.clamp_min(torch.finfo(n.dtype).tiny), torch.zeros_like(n))
+    return g, c, nu, dnu, s / total, total
+
+
+def _pkt_grad(g, c, nu, dnu, p, total, grad_p):
+    grad_s = (grad_p - (grad_p * p).sum(1, keepdim=True)) / total
+    return symmetrized(cosine_backward(g, c, nu, dnu, grad_s / 2.0))
+
+
+def pkt_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor, eps: float):
+    """``fastkd::pkt_loss``: (mean over B² of P_t log((P_t + ε)/(P_s + ε)), M_s, M_t)."""
+    b = f_s.shape[0]
+    g_s, c_s, nu_s, dnu_s, p_s, tot_s = _pkt_side(f_s, eps)
+    g_t, c_t, nu_t, dnu_t, p_t, tot_t = _pkt_side(f_t, eps)
+    log_ratio = torch.log((p_t + eps) / (p_s + eps))
+    loss = (p_t * log_ratio).sum() / (b * b)
+    grad_p_s = -p_t / (p_s + eps) / (b * b)
+    grad_p_t = (log_ratio + p_t / (p_t + eps)) / (b * b)
+    return loss, _pkt_grad(g_s, c_s, nu_s, dnu_s, p_s, tot_s, grad_p_s), \
+        _pkt_grad(g_t, c_t, nu_t, dnu_t, p_t, tot_t, grad_p_t)
+
+
+# --- RKD distance term ------------------------------------------------------------------------
+
+def _rkd_distances(f: torch.Tensor):
+    """(d / μ, d, the squared distances before the clamp, μ, the count of d > 0)."""
+    g = gram(f)
+    sq = g.diagonal()
+    d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * g
+    off = ~torch.eye(g.shape[0], dtype=torch.bool, device=g.device)
+    d = torch.where(off, d2.clamp_min(RKD_DIST_EPS).sqrt(), torch.zeros_like(d2))
+    positive = (d > 0).to(d.dtype)
+    count = positive.sum()
+    mu = (d * positive).sum() / count
+    return d / mu, d, d2, mu, count, positive, off
+
+
+def rkd_distance_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):
+    """``fastkd::rkd_distance_loss``: (mean over B² of smooth-L1(d_s/μ_s − d_t/μ_t), M_s)."""
+    b = f_s.shape[0]
+    dn_s, d, d2, mu, count, positive, off = _rkd_distances(f_s)
+    dn_t = _rkd_distances(f_t)[0]
+    x = dn_s - dn_t
+    loss = torch.where(x.abs() < 1, 0.5 * x * x, x.abs() - 0.5).sum() / (b * b)
+    grad_dn = x.clamp(-1.0, 1.0) / (b * b)
+    grad_d = grad_dn / mu - (grad_dn * d).sum() / (mu * mu) * positive / count
+    passes = off & (d2 >= RKD_DIST_EPS)
+    v = torch.where(passes, grad_d / (2 * d.clamp_min(RKD_DIST_EPS)), torch.zeros_like(d))
+    grad_g = -2 * v + torch.diag(v.sum(1) + v.sum(0))
+    return loss, symmetrized(grad_g)
+
+
+# --- the ops ----------------------------------------------------------------------------------
+
+_OUT3 = "(Tensor, Tensor, Tensor)"
+SCHEMAS = {
+    "sp_loss": f"sp_loss(Tensor f_s, Tensor f_t) -> {_OUT3}",
+    "cckd_loss": f"cckd_loss(Tensor e_s, Tensor e_t, float gamma, int order) -> {_OUT3}",
+    "pkt_loss": f"pkt_loss(Tensor f_s, Tensor f_t, float eps) -> {_OUT3}",
+    "rkd_distance_loss": "rkd_distance_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)",
+}
+REFERENCES = {
+    "sp_loss": sp_with_grad_reference,
+    "cckd_loss": cckd_with_grad_reference,
+    "pkt_loss": pkt_with_grad_reference,
+    "rkd_distance_loss": rkd_distance_with_grad_reference,
+}
+
+_lib = torch.library.Library("fastkd", "FRAGMENT")
+
+
+def _on_cuda(op: str):
+    def kernel(*args):
+        return dispatch(op, "cuda")(*args)
+
+    return kernel
+
+
+def _fake(f_s, f_t, *args):
+    b, acc = f_s.shape[0], accumulation_dtype(f_s)
+    return f_s.new_empty((), dtype=acc), f_s.new_empty((b, b), dtype=acc), f_s.new_empty((b, b), dtype=acc)
+
+
+def _fake_rkd(f_s, f_t):
+    return _fake(f_s, f_t)[:2]
+
+
+def relation_grad(x: torch.Tensor, m: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """∂L/∂X = grad_loss · M·X, in X's dtype (the product accumulated in M's dtype)."""
+    return dispatch("relation_grad", x.device.type)(x, m, grad_loss)
+
+
+def relation_grad_reference(x: torch.Tensor, m: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    return ((m * grad_loss.to(m.dtype)) @ x.to(m.dtype)).to(x.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], *output[1:])
+
+
+def _backward(ctx, grad_loss, *unused):
+    f_s, f_t, *ms = ctx.saved_tensors
+    grads = [relation_grad(x, m, grad_loss) if ctx.needs_input_grad[i] else None
+             for i, (x, m) in enumerate(zip((f_s, f_t), ms))]
+    grads += [None] * (len(ctx.needs_input_grad) - len(grads))
+    return tuple(grads)
+
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, REFERENCES[_name], "CompositeExplicitAutograd")
+    _lib.impl(_name, _on_cuda(_name), "CUDA")
+    torch.library.register_fake(f"fastkd::{_name}", _fake_rkd if _name == "rkd_distance_loss" else _fake, lib=_lib)
+    torch.library.register_autograd(f"fastkd::{_name}", _backward, setup_context=_setup_context, lib=_lib)
+    register(_name, "torch", REFERENCES[_name])
+    # on CPU the native library's kernels are registered on the op itself (CPU key)
+    register(_name, "native", getattr(torch.ops.fastkd, _name).default, devices=("cpu",))
+register("relation_grad", "torch", relation_grad_reference)
+
+
+def _triton_relations():
+    from fastkd.ops import similarity_triton
+
+    return similarity_triton
+
+
+def _triton(name: str):
+    def kernel(*args):
+        return getattr(_triton_relations(), name)(*args)
+
+    return kernel
+
+
+for _name in (*SCHEMAS, "relation_grad"):
+    register(_name, "triton", _triton(_name), devices=("cuda",))
+_native.load()

@@ -1,0 +1,84 @@
+"""The native CPU kernels of the batch-relation ops against their torch contracts (fastkd.ops.similarity,
+fastkd.ops.nst), run in float64: values, both M matrices / gradients, odd batch sizes, every dtype."""
+import pytest
+import torch
+
+from fastkd.ops import nst, similarity
+
+pytestmark = pytest.mark.native
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 2), "pkt_loss": (1e-7,), "rkd_distance_loss": ()}
+
+
+def rel(got, want, floor=0.0):
+    """Max absolute error over max(largest |want|, floor), in float64."""
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(floor)).item()
+
+
+def pair(b, d_s, d_t, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d_s, generator=g).to(dtype), torch.randn(b, d_t, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("b", [1, 3, 17, 64])
+@pytest.mark.parametrize("name", EXTRA)
+def test_matches_contract(name, b, dtype):
+    if name == "rkd_distance_loss" and b == 1:
+        b = 2
+    f_s, f_t = pair(b, 40, 33, dtype, seed=b)
+    want = similarity.REFERENCES[name](f_s.double(), f_t.double(), *EXTRA[name])
+    got = getattr(torch.ops.fastkd, name)(f_s, f_t, *EXTRA[name])
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # the loss relative to max(|loss|, 0.1): PKT's and SP's losses at b = 1 are sums of cancelling terms near 0
+    assert rel(got[0], want[0], floor=0.1) <= TOL[dtype]
+    for m, w in zip(got[1:], want[1:]):
+        assert m.shape == (b, b)
+        assert rel(m, w, floor=1e-8) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("name", ["cckd_loss", "pkt_loss", "sp_loss"])
+def test_zero_rows(name):
+    """A zero sample: the clamped / ε-shifted norms, no NaN, the contract's M."""
+    f_s, f_t = pair(5, 8, 6, torch.float64, seed=1)
+    f_s[2] = 0
+    want = similarity.REFERENCES[name](f_s, f_t, *EXTRA[name])
+    got = getattr(torch.ops.fastkd, name)(f_s, f_t, *EXTRA[name])
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_cckd_orders():
+    f_s, f_t = pair(9, 12, 7, torch.float32, seed=2)
+    for order in (0, 1, 4):
+        want = similarity.cckd_with_grad_reference(f_s.double(), f_t.double(), 1.1, order)
+        got = torch.ops.fastkd.cckd_loss(f_s, f_t, 1.1, order)
+        assert all(rel(g, w, floor=1e-3) <= 1e-5 for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("c_s,c_t,hw", [(12, 7, 9), (40, 50, 9), (3, 5, 16), (1, 2, 4)])  # spatial and channel forms
+@pytest.mark.parametrize("b", [1, 3])
+def test_nst_matches_contract(b, c_s, c_t, hw, dtype):
+    g = torch.Generator().manual_seed(c_s)
+    f_s, f_t = torch.randn(b, c_s, hw, generator=g).to(dtype), torch.randn(b, c_t, hw, generator=g).to(dtype)
+    want = nst.nst_with_grad_reference(f_s.double(), f_t.double())
+    got = torch.ops.fastkd.nst_loss(f_s, f_t)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    assert rel(got[0], want[0], floor=1e-3) <= TOL[dtype]
+    assert rel(got[1], want[1], floor=1e-8) <= TOL[dtype] and rel(got[2], want[2], floor=1e-8) <= TOL[dtype]
+
+
+def test_errors():
+    f = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="batch sizes differ"):
+        torch.ops.fastkd.sp_loss(f, torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match=r"\[B, D\]"):
+        torch.ops.fastkd.pkt_loss(f, torch.randn(4, 3, 1), 1e-7)
+    with pytest.raises(RuntimeError, match="order"):
+        torch.ops.fastkd.cckd_loss(f, f, 0.4, -1)
+    with pytest.raises(RuntimeError, match="HW"):
+        torch.ops.fastkd.nst_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
