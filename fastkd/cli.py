@@ -115,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(rows))
         return 0
     overrides = list(args.overrides)
-    if args.command == "train":
-        overrides += ["teacher=null", "losses={ce: 1.0}"]
+    if args.command == "train":  # alone, by cross entropy; online recipes keep their losses (they need no teacher)
+        from fastkd.train.objectives import needs_teacher
+
+        keep = not needs_teacher(load_recipe(args.recipe, overrides).losses)
+        overrides += ["teacher=null"] + ([] if keep else ["losses={ce: 1.0}"])
     recipe_output = args.output or load_recipe(args.recipe, overrides).output
     result = _run(args.recipe, overrides, recipe_output, args.device)
     print(_table([(args.recipe, result)]))

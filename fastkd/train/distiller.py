@@ -33,8 +33,9 @@ from torch import nn
 
 import fastkd
 from fastkd.models import FeatureTap, default_taps
-from fastkd.train.recipe import LOSSES
+from fastkd.train.recipe import LOSSES, MIXUP_LOSSES, ONLINE_LOSSES, SSKD_LOSSES
 
+OWN_OBJECTIVES = (*ONLINE_LOSSES, *SSKD_LOSSES, *MIXUP_LOSSES)
 _STAGED = {"ft": "a paraphraser pre-trained on the teacher", "ab": "a 30-epoch initialisation stage",
            "fsp": "a 30-epoch initialisation stage"}
 
@@ -69,6 +70,9 @@ class Distiller(nn.Module):
             if name in _STAGED:
                 raise ValueError(f"loss {name!r} needs {_STAGED[name]}, which the engine does not run yet; "
                                  f"use it through fastkd.{LOSSES[name].__name__} in your own loop")
+            if name in OWN_OBJECTIVES:
+                raise ValueError(f"loss {name!r} runs in its own objective (fastkd.train.objectives.build_objective), "
+                                 f"not in the offline Distiller")
             if name != "ce" and name not in LOSSES:
                 raise ValueError(f"unknown loss {name!r}; valid: ce, {', '.join(LOSSES)}")
         if teacher is None and set(losses) - {"ce"}:
