@@ -56,7 +56,7 @@ def ensemble_top1(models: list, test) -> float:
     hits = seen = 0
     for model in models:
         model.eval()
-    for images, target in test:
+    for images, target, *_ in test:
         logits = torch.stack([m(images) for m in models]).mean(dim=0)
         hits += int(accuracy(logits, target, ks=(1,))[0])
         seen += len(target)

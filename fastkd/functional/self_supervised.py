@@ -45,7 +45,9 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     place where the fused Gram op (issue 5) takes over; it matches ``F.cosine_similarity`` up to
     its eps (each norm clamped at 1e-8).
     """
-    _checks.pair_of("a", a, "b", b, ndim=2, same_shape=False)
+    _checks.tensor("a", a, ndim=2)
+    _checks.tensor("b", b, ndim=2)
+    _checks.pair("a", a, "b", b, same_shape=False, same_batch=False)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"b has {b.shape[1]} features but a has {a.shape[1]}; they must match")
     return F.normalize(upcast(a), dim=1, eps=_EPS) @ F.normalize(upcast(b), dim=1, eps=_EPS).transpose(0, 1)
