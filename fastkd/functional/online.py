@@ -98,7 +98,8 @@ def okddip_loss(peer_logits: torch.Tensor, leader_logits: torch.Tensor, attentio
     Peer i's target is t_i = Σ_j a_ij z_j (``attention`` a: [B, p, p], rows summing to 1); the
     group leader's target is the peers' mean z̄ = (1/p) Σ_j z_j:
 
-    loss = T²·Σ_i (1/B) Σ_b KL(softmax(t_i/T) ‖ softmax(z_i/T)) + T²·(1/B) Σ_b KL(softmax(z̄/T) ‖ softmax(z_l/T)).
+    loss = T²·Σ_i (1/B) Σ_b KL(softmax(t_i/T) ‖ softmax(z_i/T))
+         + T²·(1/B) Σ_b KL(softmax(z̄/T) ‖ softmax(z_l/T)).
 
     The peer targets keep their gradient (it is what trains the attention, as in the published
     code); the leader's target is detached (the leader learns from the peers, not the reverse).
@@ -110,7 +111,8 @@ def okddip_loss(peer_logits: torch.Tensor, leader_logits: torch.Tensor, attentio
     _checks.pair("peer_logits[0]", peer_logits[0], "leader_logits", leader_logits)
     _checks.tensor("attention", attention, ndim=3)
     if tuple(attention.shape) != (batch, p, p):
-        raise ValueError(f"attention must have shape {(batch, p, p)} (batch, peers, peers), got {tuple(attention.shape)}")
+        raise ValueError(f"attention must have shape {(batch, p, p)} (batch, peers, peers), "
+                         f"got {tuple(attention.shape)}")
     z = upcast(peer_logits)
     targets = torch.einsum("bij,jbk->ibk", upcast(attention), z)
     peers = sum(kd_loss(z_i, t_i, temperature) for z_i, t_i in zip(z.unbind(0), targets.unbind(0)))

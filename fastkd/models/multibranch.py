@@ -162,7 +162,8 @@ def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> Stage:
     if stride != 1 or inplanes != planes:
         downsample = nn.Sequential(nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
                                    nn.BatchNorm2d(planes))
-    return Stage(BasicBlock(inplanes, planes, stride, downsample), *(BasicBlock(planes, planes) for _ in range(1, blocks)))
+    rest = (BasicBlock(planes, planes) for _ in range(1, blocks))
+    return Stage(BasicBlock(inplanes, planes, stride, downsample), *rest)
 
 
 def _builder(depth: int, num_branches: int, aggregation: str):

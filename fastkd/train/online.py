@@ -5,12 +5,12 @@ Plugs into :class:`~fastkd.train.engine.Trainer` like :class:`~fastkd.train.dist
 logits)). The student is a :class:`fastkd.models.MultiBranchResNet`; a recipe picks the method by
 its model and losses:
 
-| method | student | losses |
+| method (recipe) | student | losses |
 | --- | --- | --- |
-| ONE (Lan et al. 2018) | ``resnet32_one3`` (gate on the shared feature) | ce, online_kd (T 3) |
-| multi-branch diversity enhancement (Li et al. 2020) | ``resnet32_mb3`` (Feature Fusion Module) | ce, online_kd (T 3), cd (5e-8) |
-| OKDDip (Chen et al. 2020) | ``resnet32_avg4`` (3 peers + the last branch as leader) | ce, okddip (T 3, ramp 80 epochs) |
-| branches alone (the baseline) | ``resnet32_avg3`` | ce |
+| ONE, Lan et al. 2018 (``*_one``) | ``resnet32_one3`` (gate on the shared feature) | ce, online_kd (T 3) |
+| diversity enhancement, Li et al. 2020 (``*_mbde``) | ``resnet32_mb3`` (Feature Fusion Module) | ce, online_kd, cd |
+| OKDDip, Chen et al. 2020 (``*_okddip``) | ``resnet32_avg4`` (3 peers, the last branch leads) | ce, okddip |
+| branches alone, the baseline (``*_online``) | ``resnet32_avg3`` | ce |
 
 ``ce`` is Σ_i CE(z_i, y) over the branches, plus CE(z_e, y) of the ensemble when the model learns
 its ensemble weights (gate, FFM; those weights learn from it). ``online_kd`` distils every branch
