@@ -118,3 +118,17 @@ def test_make_trainer_builds_the_online_objective_without_a_teacher(tmp_path):
     images, labels, *_ = next(iter(run.train_data))
     total, parts, logits = run.distiller(images, labels, epoch=0)
     assert set(parts) == {"ce", "online_kd"} and logits.shape == (8, 10) and torch.isfinite(total)
+
+
+def test_cli_eval_reports_each_branch(tmp_path, capsys):
+    from fastkd.cli import main
+    from fastkd.models import create
+    from fastkd.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "mb.pt")
+    save_checkpoint(path, {"student": create("resnet8_mb3", num_classes=10).state_dict()})
+    assert main(["eval", "resnet8_mb3", path, "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("top-1 ")
+    assert [line.split(":")[0] for line in lines[1:]] == ["branch0", "branch1", "branch2"]

@@ -176,9 +176,10 @@ def _builder(depth: int, num_branches: int, aggregation: str):
 
 
 # zoo names: resnet32_mb3 / _mb4 (FFM: multi-branch diversity enhancement), resnet32_one3 / _one4
-# (ONE's gate), resnet32_avg3 / _avg4 (plain mean: OKDDip, or branches trained alone)
+# (ONE's gate), resnet32_avg3 / _avg4 (plain mean: OKDDip, or branches trained alone); the resnet8_*
+# twins are for quick runs. Other depths: MultiBranchResNet(depth, num_branches=m, aggregation=...).
 MULTIBRANCH_MODELS = {
     f"resnet{depth}_{tag}{m}": _builder(depth, m, aggregation)
-    for depth in (8, 14, 20, 32) for tag, aggregation in (("mb", "ffm"), ("one", "gate"), ("avg", "mean"))
+    for depth in (8, 32) for tag, aggregation in (("mb", "ffm"), ("one", "gate"), ("avg", "mean"))
     for m in (3, 4)
 }
