@@ -30,9 +30,8 @@ __all__ = ["branch_cross_entropy", "online_kd_loss", "classifier_diversity_loss"
 
 def _check_branches(name: str, logits: torch.Tensor, least: int = 1) -> None:
     _checks.tensor(name, logits, ndim=3)
-    if logits.shape[0] < least:
-        raise ValueError(f"{name} must stack at least {least} branches on dim 0, got shape {tuple(logits.shape)}")
-    _checks.min_batch(name, logits.transpose(0, 1), 1, "the loss is a mean over the batch")
+    if logits.shape[0] < least or logits.shape[1] < 1:
+        raise ValueError(f"{name} must be [branches ≥ {least}, batch ≥ 1, classes], got shape {tuple(logits.shape)}")
     _checks.finite(name, logits)
 
 
