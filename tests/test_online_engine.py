@@ -132,3 +132,28 @@ def test_cli_eval_reports_each_branch(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("top-1 ")
     assert [line.split(":")[0] for line in lines[1:]] == ["branch0", "branch1", "branch2"]
+
+
+def test_make_trainer_runs_sskd_stage_one_then_two(tmp_path):
+    from fastkd.models import create
+    from fastkd.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    teacher_path = str(tmp_path / "teacher.pt")
+    save_checkpoint(teacher_path, {"model": create("resnet8", num_classes=10).state_dict()})
+    common = ["data.name=digits", "data.batch_size=4", "data.num_workers=0", "student.name=resnet8",
+              "teacher.name=resnet8"]
+    stage1 = make_trainer(load_recipe("cifar100_sskd_teacher", [*common, f"teacher.checkpoint={teacher_path}"]),
+                          device="cpu", output=str(tmp_path / "s1"))
+    assert isinstance(stage1.distiller, SSKDTeacherStage)
+    stage1.save(str(tmp_path / "s1.pt"))
+    stage2 = make_trainer(load_recipe("cifar100_sskd", [*common, f"teacher.checkpoint={tmp_path / 's1.pt'}"]),
+                          device="cpu", output=str(tmp_path / "s2"))
+    assert isinstance(stage2.distiller, SSKDDistiller)
+    head = stage1.distiller.criteria["rotation"].head.state_dict()
+    assert all(torch.equal(v, stage2.distiller.criteria["sskd"].head_t.state_dict()[k]) for k, v in head.items())
+    images, labels, *_ = next(iter(stage2.train_data))
+    total, parts, logits = stage2.distiller(images, labels)
+    assert set(parts) == {"ce", "kd", "sskd_rot", "sskd"} and logits.shape == (4, 10) and torch.isfinite(total)
+    with pytest.raises(ValueError, match="first stage"):
+        make_trainer(load_recipe("cifar100_sskd", [*common, f"teacher.checkpoint={teacher_path}"]), device="cpu")
