@@ -51,26 +51,31 @@ class BranchOutput(NamedTuple):
 class FeatureFusion(nn.Module):
     """The Feature Fusion Module of multi-branch diversity enhancement: branch features → ensemble weights.
 
-    w = softmax(FC₂(ReLU(BN(FC₁([h_1; …; h_m]))))) over the m branches, where h_i is branch i's
-    pooled last-block feature, [h_1; …; h_m] their concatenation [B, m·C], FC₁: m·C → C and
-    FC₂: C → m. The paper (Li, Li, Zhang, Zhang, Ren, "Online Knowledge Distillation via
-    Multi-branch Diversity Enhancement", ACCV 2020) says the module fuses the branches' last-block
-    features into the attention weights of the ensemble teacher but publishes neither code nor its
-    layers: **these layers are our design**, chosen to mirror ONE's gate (FC + BN + ReLU) with the
-    branch features as its input instead of the shared one.
+    w = softmax(ReLU(BN₂(FC₂(ReLU(BN₁(FC₁([h_1; …; h_m]))))))) over the m branches, where h_i is
+    branch i's pooled last-block feature, [h_1; …; h_m] their concatenation [B, m·C] (read without
+    gradient: the module learns to weigh the branches, it does not reshape their features),
+    FC₁: m·C → C, FC₂: C → m. The paper (Li, Li, Zhang, Zhang, Ren, "Online Knowledge Distillation
+    via Multi-branch Diversity Enhancement", ACCV 2020) says the module fuses the branches'
+    last-block features into the attention weights of the ensemble teacher but publishes neither
+    code nor its layers: **these layers are our design**. Its output end mirrors ONE's gate
+    (BN + ReLU before the softmax bounds how peaked the weights get); a first design without that
+    end and with the gradient flowing into the branches trained worse (digits, ResNet-20, 4 epochs,
+    3 seeds: 86.4% ensemble top-1 against 92.8% for this one; ``benchmarks/online_accuracy.py``).
     """
 
     def __init__(self, channels: int, num_branches: int):
         super().__init__()
         self.fc1 = nn.Linear(channels * num_branches, channels)
-        self.bn = nn.BatchNorm1d(channels)
+        self.bn1 = nn.BatchNorm1d(channels)
         self.relu = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(channels, num_branches)
+        self.bn2 = nn.BatchNorm1d(num_branches)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """``pooled``: [m, B, C] → weights [B, m] (each row sums to 1)."""
-        fused = pooled.transpose(0, 1).flatten(1)
-        return self.fc2(self.relu(self.bn(self.fc1(fused)))).softmax(dim=1)
+        fused = pooled.detach().transpose(0, 1).flatten(1)
+        hidden = self.relu(self.bn1(self.fc1(fused)))
+        return self.relu(self.bn2(self.fc2(hidden))).softmax(dim=1)
 
 
 class Gate(nn.Module):
