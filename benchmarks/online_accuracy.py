@@ -40,7 +40,8 @@ METHODS = {"branches": ("cifar10_online", "mean"), "one": ("cifar10_one", "gate"
 def recipe_for(name: str, args, output: str):
     epochs = args.epochs
     overrides = [f"epochs={epochs}", f"data.batch_size={args.batch_size}", "data.name=digits",
-                 f"schedule.milestones=[{epochs // 2},{3 * epochs // 4}]", f"seed={args.seed}", f"output={output}"]
+                 f"schedule.milestones=[{epochs // 2},{3 * epochs // 4}]", f"seed={args.seed}", f"output={output}",
+                 f"optim.lr={args.lr}"]
     if name == "cifar10_okddip":
         overrides.append(f"losses.okddip.ramp_epochs={80 * epochs / 300}")
     return load_recipe(name, overrides)
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--branches", type=int, default=3, help="m (OKDDip uses m + 1: m peers and a leader)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=8, help="image side (digits are 8×8; 16, 32 repeat pixels)")
+    parser.add_argument("--lr", type=float, default=0.1, help="the online recipes' 0.1 by default")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; each method runs once per seed")
     parser.add_argument("--methods", default="independent,branches,one,mbde,okddip")
