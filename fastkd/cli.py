@@ -103,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         model = models.create(args.model, num_classes=classes).to(device)
         load_weights(model, args.checkpoint)
         from fastkd.train.engine import Trainer
-        from fastkd.train.distiller import Distiller
+        from fastkd.train.objectives import build_objective
 
-        trainer = Trainer(recipe, Distiller(model, None, {"ce": {"weight": 1.0}}, None, 0), [], test, device=device)
+        objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
+        trainer = Trainer(recipe, objective, [], test, device=device)
         result = trainer.evaluate()
         print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+        for key in (k for k in result if k.endswith("_top1")):  # a multi-branch model's branches
+            print(f"{key[:-5]}: top-1 {result[key]:.2f}  top-5 {result[key[:-1] + '5']:.2f}")
         return 0
     if args.recipe is not None and "=" in args.recipe:  # `fastkd distill epochs=3`: overrides only
         args.overrides, args.recipe = [args.recipe, *args.overrides], None
@@ -124,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(rows))
         return 0
     overrides = list(args.overrides)
-    if args.command == "train":
-        overrides += ["teacher=null", "losses={ce: 1.0}"]
+    if args.command == "train":  # alone, by cross entropy; online recipes keep their losses (they need no teacher)
+        from fastkd.train.objectives import needs_teacher
+
+        keep = not needs_teacher(load_recipe(args.recipe, overrides).losses)
+        overrides += ["teacher=null"] + ([] if keep else ["losses={ce: 1.0}"])
     recipe_output = args.output or load_recipe(args.recipe, overrides).output
     from fastkd.train import distributed
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastkd.models import CIFAR_MODELS, IMAGENET_MODELS, FeatureTap, create, default_taps, names
+from fastkd.models import CIFAR_MODELS, IMAGENET_MODELS, MULTIBRANCH_MODELS, FeatureTap, create, default_taps, names
 
 
 def _sig(state_dict):
@@ -190,8 +190,8 @@ def test_names_and_registry():
     assert names() == [
         "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
         "resnet32x4", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
-        "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "resnet18", "resnet34", "resnet50",
-        "mobilenet_v1",
+        "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", *MULTIBRANCH_MODELS, "resnet18", "resnet34",
+        "resnet50", "mobilenet_v1",
     ]
     assert set(CIFAR_EXPECTED) == set(CIFAR_MODELS) and set(CIFAR_KEYS) == set(CIFAR_MODELS)
     assert set(IMAGENET_EXPECTED) | {"mobilenet_v1"} == set(IMAGENET_MODELS)

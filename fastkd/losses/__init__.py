@@ -2,8 +2,11 @@
 from fastkd.losses.contrastive import *  # noqa: F401,F403
 from fastkd.losses.features import *  # noqa: F401,F403
 from fastkd.losses.logits import *  # noqa: F401,F403
+from fastkd.losses.online import *  # noqa: F401,F403
 from fastkd.losses.projector import *  # noqa: F401,F403
+from fastkd.losses.self_supervised import *  # noqa: F401,F403
 from fastkd.losses.similarity import *  # noqa: F401,F403
-from fastkd.losses import contrastive, features, logits, projector, similarity
+from fastkd.losses import contrastive, features, logits, online, projector, self_supervised, similarity
 
-__all__ = [*logits.__all__, *features.__all__, *similarity.__all__, *contrastive.__all__, *projector.__all__]
+__all__ = [*logits.__all__, *features.__all__, *similarity.__all__, *contrastive.__all__, *projector.__all__,
+           *online.__all__, *self_supervised.__all__]

@@ -18,6 +18,7 @@ from torch import nn
 
 from fastkd.models.mobilenet_imagenet import mobilenet_v1
 from fastkd.models.mobilenetv2 import mobilenetv2
+from fastkd.models.multibranch import MULTIBRANCH_MODELS, BranchOutput, MultiBranchResNet
 from fastkd.models.resnet import (resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44,
                                   resnet56, resnet110)
 from fastkd.models.resnet50 import ResNet50
@@ -45,11 +46,12 @@ IMAGENET_MODELS: dict[str, Callable[..., nn.Module]] = {
 ResNet-50 → MobileNet distillation student; torchvision has none). Note ``resnet50`` is the
 ImageNet model, ``ResNet50`` RepDistiller's CIFAR one."""
 
-_MODELS = {**CIFAR_MODELS, **IMAGENET_MODELS}
+_MODELS = {**CIFAR_MODELS, **MULTIBRANCH_MODELS, **IMAGENET_MODELS}
 
 
 def names() -> list[str]:
-    """The names :func:`create` accepts: the CIFAR zoo, then the ImageNet ResNets."""
+    """The names :func:`create` accepts: the CIFAR zoo, the multi-branch CIFAR ResNets of online
+    distillation (``resnet32_mb3`` …, see :mod:`fastkd.models.multibranch`), the ImageNet ResNets."""
     return list(_MODELS)
 
 
@@ -70,6 +72,7 @@ def create(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
 
 __all__ = [
     "create", "names", "FeatureTap", "default_taps", "resnet_taps", "CIFAR_MODELS", "IMAGENET_MODELS",
+    "MULTIBRANCH_MODELS", "MultiBranchResNet", "BranchOutput",
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
     "resnet32x4", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
     "vgg16", "vgg19", "mobilenetv2", "ShuffleV1", "ShuffleV2", "resnet18", "resnet34", "resnet50",

@@ -45,9 +45,10 @@ from torch import nn
 
 import fastkd
 from fastkd.models import FeatureTap, default_taps
-from fastkd.train.recipe import LOSSES
+from fastkd.train.recipe import LOSSES, MIXUP_LOSSES, ONLINE_LOSSES, SSKD_LOSSES
 
 _INIT_STAGED = ("ft", "ab", "fsp")  # the losses with an initialisation stage (RepDistiller's init())
+OWN_OBJECTIVES = (*ONLINE_LOSSES, *SSKD_LOSSES, *MIXUP_LOSSES)
 
 
 def feature_function(model: nn.Module, taps: Sequence[str] | None = None, preact: bool = False) -> Callable:
@@ -78,6 +79,9 @@ class Distiller(nn.Module):
                  teacher_taps: Sequence[str] | None = None):
         super().__init__()
         for name in losses:
+            if name in OWN_OBJECTIVES:
+                raise ValueError(f"loss {name!r} runs in its own objective (fastkd.train.objectives.build_objective), "
+                                 f"not in the offline Distiller")
             if name != "ce" and name not in LOSSES:
                 raise ValueError(f"unknown loss {name!r}; valid: ce, {', '.join(LOSSES)}")
         if teacher is None and set(losses) - {"ce"}:

@@ -185,21 +185,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data: Iterable | None = None) -> dict:
-        """Top-1 / top-5 accuracy (%) of the student on ``data`` (the test set by default)."""
+        """Top-1 / top-5 accuracy (%) of the student on ``data`` (the test set by default); an objective
+        with ``eval_outputs(images) → {name: logits}`` (a multi-branch student) also gets ``{name}_top1``…"""
         student = self.distiller.student
+        outputs = getattr(self.distiller, "eval_outputs", None) or (lambda images: {"": student(images)})
         was = student.training
         student.eval()
-        top1 = top5 = 0
+        hits: dict[str, list] = {}
         seen = 0
         for images, target, *_ in self._batches(data if data is not None else self.test_data, 0):
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                logits = student(images)
-            hit1, hit5 = accuracy(logits.float(), target)
-            top1, top5, seen = top1 + hit1, top5 + hit5, seen + images.shape[0]
+                heads = outputs(images)
+            for name, logits in heads.items():
+                hit1, hit5 = accuracy(logits.float(), target)
+                total = hits.setdefault(name, [0, 0])
+                total[0], total[1] = total[0] + hit1, total[1] + hit5
+            seen += images.shape[0]
         student.train(was)
-        counts = distributed.reduce_sums({"top1": top1, "top5": top5, "seen": seen})  # each rank saw a slice
-        seen = max(float(counts["seen"]), 1.0)
-        return {"top1": 100.0 * float(counts["top1"]) / seen, "top5": 100.0 * float(counts["top5"]) / seen}
+        result = {}
+        for name, (hit1, hit5) in (hits or {"": (0, 0)}).items():  # the ranks saw slices: sum their counts
+            counts = distributed.reduce_sums({"top1": hit1, "top5": hit5, "seen": seen})
+            prefix = f"{name}_" if name else ""
+            total = max(float(counts["seen"]), 1.0)
+            result[f"{prefix}top1"] = 100.0 * float(counts["top1"]) / total
+            result[f"{prefix}top5"] = 100.0 * float(counts["top5"]) / total
+        return result
 
     # --- the run ------------------------------------------------------------------------------
     def fit(self, epochs: int | None = None, log=print) -> list[dict]:

@@ -30,7 +30,14 @@ LOSSES: dict[str, type] = {
     "nst": fastkd.NSTLoss, "ft": fastkd.FTLoss, "ab": fastkd.ABLoss, "fsp": fastkd.FSPLoss, "vid": fastkd.VIDLoss,
     "sp": fastkd.SPLoss, "cc": fastkd.CCLoss, "cckd": fastkd.CCKDLoss, "rkd": fastkd.RKDLoss, "pkt": fastkd.PKTLoss,
     "srd": fastkd.SRDLoss, "crd": fastkd.CRDLoss,
+    # objectives of their own (fastkd.train.objectives): online, SSKD's two stages, STKD's mixup
+    "online_kd": fastkd.OnlineKDLoss, "cd": fastkd.ClassifierDiversityLoss, "okddip": fastkd.OKDDipLoss,
+    "rotation": fastkd.RotationContrastLoss, "sskd": fastkd.SSKDLoss, "sskd_rot": fastkd.RotationKDLoss,
+    "stkd": fastkd.STKDLoss,
 }
+ONLINE_LOSSES = ("online_kd", "cd", "okddip")   # a multi-branch student, no teacher
+SSKD_LOSSES = ("rotation", "sskd", "sskd_rot")  # four rotated views per image
+MIXUP_LOSSES = ("stkd",)                        # mixup virtual samples
 
 
 @dataclass
@@ -202,7 +209,7 @@ def _losses(tree) -> dict[str, dict[str, Any]]:
 
 def _constructor_options(cls) -> list[str]:
     """A loss module's keyword options, less those the engine derives (feature sizes, dataset size)."""
-    derived = {"s_dim", "t_dim", "num_data", "num_input_channels", "num_mid_channel", "num_target_channels"}
+    derived = {"s_dim", "t_dim", "in_dim", "num_data", "num_input_channels", "num_mid_channel", "num_target_channels"}
     return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *derived)]
 
 

@@ -24,9 +24,9 @@ from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
 from fastkd.train import distributed
 from fastkd.train.checkpoint import load_checkpoint
-from fastkd.train.distiller import Distiller
 from fastkd.train.engine import Trainer
-from fastkd.train.recipe import Recipe
+from fastkd.train.objectives import build_objective, needs_teacher
+from fastkd.train.recipe import SSKD_LOSSES, Recipe
 
 DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated 4×
 
@@ -139,8 +139,8 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     student = models.create(recipe.student.name, num_classes=classes)
     if recipe.student.checkpoint:
         load_weights(student, recipe.student.checkpoint)
-    teacher = None
-    if set(recipe.losses) - {"ce"}:
+    teacher = teacher_state = None
+    if needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
         if not recipe.teacher.checkpoint:
@@ -148,6 +148,8 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
                              "file or a fastkd checkpoint; `fastkd train` makes one)")
         teacher = models.create(recipe.teacher.name, num_classes=classes)
         load_weights(teacher, recipe.teacher.checkpoint)
+        if set(recipe.losses) & set(SSKD_LOSSES):  # SSKD's second stage also reads the stage-1 head
+            teacher_state = load_checkpoint(recipe.teacher.checkpoint)
         teacher.to(device)
     student.to(device)
     if recipe.channels_last:
@@ -158,5 +160,5 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
         # in place, so state_dict keys stay the model's own; FASTKD_COMPILE_BACKEND picks another backend
         student.compile(backend=os.environ.get("FASTKD_COMPILE_BACKEND", "inductor"))
     sample = next(iter(train))[0][:8]
-    distiller = Distiller(student, teacher, recipe.losses, sample, num_data)
+    distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state)
     return Trainer(recipe, distiller, train, test, device=device, output=output)
