@@ -96,7 +96,8 @@ class Trainer:
         self.optimizer = make_optimizer(recipe, distiller.trainable_parameters(), lr=self.lr)
         if self.lr is not None:
             self.graph = GraphedStep(self._step, self.optimizer, self.device)
-        self.init_stage = distiller.init_stage()  # FT / AB / FSP: run before the first epoch
+        stage = getattr(distiller, "init_stage", None)  # FT / AB / FSP: run before the first epoch
+        self.init_stage = stage() if stage is not None else None
         self.init_done = self.init_stage is None or recipe.init_epochs == 0
         self.epoch = self._epoch = 0
         self.history: list[dict] = []
