@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from _memory import peak_extra_bytes  # benchmarks/ is on sys.path (run as a script, or from the suites)
+
 import fastkd
 from fastkd import functional as F
 
@@ -51,23 +53,5 @@ def make_step(provider: str, loss: str, rows: int, classes: int, device: str = "
     return step
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_extra_bytes(provider: str, loss: str, rows: int, classes: int) -> int:
-    """Peak resident memory of one full step beyond the process's memory before it (this process)."""
-    step = make_step(provider, loss, rows, classes)
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current VmRSS
-    before = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - before) * 1024
-
-
 if __name__ == "__main__":
-    print(peak_extra_bytes(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    print(peak_extra_bytes(make_step(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))

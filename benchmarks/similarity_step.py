@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from _memory import peak_extra_bytes  # benchmarks/ is on sys.path (run as a script, or from the suites)
+
 import fastkd
 from fastkd import functional as fk
 from fastkd.functional import similarity as sim
@@ -79,23 +81,5 @@ def make_step(loss: str, provider: str, size: str, mode: str, device: str = "cpu
     return full, None
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_extra_bytes(loss: str, provider: str, size: str) -> int:
-    """Peak resident memory of one full step beyond the process's memory before it (this process)."""
-    step, _ = make_step(loss, provider, size, "full")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current VmRSS
-    before = _status_kib("VmRSS")
-    step()
-    return (_status_kib("VmHWM") - before) * 1024
-
-
 if __name__ == "__main__":
-    print(peak_extra_bytes(sys.argv[1], sys.argv[2], sys.argv[3]))
+    print(peak_extra_bytes(make_step(sys.argv[1], sys.argv[2], sys.argv[3], "full")[0]))

@@ -7,7 +7,6 @@ N=1,281,167) only with a GPU. Each entry's extra_info holds the peak extra memor
 measured in a fresh process so that no provider inherits another's freed memory.
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,14 +15,8 @@ import torch
 import fastkd
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _memory import in_fresh_process  # noqa: E402
 from crd_step import SIZES, make_step  # noqa: E402
-
-
-def measure_memory(provider: str, size: str) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big buffers are mmapped and returned on free
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "crd_step.py"), provider, size],
-                         capture_output=True, text=True, check=True, env=env)
-    return int(out.stdout.strip())
 
 
 @pytest.mark.parametrize("provider", ["published", "native"])
@@ -32,7 +25,7 @@ def test_crd_step_cpu(benchmark, provider):
         pytest.skip(f"backend {provider} is not available")
     step = make_step(provider, "cpu")
     benchmark.extra_info.update(SIZES["cpu"], device="cpu", torch=torch.__version__, threads=torch.get_num_threads(),
-                                peak_extra_bytes=measure_memory(provider, "cpu"))
+                                peak_extra_bytes=in_fresh_process("crd_step.py", provider, "cpu"))
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 

@@ -9,7 +9,6 @@ memory of one step (CPU: resident memory, measured in a fresh process so no prov
 freed memory; GPU: torch's allocator peak).
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,17 +17,10 @@ import torch
 import fastkd
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _memory import in_fresh_process  # noqa: E402
 from logits_step import CPU_SIZES, GPU_SIZES, make_forward, make_inputs, make_step  # noqa: E402
 
 ROUNDS = {100: 200, 1000: 100, 32768: 10}
-
-
-def measure_memory(provider: str, loss: str, rows: int, classes: int) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big buffers are mmapped and returned on free
-    script = os.path.join(os.path.dirname(__file__), "logits_step.py")
-    out = subprocess.run([sys.executable, script, provider, loss, str(rows), str(classes)], capture_output=True,
-                         text=True, check=True, env=env)
-    return int(out.stdout.strip())
 
 
 def run_phase(benchmark, provider, loss, rows, classes, phase, rounds, device="cpu"):
@@ -71,7 +63,7 @@ def test_logits_cpu(benchmark, provider, loss, rows, classes, phase):
     benchmark.extra_info.update(device="cpu", torch=torch.__version__, threads=torch.get_num_threads(), rows=rows,
                                 classes=classes, dtype="float32")
     if phase == "full":
-        benchmark.extra_info["peak_extra_bytes"] = measure_memory(provider, loss, rows, classes)
+        benchmark.extra_info["peak_extra_bytes"] = in_fresh_process("logits_step.py", provider, loss, rows, classes)
     run_phase(benchmark, provider, loss, rows, classes, phase, ROUNDS[classes])
 
 

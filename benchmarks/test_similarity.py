@@ -9,7 +9,6 @@ entry's extra_info holds the peak extra memory of one step: on CPU measured in a
 provider inherits another's freed memory; on GPU torch.cuda.max_memory_allocated.
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,16 +17,10 @@ import torch
 import fastkd
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _memory import in_fresh_process  # noqa: E402
 from similarity_step import SIZES, make_step  # noqa: E402
 
 MODES = ["forward", "backward", "full"]
-
-
-def measure_memory(loss: str, provider: str) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # big buffers are mmapped and returned on free
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "similarity_step.py"), loss, provider,
-                          "cpu"], capture_output=True, text=True, check=True, env=env)
-    return int(out.stdout.strip())
 
 
 def run(benchmark, loss, provider, mode, size, device, rounds, on_ready=lambda: None):
@@ -53,7 +46,7 @@ def test_similarity_cpu(benchmark, loss, provider, mode):
     run(benchmark, loss, provider, mode, "cpu", "cpu", rounds=30)
     benchmark.extra_info["device"] = "cpu"
     if mode == "full":
-        benchmark.extra_info["peak_extra_bytes"] = measure_memory(loss, provider)
+        benchmark.extra_info["peak_extra_bytes"] = in_fresh_process("similarity_step.py", loss, provider, "cpu")
 
 
 @pytest.mark.cuda
