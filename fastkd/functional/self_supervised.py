@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
+from fastkd.backends import choose
 from fastkd.functional._precision import upcast
 from fastkd.functional.logits import kd_loss
 
@@ -41,15 +42,18 @@ def rotations(images: torch.Tensor) -> torch.Tensor:
 def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a_i, b_j) for every pair: normalize(a) @ normalize(b)ᵀ, [N, D] × [M, D] → [N, M].
 
-    The batch-similarity matrix SSKD needs (3B × B). It is one function on purpose: it is the
-    place where the fused Gram op (issue 5) takes over; it matches ``F.cosine_similarity`` up to
-    its eps (each norm clamped at 1e-8).
+    The batch-similarity matrix SSKD needs (3B × B); it matches ``F.cosine_similarity`` up to its
+    eps (each norm clamped at 1e-8). Off the ``torch`` backend it runs the op ``fastkd::cosine_matrix``
+    (:mod:`fastkd.ops.cosine`: on CUDA one Triton product with the normalisation in its epilogue);
+    the fp32 result for fp16 / bf16 inputs either way.
     """
     _checks.tensor("a", a, ndim=2)
     _checks.tensor("b", b, ndim=2)
     _checks.pair("a", a, "b", b, same_shape=False, same_batch=False)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"b has {b.shape[1]} features but a has {a.shape[1]}; they must match")
+    if choose("cosine_matrix", a.device.type) != "torch":
+        return torch.ops.fastkd.cosine_matrix.default(a, b, _EPS)[0]
     return F.normalize(upcast(a), dim=1, eps=_EPS) @ F.normalize(upcast(b), dim=1, eps=_EPS).transpose(0, 1)
 
 

@@ -25,11 +25,15 @@ import triton.language as tl
 
 
 @triton.jit
-def matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, stride_ab, stride_am, stride_ak, stride_bb, stride_bk,
-                  stride_bn, stride_cb, stride_cm, stride_cn,
+def matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, row_ptr, col_ptr, M, N, K, stride_ab, stride_am, stride_ak,
+                  stride_bb, stride_bk, stride_bn, stride_cb, stride_cm, stride_cn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr,
-                  HAS_SCALE: tl.constexpr):
-    """C[z] = scale·A[z]·B[z] for batch z = program_id(2); grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), batches)."""
+                  HAS_SCALE: tl.constexpr, HAS_ROW_COL: tl.constexpr):
+    """C[z] = scale·A[z]·B[z] for batch z = program_id(2); grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), batches).
+
+    ``HAS_ROW_COL``: the epilogue also multiplies C[i, j] by row[i]·col[j] (fp32 vectors of M and N,
+    shared by the batches): the cosine matrix's inverse norms, applied without normalised copies.
+    """
     pid_m, pid_n, z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -49,6 +53,10 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, M, N, K, stride_ab, stride_am,
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr).to(tl.float32)
+    if HAS_ROW_COL:
+        row = tl.load(row_ptr + rm, mask=rm < M, other=0.0).to(tl.float32)
+        col = tl.load(col_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        acc = acc * row[:, None] * col[None, :]
     c = c_ptr + z * stride_cb + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
