@@ -105,6 +105,12 @@ def _lse_merge(m_run, s_run, m, s, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _lse_fold(m_run, s_run, x, col_mask):
+    """Fold one block of scores x (its columns outside ``col_mask`` ignored) into a running log-sum-exp."""
+    return _lse_merge(m_run, s_run, tl.where(col_mask, x, float("-inf")), tl.where(col_mask, 1.0, 0.0), 0)
+
+
+@triton.jit
 def _column_rows(b, cols, col_mask, idx_ptr, cidx_ptr, stride_cb, stride_ck, seed, offset, K, N,
                  HAS_CIDX: tl.constexpr):
     """Bank rows of anchor b's columns ``cols``: explicit, or idx[b] then Philox draws n = b·K + k − 1."""
@@ -182,13 +188,12 @@ def crd_lse_kernel(v_s_ptr, v_t_ptr, mem_s_ptr, mem_t_ptr, idx_ptr, cidx_ptr, rn
             rows = _column_rows(b, cols, col_mask, idx_ptr, cidx_ptr, stride_cb, stride_ck, seed, offset, K, N,
                                 HAS_CIDX)
             valid = col_mask & (rows >= 0) & (rows < N)
-            ones = tl.where(col_mask, 1.0, 0.0)
             _, x_s = _scores(mem_t_ptr, rows, tl.where(need_s, valid, False), stride_mtn, stride_mtd, offs_d, D_S,
                              a_s, inv_t)
-            m_s, e_s = _lse_merge(m_s, e_s, tl.where(col_mask, x_s, float("-inf")), ones, 0)
+            m_s, e_s = _lse_fold(m_s, e_s, x_s, col_mask)
             _, x_t = _scores(mem_s_ptr, rows, tl.where(need_t, valid, False), stride_msn, stride_msd, offs_d, D_T,
                              a_t, inv_t)
-            m_t, e_t = _lse_merge(m_t, e_t, tl.where(col_mask, x_t, float("-inf")), ones, 0)
+            m_t, e_t = _lse_fold(m_t, e_t, x_t, col_mask)
         tl.store(out_s, tl.where(need_s, m_s, 0.0))
         tl.store(out_s + 1, tl.where(need_s, e_s, 0.0))
         tl.store(out_t, tl.where(need_t, m_t, 0.0))
@@ -245,9 +250,8 @@ def crd_nce_kernel(v_s_ptr, v_t_ptr, mem_s_ptr, mem_t_ptr, idx_ptr, cidx_ptr, rn
         grad_t += tl.sum((slope_t * grad_scale)[:, None] * tile_t, axis=0)
         loss_acc += term_s + term_t
         if ESTIMATE:
-            ones = tl.where(col_mask, 1.0, 0.0)
-            m_s, e_s = _lse_merge(m_s, e_s, tl.where(col_mask, x_s, float("-inf")), ones, 0)
-            m_t, e_t = _lse_merge(m_t, e_t, tl.where(col_mask, x_t, float("-inf")), ones, 0)
+            m_s, e_s = _lse_fold(m_s, e_s, x_s, col_mask)
+            m_t, e_t = _lse_fold(m_t, e_t, x_t, col_mask)
     tl.store(loss_ptr + slot, tl.sum(loss_acc, axis=0))
     tl.store(grad_s_ptr + slot * D_S + offs_d, grad_s, mask=offs_d < D_S)
     tl.store(grad_t_ptr + slot * D_T + offs_d, grad_t, mask=offs_d < D_T)

@@ -38,9 +38,9 @@ def cosine_matrix_reference(a: torch.Tensor, b: torch.Tensor, eps: float):
     return c, inv_a, inv_b
 
 
-def _unit_backward(x: torch.Tensor, inv: torch.Tensor, grad_unit: torch.Tensor, eps: float) -> torch.Tensor:
-    """∂L/∂x for x̂ = x·inv (inv = 1/max(‖x‖, eps)), given ∂L/∂x̂."""
-    unit = x.to(inv.dtype) * inv[:, None]
+def _unit_backward(x: torch.Tensor, unit: torch.Tensor, inv: torch.Tensor, grad_unit: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """∂L/∂x for x̂ = x·inv (inv = 1/max(‖x‖, eps)), given x̂ and ∂L/∂x̂."""
     projected = grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True)
     unclamped = (inv < 1.0 / eps)[:, None]  # the norm is above eps: the normalisation is differentiated
     return (torch.where(unclamped, projected, grad_unit) * inv[:, None]).to(x.dtype)
@@ -52,8 +52,8 @@ def cosine_matrix_backward(grad_c: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     grad_c = grad_c.to(inv_a.dtype)
     unit_a = a.to(inv_a.dtype) * inv_a[:, None]
     unit_b = b.to(inv_b.dtype) * inv_b[:, None]
-    grad_a = _unit_backward(a, inv_a, grad_c @ unit_b, eps) if need_a else None
-    grad_b = _unit_backward(b, inv_b, grad_c.T @ unit_a, eps) if need_b else None
+    grad_a = _unit_backward(a, unit_a, inv_a, grad_c @ unit_b, eps) if need_a else None
+    grad_b = _unit_backward(b, unit_b, inv_b, grad_c.T @ unit_a, eps) if need_b else None
     return grad_a, grad_b
 
 

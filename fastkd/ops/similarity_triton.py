@@ -14,6 +14,7 @@ import torch
 import triton
 
 from fastkd.kernels import similarity as kernels
+from fastkd.ops import cosine
 from fastkd.ops import similarity as ops
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -201,8 +202,6 @@ def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor):
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float):
     """fastkd::cosine_matrix: the inverse row norms, then one product with r_a[i]·r_b[j] in its epilogue."""
-    from fastkd.ops import cosine
-
     if torch.float64 in (a.dtype, b.dtype) or a.dtype != b.dtype:
         return cosine.cosine_matrix_reference(a, b, eps)
     inv_a, inv_b = cosine.inverse_norms(a, eps), cosine.inverse_norms(b, eps)

@@ -105,6 +105,11 @@ class Trainer:
         self.progress = sys.stderr.isatty() and distributed.is_main()
 
     # --- one epoch ----------------------------------------------------------------------------
+    def _autocast(self, cache: bool = True):
+        """The recipe's autocast (a no-op without AMP); ``cache=False`` inside a CUDA-graph capture."""
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                              cache_enabled=cache)
+
     def _batches(self, data: Iterable, epoch: int):
         if hasattr(data, "set_epoch"):
             data.set_epoch(epoch)
@@ -117,6 +122,7 @@ class Trainer:
         seen, start = 0, time.perf_counter()
         shown = start
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None
+        self._epoch = epoch  # read by _step (DKD's warm-up weight)
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
             images, target, *rest = batch
             lr = learning_rate(self.recipe, epoch + (step / steps if steps else 0.0))
@@ -126,7 +132,6 @@ class Trainer:
             # the first step of an epoch validates the batch's values (NaN, index ranges); the rest skip
             # those data-reading checks, which are host syncs on a GPU
             checks = contextlib.nullcontext() if step == 0 else value_checks(False)
-            self._epoch = epoch
             with checks:
                 if self.graph is not None:
                     self.lr.fill_(lr)
@@ -135,7 +140,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     total, parts = self._step(images, target, *rest)
             for name, value in (("loss", total), *parts.items()):
-                sums[name] = sums.get(name, 0) + value.detach().float() * images.shape[0]
+                sums[name] = sums.get(name, 0) + value.float() * images.shape[0]
             seen += images.shape[0]
             if self.progress and time.perf_counter() - shown > 1.0:
                 shown = time.perf_counter()
@@ -153,8 +158,7 @@ class Trainer:
     def _step(self, images: torch.Tensor, target: torch.Tensor, *rest) -> tuple[torch.Tensor, dict]:
         """Forward, backward and optimiser update of one batch (gradients already reset); no host
         sync, so :class:`GraphedStep` can capture it. Returns the detached total and terms."""
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
-                            cache_enabled=self.graph is None):
+        with self._autocast(cache=self.graph is None):
             total, parts, _ = self.step_module(images, target, *rest, epoch=self._epoch)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
@@ -171,7 +175,7 @@ class Trainer:
             modules.train()
             total, seen = 0.0, 0
             for images, *_ in self._batches(self.train_data, epoch):
-                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                with self._autocast():
                     loss = loss_fn(images)
                 optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -195,7 +199,7 @@ class Trainer:
         hits: dict[str, list] = {}
         seen = 0
         for images, target, *_ in self._batches(data if data is not None else self.test_data, 0):
-            with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            with self._autocast():
                 heads = outputs(images)
             for name, logits in heads.items():
                 hit1, hit5 = accuracy(logits.float(), target)
@@ -203,13 +207,14 @@ class Trainer:
                 total[0], total[1] = total[0] + hit1, total[1] + hit5
             seen += images.shape[0]
         student.train(was)
-        result = {}
-        for name, (hit1, hit5) in (hits or {"": (0, 0)}).items():  # the ranks saw slices: sum their counts
-            counts = distributed.reduce_sums({"top1": hit1, "top5": hit5, "seen": seen})
+        # the ranks saw slices: one all-reduce of every head's counts
+        counts = {"seen": seen}
+        for name, (hit1, hit5) in (hits or {"": (0, 0)}).items():
             prefix = f"{name}_" if name else ""
-            total = max(float(counts["seen"]), 1.0)
-            result[f"{prefix}top1"] = 100.0 * float(counts["top1"]) / total
-            result[f"{prefix}top5"] = 100.0 * float(counts["top5"]) / total
+            counts[f"{prefix}top1"], counts[f"{prefix}top5"] = hit1, hit5
+        counts = distributed.reduce_sums(counts)
+        total = max(float(counts.pop("seen")), 1.0)
+        result = {key: 100.0 * float(value) / total for key, value in counts.items()}
         return result
 
     # --- the run ------------------------------------------------------------------------------
