@@ -102,20 +102,21 @@ def _nu(n, eps, ADDITIVE: tl.constexpr):
 
 
 @triton.jit
+def _cosine_row(g_ptr, i, B, eps, ADDITIVE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Row i of G with what c_ij = G_ij / (ν_i ν_j) needs: (row, cols, mask, 1/(ν_i ν_j), ν_i, dν_i/dG_ii)."""
+    row, cols, mask, diag = _row(g_ptr, i, B, BLOCK_B)
+    nu, _ = _nu(tl.sqrt(tl.maximum(diag, 0.0)), eps, ADDITIVE)
+    nu_i, dnu_i = _nu(tl.sqrt(tl.maximum(tl.load(g_ptr + i * (B + 1)).to(tl.float32), 0.0)), eps, ADDITIVE)
+    return row, cols, mask, 1.0 / (nu_i * nu), nu_i, dnu_i
+
+
+@triton.jit
 def cckd_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, fs_ptr, ft_ptr, loss_ptr, coef_ptr, B, scale, eps,
                      ORDER: tl.constexpr, BLOCK_B: tl.constexpr):
     """CCKD: c = G/(ν_i ν_j), k = Σ_p coef_p c^p; loss_i = Σ_j (k_s − k_t)²; D = ±scale·(k_s − k_t)·k'(c)/(ν_i ν_j)."""
     i = tl.program_id(0)
-    rs, cols, mask, diag_s = _row(gs_ptr, i, B, BLOCK_B)
-    rt, _, _, diag_t = _row(gt_ptr, i, B, BLOCK_B)
-    nu_s, _ = _nu(tl.sqrt(tl.maximum(diag_s, 0.0)), eps, False)
-    nu_t, _ = _nu(tl.sqrt(tl.maximum(diag_t, 0.0)), eps, False)
-    gii_s = tl.load(gs_ptr + i * (B + 1)).to(tl.float32)
-    gii_t = tl.load(gt_ptr + i * (B + 1)).to(tl.float32)
-    nui_s, dnui_s = _nu(tl.sqrt(tl.maximum(gii_s, 0.0)), eps, False)
-    nui_t, dnui_t = _nu(tl.sqrt(tl.maximum(gii_t, 0.0)), eps, False)
-    inv_s = 1.0 / (nui_s * nu_s)
-    inv_t = 1.0 / (nui_t * nu_t)
+    rs, cols, mask, inv_s, nui_s, dnui_s = _cosine_row(gs_ptr, i, B, eps, False, BLOCK_B)
+    rt, _, _, inv_t, nui_t, dnui_t = _cosine_row(gt_ptr, i, B, eps, False, BLOCK_B)
     cs = rs * inv_s
     ct = rt * inv_t
     top = tl.load(coef_ptr + ORDER)
@@ -142,16 +143,8 @@ def pkt_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, fs_ptr, ft_ptr, loss_ptr, B,
     """PKT: P = rows of (c + 1)/2 normalised to sum 1; loss_i = Σ_j P_t log((P_t + ε)/(P_s + ε)); D through
     the row sums, (c + 1)/2 and c = G/(ν_i ν_j)."""
     i = tl.program_id(0)
-    rs, cols, mask, diag_s = _row(gs_ptr, i, B, BLOCK_B)
-    rt, _, _, diag_t = _row(gt_ptr, i, B, BLOCK_B)
-    nu_s, _ = _nu(tl.sqrt(tl.maximum(diag_s, 0.0)), eps, True)
-    nu_t, _ = _nu(tl.sqrt(tl.maximum(diag_t, 0.0)), eps, True)
-    gii_s = tl.load(gs_ptr + i * (B + 1)).to(tl.float32)
-    gii_t = tl.load(gt_ptr + i * (B + 1)).to(tl.float32)
-    nui_s, dnui_s = _nu(tl.sqrt(tl.maximum(gii_s, 0.0)), eps, True)
-    nui_t, dnui_t = _nu(tl.sqrt(tl.maximum(gii_t, 0.0)), eps, True)
-    inv_s = 1.0 / (nui_s * nu_s)
-    inv_t = 1.0 / (nui_t * nu_t)
+    rs, cols, mask, inv_s, nui_s, dnui_s = _cosine_row(gs_ptr, i, B, eps, True, BLOCK_B)
+    rt, _, _, inv_t, nui_t, dnui_t = _cosine_row(gt_ptr, i, B, eps, True, BLOCK_B)
     ss = tl.where(mask, (rs * inv_s + 1.0) * 0.5, 0.0)
     st = tl.where(mask, (rt * inv_t + 1.0) * 0.5, 0.0)
     tot_s = tl.sum(ss, axis=0)
