@@ -43,18 +43,25 @@ def _log_add_exp(a, b):
 
 
 @triton.jit
-def kd_forward_kernel(s_ptr, t_ptr, stats_ptr, C, stride_s, stride_t, inv_t, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
-    offs = tl.arange(0, BLOCK)
+def _lse_pair(s_row, t_row, C, skip, inv_t, offs, BLOCK: tl.constexpr):
+    """log Σ exp(z/T) of the student and teacher rows over columns < C other than ``skip`` (−1: none),
+    one online pass over BLOCK-wide chunks."""
     m_s = tl.max(tl.full([BLOCK], _LOWEST, tl.float32), axis=0)
     m_t, l_s, l_t = m_s, m_s * 0.0, m_s * 0.0
     for start in range(0, C, BLOCK):
         cols = start + offs
-        mask = cols < C
+        mask = (cols < C) & (cols != skip)
         m_s, l_s = _online_lse(m_s, l_s, _load_scaled(s_row, cols, mask, inv_t, float("-inf")))
         m_t, l_t = _online_lse(m_t, l_t, _load_scaled(t_row, cols, mask, inv_t, float("-inf")))
-    lse_s, lse_t = m_s + tl.log(l_s), m_t + tl.log(l_t)
+    return m_s + tl.log(l_s), m_t + tl.log(l_t)
+
+
+@triton.jit
+def kd_forward_kernel(s_ptr, t_ptr, stats_ptr, C, stride_s, stride_t, inv_t, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row, t_row = s_ptr + row * stride_s, t_ptr + row * stride_t
+    offs = tl.arange(0, BLOCK)
+    lse_s, lse_t = _lse_pair(s_row, t_row, C, -1, inv_t, offs, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         cols = start + offs
@@ -107,14 +114,7 @@ def dkd_forward_kernel(s_ptr, t_ptr, y_ptr, stats_ptr, C, stride_s, stride_t, in
     zg_s = tl.load(s_row + g, mask=valid, other=0.0).to(tl.float32) * inv_t
     zg_t = tl.load(t_row + g, mask=valid, other=0.0).to(tl.float32) * inv_t
     offs = tl.arange(0, BLOCK)
-    m_s = tl.max(tl.full([BLOCK], _LOWEST, tl.float32), axis=0)
-    m_t, l_s, l_t = m_s, m_s * 0.0, m_s * 0.0
-    for start in range(0, C, BLOCK):
-        cols = start + offs
-        mask = (cols < C) & (cols != g)
-        m_s, l_s = _online_lse(m_s, l_s, _load_scaled(s_row, cols, mask, inv_t, float("-inf")))
-        m_t, l_t = _online_lse(m_t, l_t, _load_scaled(t_row, cols, mask, inv_t, float("-inf")))
-    other_s, other_t = m_s + tl.log(l_s), m_t + tl.log(l_t)
+    other_s, other_t = _lse_pair(s_row, t_row, C, g, inv_t, offs, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         cols = start + offs
