@@ -73,8 +73,9 @@ def pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, same_sha
         raise ValueError(f"{name_b} has shape {tuple(b.shape)} but {name_a} has {tuple(a.shape)}; they must match")
     if same_batch and a.shape[:1] != b.shape[:1]:
         raise ValueError(f"{name_b} has batch size {b.shape[0]} but {name_a} has {a.shape[0]}; they must match")
-    finite(name_a, a)
-    finite(name_b, b)
+    if values_checked():
+        finite(name_a, a)
+        finite(name_b, b)
 
 
 def min_batch(name: str, x: torch.Tensor, least: int, why: str) -> None:

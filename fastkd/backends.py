@@ -21,6 +21,8 @@ import importlib.util
 import os
 from typing import Callable, Iterator
 
+import torch
+
 NAMES = ("torch", "native", "triton")
 _CHOICES = NAMES + ("auto",)
 _AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
@@ -57,8 +59,6 @@ def triton_available() -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -107,6 +107,7 @@ def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("c
     if backend not in NAMES:
         raise ValueError(f"register: unknown backend {backend!r}")
     _impls.setdefault(op, {})[backend] = (fn, tuple(devices), available)
+    _chosen.clear()
     return fn
 
 
@@ -127,9 +128,25 @@ def implementations(op: str, device_type: str | None = None) -> list[str]:
     return found
 
 
+# choose()'s answers, by everything that can change them while the process runs (the registry clears
+# it; the native library's availability is settled by the first lookup): every op call asks, and
+# working the answer out costs several times what a small fused op takes on a CPU.
+_chosen: dict[tuple, str] = {}
+
+
 def choose(op: str, device_type: str) -> str:
     """The backend that runs ``op`` on tensors of ``device_type`` under the current selection."""
     name = current()
+    if torch.compiler.is_compiling():
+        return _choose(op, device_type, name)
+    key = (op, device_type, name, os.environ.get("TRITON_INTERPRET"))
+    found = _chosen.get(key)
+    if found is None:
+        found = _chosen[key] = _choose(op, device_type, name)
+    return found
+
+
+def _choose(op: str, device_type: str, name: str) -> str:
     impls = implementations(op, device_type)
     if name == "auto":
         return next((c for c in _AUTO_ORDER.get(device_type, ()) if c in impls), "torch")

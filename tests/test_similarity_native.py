@@ -51,6 +51,23 @@ def test_zero_rows(name):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("eps", [1e-7, 1e-3])
+def test_pkt_log_ratios_over_many_decades(eps):
+    """PKT's vectorised fp32 log over ratios (P_t + eps) / (P_s + eps) from ~1 to ~1/eps: antipodal student
+    rows (one-hot rows and their negatives) make S_s = (c + 1) / 2 vanish to within rounding. Where S_s is
+    that small the fp32 result depends on how the norms round (the ε in ‖x‖ + ε moves it by ~1e-7), so the
+    oracle is the torch contract evaluated in fp32 too, whose logs are torch's."""
+    basis = torch.eye(6)
+    student = [basis[k] for k in range(6)] + [-basis[k] for k in range(5)] + [3 * basis[0] + 4 * basis[1]]
+    f_s = torch.stack(student)  # 12 rows: a partial last pack
+    f_t = torch.randint(0, 4, (12, 9), generator=torch.Generator().manual_seed(0)).float()  # cosines ≥ 0
+    want = similarity.pkt_with_grad_reference(f_s, f_t, eps)
+    got = torch.ops.fastkd.pkt_loss(f_s, f_t, eps)
+    assert rel(got[0], want[0]) <= 1e-5
+    for m, w in zip(got[1:], want[1:]):
+        assert rel(m, w, floor=1e-8) <= 1e-5
+
+
 def test_cckd_orders():
     f_s, f_t = pair(9, 12, 7, torch.float32, seed=2)
     for order in (0, 1, 4):

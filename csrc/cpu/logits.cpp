@@ -5,10 +5,8 @@
 // a few passes that stay in cache: forward = max, Σ exp, KL terms (2 exponentials per class);
 // backward = one pass (2 exponentials per class). Nothing of size B×C is allocated besides the gradients.
 //
-// The inner loops run on 32-byte packs (GCC / Clang vector extensions) with a branch-free polynomial
-// exponential; they are compiled twice, for AVX2 + FMA and for the baseline ISA, and picked at run time.
-// (ATen's at::vec vectorises its exponential only inside ATen's own per-ISA builds: an extension compiled
-// once gets the scalar fallback, std::exp per lane.)
+// The inner loops run on the packs of vec.h (a branch-free polynomial exponential), compiled for AVX2 + FMA
+// and for the baseline ISA and picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -23,93 +21,18 @@
 #include <vector>
 
 #include "ops.h"
-
-#define FASTKD_INLINE inline __attribute__((always_inline))
+#include "vec.h"
 
 namespace fastkd::cpu {
 namespace {
+
+using namespace vec;
 
 // Stands in for the target class where a loop must skip it: exp(kMasked − m) is 0 and differences stay finite.
 constexpr double kMasked = -1e30;
 constexpr double kTargetShift = 1000.0;  // mdistiller's −1000 on the target logit (NCKD)
 // Elements a thread should get at least before the rows are split.
 constexpr int64_t kGrainElements = 16384;
-
-// 32-byte packs of accumulators (GCC / Clang vector extensions): one AVX register, or two SSE ones.
-template <typename T>
-struct Pack;
-template <>
-struct Pack<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t bits __attribute__((vector_size(32)));
-  static constexpr int width = 8;
-};
-template <>
-struct Pack<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int width = 4;
-};
-template <typename T>
-using pack = typename Pack<T>::type;
-template <typename T>
-constexpr int kWidth = Pack<T>::width;
-
-template <typename T>
-FASTKD_INLINE pack<T> splat(T x) {
-  return pack<T>{} + x;
-}
-
-// ``count`` (≤ width) values from p; the other lanes hold ``pad``.
-template <typename T>
-FASTKD_INLINE pack<T> load(const T* p, int64_t count, T pad) {
-  pack<T> v = splat(pad);
-  std::memcpy(&v, p, sizeof(T) * count);
-  return v;
-}
-
-template <typename T>
-FASTKD_INLINE void store(T* p, pack<T> v, int64_t count) {
-  std::memcpy(p, &v, sizeof(T) * count);
-}
-
-template <typename T>
-FASTKD_INLINE T lane_sum(pack<T> v) {
-  T total = 0;
-  for (int j = 0; j < kWidth<T>; ++j) total += v[j];
-  return total;
-}
-
-// body(c, count) for the packs of a row of n: full packs, then one partial pack.
-template <typename T, typename Body>
-FASTKD_INLINE void for_packs(int64_t n, Body&& body) {
-  int64_t c = 0;
-  for (; c + kWidth<T> <= n; c += kWidth<T>) body(c, kWidth<T>);
-  if (c < n) body(c, n - c);
-}
-
-// exp(x) in fp32 for x ≤ 88: x = n·ln2 + r with |r| ≤ ln2/2, exp(r) by its degree-7 Taylor polynomial
-// (relative error < 1e-8 on that interval), 2^n through the exponent bits; 0 below −87.3 (no subnormals).
-FASTKD_INLINE pack<float> exp_pack(pack<float> x) {
-  const pack<float> lowest = splat(-87.3f);
-  const pack<float> xc = x < lowest ? lowest : x;
-  const pack<float> n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const pack<float> r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-  pack<float> p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const Pack<float>::bits exponent = (__builtin_convertvector(n, Pack<float>::bits) + 127) << 23;
-  return x < lowest ? splat(0.0f) : p * reinterpret_cast<const pack<float>&>(exponent);
-}
-
-FASTKD_INLINE pack<double> exp_pack(pack<double> x) {
-  for (int j = 0; j < kWidth<double>; ++j) x[j] = std::exp(x[j]);
-  return x;
-}
 
 template <typename acc_t>
 FASTKD_INLINE acc_t log_add_exp(acc_t a, acc_t b) {
@@ -347,32 +270,13 @@ struct DkdBackward {
   }
 };
 
-// The same kernel compiled for AVX2 + FMA and for the baseline ISA; the AVX2 one runs where the CPU has it.
-template <typename Kernel, typename... Args>
-__attribute__((target("avx2,fma"))) void run_avx2(Args... args) {
-  Kernel::run(args...);
-}
-
-template <typename Kernel, typename... Args>
-void run_baseline(Args... args) {
-  Kernel::run(args...);
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
 template <typename Kernel, typename... Args>
 void run_rows(int64_t rows, int64_t classes, int64_t buffers, Args... args) {
   using acc_t = typename Kernel::acc_type;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(classes, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(static_cast<size_t>(buffers * classes));
-    if (has_avx2())
-      run_avx2<Kernel>(args..., buf.data(), begin, end);
-    else
-      run_baseline<Kernel>(args..., buf.data(), begin, end);
+    vec::run_vectorized<Kernel>(args..., buf.data(), begin, end);
   });
 }
 

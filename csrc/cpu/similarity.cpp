@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "vec.h"
 
 namespace fastkd::cpu {
 namespace {
@@ -182,6 +183,62 @@ double cckd_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int
   return sum_rows(rows) / static_cast<double>(b * b);
 }
 
+// PKT's rows, on vec.h's packs: pass 1 S = (c + 1) / 2 (kept in the output rows) and its row sums; pass 2
+// P = S / ΣS, the loss terms P_t log((P_t + eps) / (P_s + eps)) and dL/dP; pass 3 back through the row sums,
+// S and c = G / (nu_i nu_j). Writes rows[i] = row i's loss; M is finished by the caller.
+template <typename acc_t>
+struct PktRows {
+  // v with the lanes from ``count`` on set to 0 (the padding of a row's last, partial pack)
+  static FASTKD_INLINE vec::pack<acc_t> valid(vec::pack<acc_t> v, int64_t count) {
+    for (int64_t j = count; j < vec::kWidth<acc_t>; ++j) v[j] = 0;
+    return v;
+  }
+
+  static FASTKD_INLINE void run(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, const acc_t* ris,
+                                const acc_t* rit, int64_t b, acc_t eps, acc_t inv_bb, double* rows, int64_t begin,
+                                int64_t end) {
+    using vec::load;
+    using vec::pack;
+    using vec::store;
+    const acc_t one = 1, half = 0.5;
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t *rs = gs + i * b, *rt = gt + i * b;
+      acc_t *out_s = ms + i * b, *out_t = mt + i * b;
+      const acc_t ri_s = ris[i], ri_t = rit[i];
+      pack<acc_t> tot_s = vec::splat(acc_t(0)), tot_t = tot_s;
+      vec::for_packs<acc_t>(b, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+        const pack<acc_t> ss = (load(rs + c, count, one) * ri_s * load(ris + c, count, one) + one) * half;
+        const pack<acc_t> st = (load(rt + c, count, one) * ri_t * load(rit + c, count, one) + one) * half;
+        store(out_s + c, ss, count);
+        store(out_t + c, st, count);
+        tot_s += valid(ss, count);
+        tot_t += valid(st, count);
+      });
+      const acc_t inv_tot_s = one / vec::lane_sum<acc_t>(tot_s), inv_tot_t = one / vec::lane_sum<acc_t>(tot_t);
+      pack<acc_t> loss = vec::splat(acc_t(0)), inner_s = loss, inner_t = loss;
+      vec::for_packs<acc_t>(b, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+        const pack<acc_t> ps = load(out_s + c, count, one) * inv_tot_s;
+        const pack<acc_t> pt = load(out_t + c, count, one) * inv_tot_t;
+        const pack<acc_t> inv_s = one / (ps + eps), inv_t = one / (pt + eps);
+        const pack<acc_t> log_ratio = vec::log_pack((pt + eps) * inv_s);
+        const pack<acc_t> dps = -pt * inv_s * inv_bb, dpt = (log_ratio + pt * inv_t) * inv_bb;
+        store(out_s + c, dps, count);
+        store(out_t + c, dpt, count);
+        loss += valid(pt * log_ratio, count);
+        inner_s += valid(dps * ps, count);
+        inner_t += valid(dpt * pt, count);
+      });
+      const acc_t sum_s = vec::lane_sum<acc_t>(inner_s), sum_t = vec::lane_sum<acc_t>(inner_t);
+      const acc_t k_s = inv_tot_s * half * ri_s, k_t = inv_tot_t * half * ri_t;
+      vec::for_packs<acc_t>(b, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+        store(out_s + c, (load(out_s + c, count, one) - sum_s) * (k_s * load(ris + c, count, one)), count);
+        store(out_t + c, (load(out_t + c, count, one) - sum_t) * (k_t * load(rit + c, count, one)), count);
+      });
+      rows[i] = static_cast<double>(vec::lane_sum<acc_t>(loss));
+    }
+  }
+};
+
 template <typename acc_t>
 double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b, double eps_d) {
   const acc_t eps = static_cast<acc_t>(eps_d), inv_bb = acc_t(1) / static_cast<acc_t>(b * b);
@@ -191,40 +248,8 @@ double pkt_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int6
   const std::vector<acc_t> ris = reciprocals(nus), rit = reciprocals(nut);
   std::vector<double> rows(b);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* rs = gs + i * b;
-      const acc_t* rt = gt + i * b;
-      acc_t* out_s = ms + i * b;
-      acc_t* out_t = mt + i * b;
-      acc_t tot_s = 0, tot_t = 0;
-      for (int64_t j = 0; j < b; ++j) {  // S = (c + 1) / 2, kept in the output rows
-        out_s[j] = (rs[j] * ris[i] * ris[j] + acc_t(1)) * acc_t(0.5);
-        out_t[j] = (rt[j] * rit[i] * rit[j] + acc_t(1)) * acc_t(0.5);
-        tot_s += out_s[j];
-        tot_t += out_t[j];
-      }
-      const acc_t inv_tot_s = acc_t(1) / tot_s, inv_tot_t = acc_t(1) / tot_t;
-      acc_t loss = 0, inner_s = 0, inner_t = 0;
-      for (int64_t j = 0; j < b; ++j) {
-        const acc_t ps = out_s[j] * inv_tot_s;
-        const acc_t pt = out_t[j] * inv_tot_t;
-        const acc_t inv_s = acc_t(1) / (ps + eps), inv_t = acc_t(1) / (pt + eps);
-        const acc_t log_ratio = std::log((pt + eps) * inv_s);
-        loss += pt * log_ratio;
-        const acc_t dps = -pt * inv_s * inv_bb;
-        const acc_t dpt = (log_ratio + pt * inv_t) * inv_bb;
-        out_s[j] = dps;
-        out_t[j] = dpt;
-        inner_s += dps * ps;
-        inner_t += dpt * pt;
-      }
-      // through the row sums (P = S / sum S), S = (c + 1) / 2 and c = G / (nu_i nu_j)
-      for (int64_t j = 0; j < b; ++j) {
-        out_s[j] = (out_s[j] - inner_s) * (inv_tot_s * acc_t(0.5) * ris[i] * ris[j]);
-        out_t[j] = (out_t[j] - inner_t) * (inv_tot_t * acc_t(0.5) * rit[i] * rit[j]);
-      }
-      rows[i] = static_cast<double>(loss);
-    }
+    vec::run_vectorized<PktRows<acc_t>>(gs, gt, ms, mt, ris.data(), rit.data(), b, eps, inv_bb, rows.data(), begin,
+                                        end);
   });
   symmetrize(ms, b);
   symmetrize(mt, b);

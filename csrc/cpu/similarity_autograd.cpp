@@ -17,13 +17,18 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+using Out2 = std::tuple<at::Tensor, at::Tensor>;
 using Out3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
 // The op below autograd, through the dispatcher (so that fake tensors reach their fake kernel and
-// modes see the call), under the guard that excludes the autograd keys.
+// modes see the call), under the guard that excludes the autograd keys. Each caller looks its op up once.
 template <typename Sig, typename... Args>
-auto below_autograd(const char* name, Args&&... args) {
-  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+auto below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(std::forward<Args>(args)...);
 }
@@ -55,7 +60,8 @@ variable_list relation_backward(AutogradContext* ctx, const variable_list& grads
 
 struct SpFunction : public torch::autograd::Function<SpFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t) {
-    auto [loss, ms, mt] = below_autograd<Out3(const at::Tensor&, const at::Tensor&)>("fastkd::sp_loss", f_s, f_t);
+    static const auto op = find_op<Out3(const at::Tensor&, const at::Tensor&)>("fastkd::sp_loss");
+    auto [loss, ms, mt] = below_autograd(op, f_s, f_t);
     save(ctx, f_s, f_t, {ms, mt});
     return {loss, ms, mt};
   }
@@ -65,8 +71,8 @@ struct SpFunction : public torch::autograd::Function<SpFunction> {
 struct CckdFunction : public torch::autograd::Function<CckdFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& e_s, const at::Tensor& e_t, double gamma,
                                int64_t order) {
-    auto [loss, ms, mt] = below_autograd<Out3(const at::Tensor&, const at::Tensor&, double, int64_t)>(
-        "fastkd::cckd_loss", e_s, e_t, gamma, order);
+    static const auto op = find_op<Out3(const at::Tensor&, const at::Tensor&, double, int64_t)>("fastkd::cckd_loss");
+    auto [loss, ms, mt] = below_autograd(op, e_s, e_t, gamma, order);
     save(ctx, e_s, e_t, {ms, mt});
     return {loss, ms, mt};
   }
@@ -75,8 +81,8 @@ struct CckdFunction : public torch::autograd::Function<CckdFunction> {
 
 struct PktFunction : public torch::autograd::Function<PktFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t, double eps) {
-    auto [loss, ms, mt] = below_autograd<Out3(const at::Tensor&, const at::Tensor&, double)>("fastkd::pkt_loss", f_s,
-                                                                                               f_t, eps);
+    static const auto op = find_op<Out3(const at::Tensor&, const at::Tensor&, double)>("fastkd::pkt_loss");
+    auto [loss, ms, mt] = below_autograd(op, f_s, f_t, eps);
     save(ctx, f_s, f_t, {ms, mt});
     return {loss, ms, mt};
   }
@@ -85,8 +91,8 @@ struct PktFunction : public torch::autograd::Function<PktFunction> {
 
 struct RkdDistanceFunction : public torch::autograd::Function<RkdDistanceFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t) {
-    auto [loss, ms] = below_autograd<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>(
-        "fastkd::rkd_distance_loss", f_s, f_t);
+    static const auto op = find_op<Out2(const at::Tensor&, const at::Tensor&)>("fastkd::rkd_distance_loss");
+    auto [loss, ms] = below_autograd(op, f_s, f_t);
     save(ctx, f_s, f_t, {ms});
     return {loss, ms};
   }
@@ -95,8 +101,8 @@ struct RkdDistanceFunction : public torch::autograd::Function<RkdDistanceFunctio
 
 struct NstFunction : public torch::autograd::Function<NstFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t) {
-    auto [loss, grad_s, grad_t] = below_autograd<Out3(const at::Tensor&, const at::Tensor&)>("fastkd::nst_loss", f_s,
-                                                                                            f_t);
+    static const auto op = find_op<Out3(const at::Tensor&, const at::Tensor&)>("fastkd::nst_loss");
+    auto [loss, grad_s, grad_t] = below_autograd(op, f_s, f_t);
     ctx->save_for_backward({grad_s, grad_t});
     ctx->mark_non_differentiable({grad_s, grad_t});
     return {loss, grad_s, grad_t};

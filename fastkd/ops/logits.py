@@ -291,7 +291,7 @@ def kd(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> to
     """The KD loss on the chosen backend: the published computation for ``torch``, else the fused op."""
     if choose("kd_loss", logits_s.device.type) == "torch":
         return kd_reference(logits_s, logits_t, temperature)
-    return torch.ops.fastkd.kd_loss(logits_s, logits_t, temperature)[0]
+    return torch.ops.fastkd.kd_loss.default(logits_s, logits_t, temperature)[0]
 
 
 def dkd(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
@@ -299,4 +299,4 @@ def dkd(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, al
     """The DKD loss on the chosen backend: the published computation for ``torch``, else the fused op."""
     if choose("dkd_loss", logits_s.device.type) == "torch":
         return dkd_reference(logits_s, logits_t, target, alpha, beta, temperature)
-    return torch.ops.fastkd.dkd_loss(logits_s, logits_t, target, alpha, beta, temperature)[0]
+    return torch.ops.fastkd.dkd_loss.default(logits_s, logits_t, target, alpha, beta, temperature)[0]
