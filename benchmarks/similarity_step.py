@@ -1,4 +1,4 @@
-"""One step of a batch-relation loss (SP, CCKD, PKT, RKD distance, NST) at a benchmark size, per provider.
+"""One step of a batch-relation loss (SP, CCKD, PKT, RKD distance, RKD angle, NST) at a benchmark size, per provider.
 
 Used by benchmarks/test_similarity.py, and as a script to measure one provider's peak extra memory in a
 fresh process (``python benchmarks/similarity_step.py LOSS PROVIDER SIZE`` prints bytes): the peak resident
@@ -29,6 +29,7 @@ SIZES = {
         "cckd": ((64, 128), (64, 128)),
         "pkt": ((64, 128), (64, 128)),
         "rkd_distance": ((64, 128), (64, 128)),
+        "rkd_angle": ((64, 128), (64, 128)),
         "nst": ((64, 256, 8, 8), (64, 256, 8, 8)),
     },
     "gpu": {
@@ -36,6 +37,7 @@ SIZES = {
         "cckd": ((256, 16384), (256, 16384)),
         "pkt": ((256, 16384), (256, 16384)),
         "rkd_distance": ((256, 16384), (256, 16384)),
+        "rkd_angle": ((256, 16384), (256, 16384)),
         "nst": ((256, 256, 8, 8), (256, 256, 8, 8)),
     },
 }
@@ -46,8 +48,13 @@ def _rkd_distance(f_s, f_t):
     return sim._rkd_distance(f_s, f_t, f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1))
 
 
+def _rkd_angle(f_s, f_t):
+    """RKD's angle term alone."""
+    return sim._rkd_angle(f_s, f_t, f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1))
+
+
 LOSSES = {"sp": fk.sp_loss, "cckd": fk.cckd_loss, "pkt": fk.pkt_loss, "rkd_distance": _rkd_distance,
-          "nst": fk.nst_loss}
+          "rkd_angle": _rkd_angle, "nst": fk.nst_loss}
 
 
 def make_step(loss: str, provider: str, size: str, mode: str, device: str = "cpu"):

@@ -1,4 +1,4 @@
-"""Batch-relation loss benchmarks (SP, CCKD, PKT, RKD distance, NST): the published computation (torch
+"""Batch-relation loss benchmarks (SP, CCKD, PKT, RKD distance and angle, NST): the published computation (torch
 backend) vs fastkd's fused ops, side by side, forward / backward / full step.
 
     OMP_NUM_THREADS=1 bash scripts/dev bench benchmarks/test_similarity.py \\

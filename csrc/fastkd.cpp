@@ -23,6 +23,7 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("cckd_loss", &fastkd::cpu::cckd_loss);
   m.impl("pkt_loss", &fastkd::cpu::pkt_loss);
   m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss);
+  m.impl("rkd_angle_loss", &fastkd::cpu::rkd_angle_loss);
   m.impl("nst_loss", &fastkd::cpu::nst_loss);
 }
 
@@ -35,5 +36,6 @@ TORCH_LIBRARY_IMPL(fastkd, AutogradCPU, m) {
   m.impl("cckd_loss", &fastkd::cpu::cckd_loss_autograd);
   m.impl("pkt_loss", &fastkd::cpu::pkt_loss_autograd);
   m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss_autograd);
+  m.impl("rkd_angle_loss", &fastkd::cpu::rkd_angle_loss_autograd);
   m.impl("nst_loss", &fastkd::cpu::nst_loss_autograd);
 }

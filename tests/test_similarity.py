@@ -198,8 +198,15 @@ def test_cckd_embeds():
     close(loss(f_s, f_t), cckd_ref(e_s, e_t, 0.5, 3))
 
 
+@pytest.fixture(params=["torch", "auto"])
+def backend(request):
+    """The eager published computation, and the fused ops (native on CPU when built)."""
+    with fastkd.use_backend(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("b,shape_s,shape_t", [(2, (3,), (4,)), (3, (2, 2, 1), (5,)), (5, (7,), (3, 3))])
-def test_rkd_matches_loop_reference_and_published(b, shape_s, shape_t):
+def test_rkd_matches_loop_reference_and_published(b, shape_s, shape_t, backend):
     f_s, f_t = rand(b, *shape_s, seed=15), rand(b, *shape_t, seed=16)
     expected = rkd_ref(arr(f_s), arr(f_t))
     close(fk.rkd_loss(f_s, f_t), expected, rel=1e-9)
@@ -208,13 +215,13 @@ def test_rkd_matches_loop_reference_and_published(b, shape_s, shape_t):
     close(fk.rkd_loss(f_s, f_t, w_dist=2.0, w_angle=0.5), rkd_ref(arr(f_s), arr(f_t), 2.0, 0.5), rel=1e-9)
 
 
-def test_rkd_teacher_side_has_no_gradient():
+def test_rkd_teacher_side_has_no_gradient(backend):
     f_s, f_t = rand(4, 5, seed=17).requires_grad_(), rand(4, 6, seed=18).requires_grad_()
     fk.rkd_loss(f_s, f_t).backward()
     assert f_t.grad is None and float(f_s.grad.abs().sum()) > 0
 
 
-def test_rkd_with_duplicated_rows_is_finite_and_matches_published():
+def test_rkd_with_duplicated_rows_is_finite_and_matches_published(backend):
     base = rand(3, 4, seed=19)
     f_s = torch.cat([base, base[:2]]).requires_grad_()       # rows 3, 4 repeat rows 0, 1
     f_t = torch.cat([rand(4, 5, seed=20), rand(4, 5, seed=20)[:1]])

@@ -1,5 +1,6 @@
 """The native CPU kernels of the batch-relation ops against their torch contracts (fastkd.ops.similarity,
-fastkd.ops.nst), run in float64: values, both M matrices / gradients, odd batch sizes, every dtype."""
+fastkd.ops.nst), run in float64: values, both M matrices / gradients, odd batch sizes, every dtype; RKD's
+angle term with duplicated rows and any thread count."""
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from fastkd.ops import nst, similarity
 pytestmark = pytest.mark.native
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 2), "pkt_loss": (1e-7,), "rkd_distance_loss": ()}
+EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 2), "pkt_loss": (1e-7,), "rkd_distance_loss": (), "rkd_angle_loss": ()}
 
 
 def rel(got, want, floor=0.0):
@@ -23,7 +24,7 @@ def pair(b, d_s, d_t, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("b", [1, 3, 17, 64])
+@pytest.mark.parametrize("b", [1, 2, 3, 17, 64])
 @pytest.mark.parametrize("name", EXTRA)
 def test_matches_contract(name, b, dtype):
     if name == "rkd_distance_loss" and b == 1:
@@ -68,6 +69,35 @@ def test_pkt_log_ratios_over_many_decades(eps):
         assert rel(m, w, floor=1e-8) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rkd_angle_duplicated_rows(dtype):
+    """Exact duplicates (student rows 5, 6 = rows 0, 3; teacher row 6 = row 2) and a zero row: the contract's zero
+    differences, no NaN."""
+    f_s, f_t = pair(7, 9, 5, dtype, seed=3)
+    f_s[5], f_s[6], f_t[6] = f_s[0], f_s[3], f_t[2]
+    f_s[1] = 0
+    want = similarity.rkd_angle_with_grad_reference(f_s.double(), f_t.double())
+    got = torch.ops.fastkd.rkd_angle_loss(f_s, f_t)
+    assert all(torch.isfinite(g).all() for g in got)
+    assert rel(got[0], want[0]) <= TOL[dtype] and rel(got[1], want[1]) <= TOL[dtype]
+
+
+def test_rkd_angle_does_not_depend_on_the_thread_count():
+    """Integer-valued inputs, so that the Grams are exact whatever BLAS's blocking (its sums may depend on the
+    thread count): the epilogue's sums run in a fixed order."""
+    f_s, f_t = (x.round().clamp(-4, 4) for x in pair(37, 20, 12, torch.float32, seed=4))
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.fastkd.rkd_angle_loss(f_s, f_t))
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out[0], outs[0][0]) and torch.equal(out[1], outs[0][1])
+
+
 def test_cckd_orders():
     f_s, f_t = pair(9, 12, 7, torch.float32, seed=2)
     for order in (0, 1, 4):
@@ -97,5 +127,7 @@ def test_errors():
         torch.ops.fastkd.pkt_loss(f, torch.randn(4, 3, 1), 1e-7)
     with pytest.raises(RuntimeError, match="order"):
         torch.ops.fastkd.cckd_loss(f, f, 0.4, -1)
+    with pytest.raises(RuntimeError, match="rkd_angle_loss: student and teacher dtypes differ"):
+        torch.ops.fastkd.rkd_angle_loss(f, f.double())
     with pytest.raises(RuntimeError, match="HW"):
         torch.ops.fastkd.nst_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 5))

@@ -1,4 +1,4 @@
-"""The batch-relation custom ops (fastkd::sp_loss, cckd_loss, pkt_loss, rkd_distance_loss, nst_loss):
+"""The batch-relation custom ops (fastkd::sp_loss, cckd_loss, pkt_loss, rkd_distance_loss, rkd_angle_loss, nst_loss):
 their torch contracts against the published computations' autograd in float64, gradcheck, opcheck,
 precision, and the functionals' routing. Backend-specific kernels: test_similarity_native.py,
 test_similarity_triton.py."""
@@ -34,6 +34,7 @@ def published(name, extra):
         "pkt_loss": lambda s, t: (lambda p_s, p_t: (p_t * torch.log((p_t + extra[0]) / (p_s + extra[0]))).mean())(
             sim._cosine_probabilities(s, extra[0]), sim._cosine_probabilities(t, extra[0])),
         "rkd_distance_loss": rkd_distance,
+        "rkd_angle_loss": lambda s, t: F.smooth_l1_loss(sim._angles(s), sim._angles(t).detach()),
         "nst_loss": nst_pair,
     }[name]
 
@@ -44,6 +45,7 @@ OPS = {
     "cckd_loss": ((0.4, 3), (6,), (9,), True),
     "pkt_loss": ((1e-7,), (6,), (9,), True),
     "rkd_distance_loss": ((), (6,), (9,), False),
+    "rkd_angle_loss": ((), (6,), (9,), False),
     "nst_loss": ((), (5, 6), (3, 6), True),
 }
 
@@ -163,6 +165,7 @@ ROUTES = {
     "cckd_loss": (fk.cckd_loss, rand(4, 6), rand(4, 3)),
     "pkt_loss": (fk.pkt_loss, rand(4, 6), rand(4, 3)),
     "rkd_distance_loss": (lambda s, t: fk.rkd_loss(s, t, w_angle=0.0), rand(4, 6), rand(4, 3)),
+    "rkd_angle_loss": (lambda s, t: fk.rkd_loss(s, t, w_dist=0.0), rand(5, 6), rand(5, 3)),
     "nst_loss": (fk.nst_loss, rand(4, 3, 4, 4), rand(4, 5, 2, 2)),
 }
 
@@ -182,7 +185,7 @@ def test_functional_runs_the_op_unless_torch_is_selected(name, monkeypatch):
     torch.testing.assert_close(fused, eager, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["cckd_loss", "rkd_distance_loss", "nst_loss"])
+@pytest.mark.parametrize("name", ["cckd_loss", "rkd_distance_loss", "rkd_angle_loss", "nst_loss"])
 def test_python_autograd_formula(name):
     """The formula registered in Python (used where the native library's C++ autograd is not: CUDA, or no
     native build) gives the contract's gradients; needs_input_grad is honoured."""
@@ -203,3 +206,55 @@ def test_python_autograd_formula(name):
     torch.testing.assert_close(got[0].view_as(f_s), want[1], rtol=1e-12, atol=1e-14)
     if name == "nst_loss":
         torch.testing.assert_close(got[1], want[2], rtol=1e-12, atol=1e-14)
+
+
+# --- RKD's angle term: what its Gram form does where rows (nearly) coincide --------------------
+
+def _rkd_angle_published(s, t):
+    return published("rkd_angle_loss", ())(s, t)
+
+
+@pytest.mark.parametrize("b", [2, 5])
+def test_rkd_angle_contract_different_widths_and_upstream_gradient(b):
+    """Student and teacher widths differ; B = 2 (every angle is 0 or 1 on both sides: loss 0) and odd B."""
+    f_s, f_t = rand(b, 11, seed=40, dtype=torch.float64), rand(b, 4, seed=41, dtype=torch.float64)
+    w = torch.tensor(3.25, dtype=torch.float64)
+    got = contract_with_grads("rkd_angle_loss", f_s, f_t, (), w)
+    want = published_with_grads("rkd_angle_loss", f_s, f_t, (), w)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-9, atol=1e-14)
+    if b == 2:
+        assert float(got[0]) < 1e-25 and float(got[1].abs().max()) < 1e-13
+    else:
+        assert float(got[0]) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rkd_angle_duplicated_rows_are_zero_differences(dtype):
+    """An exact duplicate (or one within rounding of the Gram expansion) gives exactly the published value:
+    its differences are zero vectors, their angles 0; no NaN or Inf in the loss or M."""
+    base = rand(4, 7, seed=42, dtype=torch.float64)
+    exact = torch.cat([base, base[:2]])
+    near = exact.clone()
+    near[4] += 1e-9 * rand(7, seed=43, dtype=torch.float64) * (1 if dtype == torch.float64 else 1e3)
+    f_t = torch.cat([rand(5, 3, seed=44, dtype=torch.float64), rand(5, 3, seed=44, dtype=torch.float64)[:1]])
+    want = _rkd_angle_published(exact, f_t)
+    # the near duplicate moves the other angles at rows 4 by ~1e-9 (fp64) / 1e-6 (fp32) relative
+    for f_s, rtol in ((exact, 1e-12), (near, 1e-8)):
+        loss, m = similarity.rkd_angle_with_grad_reference(f_s.to(dtype), f_t.to(dtype))
+        assert torch.isfinite(m).all()
+        torch.testing.assert_close(loss, want.to(dtype), rtol=rtol if dtype == torch.float64 else 1e-5, atol=0)
+    # published on the near duplicate: a unit difference vector of noise, far from 0 angles
+    assert abs(float(_rkd_angle_published(near, f_t)) - float(want)) > 1e-3
+
+
+def test_rkd_angle_close_rows_above_rounding_are_resolved():
+    """Rows 1e-3 apart (relative to their norms, far above fp64's zero threshold) keep accurate angles."""
+    f_s = rand(6, 9, seed=45, dtype=torch.float64) + 3.0
+    f_s[5] = f_s[0] + 1e-3 * rand(9, seed=46, dtype=torch.float64)
+    f_t = rand(6, 4, seed=47, dtype=torch.float64)
+    w = torch.tensor(1.0, dtype=torch.float64)
+    got = contract_with_grads("rkd_angle_loss", f_s, f_t, (), w)
+    want = published_with_grads("rkd_angle_loss", f_s, f_t, (), w)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-9)

@@ -12,7 +12,7 @@ from fastkd import functional as fk
 from fastkd.ops import nst, similarity, similarity_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 3), "pkt_loss": (1e-7,), "rkd_distance_loss": ()}
+EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 3), "pkt_loss": (1e-7,), "rkd_distance_loss": (), "rkd_angle_loss": ()}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -41,6 +41,19 @@ def check(name, b, d_s, d_t, dtype, seed=0):
 @pytest.mark.parametrize("name", EXTRA)
 def test_matches_contract(name, b, dtype):
     check(name, max(b, 2) if name == "rkd_distance_loss" else b, 40, 33, dtype, seed=b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b", [2, 5])
+def test_rkd_angle_odd_sizes_and_duplicated_rows(b, dtype):
+    """B = 2 and odd B, widths 1 and 7; then exact duplicates (zero differences: the contract's zero angles)."""
+    check("rkd_angle_loss", b, 1, 7, dtype, seed=11)
+    f_s, f_t = pair(7, 9, 5, dtype, seed=12)
+    f_s[5], f_s[6], f_t[6] = f_s[0], f_s[3], f_t[2]
+    want = similarity.rkd_angle_with_grad_reference(f_s.double(), f_t.double())
+    got = similarity_triton.rkd_angle_loss(f_s, f_t)
+    assert torch.isfinite(got[1]).all()
+    assert rel(got[0], want[0], floor=0.1) <= TOL[dtype] and rel(got[1], want[1], floor=1e-8) <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

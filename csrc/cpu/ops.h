@@ -68,4 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss_autograd(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> rkd_distance_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
 
+// RKD's angle term (rkd_angle.cpp): (loss, m_s) like rkd_distance_loss, and its C++ autograd.
+std::tuple<at::Tensor, at::Tensor> rkd_angle_loss(const at::Tensor& f_s, const at::Tensor& f_t);
+std::tuple<at::Tensor, at::Tensor> rkd_angle_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
+
 }  // namespace fastkd::cpu

@@ -99,6 +99,16 @@ struct RkdDistanceFunction : public torch::autograd::Function<RkdDistanceFunctio
   static variable_list backward(AutogradContext* ctx, variable_list grads) { return relation_backward(ctx, grads, 0); }
 };
 
+struct RkdAngleFunction : public torch::autograd::Function<RkdAngleFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t) {
+    auto [loss, ms] = below_autograd<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>(
+        "fastkd::rkd_angle_loss", f_s, f_t);
+    save(ctx, f_s, f_t, {ms});
+    return {loss, ms};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return relation_backward(ctx, grads, 0); }
+};
+
 struct NstFunction : public torch::autograd::Function<NstFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t) {
     static const auto op = find_op<Out3(const at::Tensor&, const at::Tensor&)>("fastkd::nst_loss");
@@ -139,6 +149,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss_autograd(const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> rkd_distance_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t) {
   const variable_list out = RkdDistanceFunction::apply(f_s, f_t);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_angle_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t) {
+  const variable_list out = RkdAngleFunction::apply(f_s, f_t);
   return {out[0], out[1]};
 }
 

@@ -6,9 +6,9 @@ gives each formula. Inputs in fp16 / bf16 are computed in fp32, and the loss com
 None of the math reads tensor values on the host; the only data-reading is the NaN / Inf check
 of :mod:`fastkd._checks`, which ``fastkd.value_checks(False)`` turns off.
 
-SP, CCKD, PKT and RKD's distance term run on the fused ops of :mod:`fastkd.ops.similarity` (native
-C++ on CPU, Triton on CUDA) unless the ``torch`` backend is selected; the eager code below is the
-published computation and that backend.
+SP, CCKD, PKT and RKD's distance and angle terms run on the fused ops of :mod:`fastkd.ops.similarity`
+(native C++ on CPU, Triton on CUDA) unless the ``torch`` backend is selected; the eager code below is
+the published computation and that backend.
 """
 from __future__ import annotations
 
@@ -175,9 +175,7 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
     student = upcast(f_s).reshape(f_s.shape[0], -1)
     with torch.no_grad():
         teacher = upcast(f_t).reshape(f_t.shape[0], -1)
-        a_t = _angles(teacher)
-    loss_a = F.smooth_l1_loss(_angles(student), a_t)
-    return w_dist * _rkd_distance(f_s, f_t, student, teacher) + w_angle * loss_a
+    return w_dist * _rkd_distance(f_s, f_t, student, teacher) + w_angle * _rkd_angle(f_s, f_t, student, teacher)
 
 
 def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -187,6 +185,16 @@ def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, t
     with torch.no_grad():
         d_t = _normalized_distances(teacher)
     return F.smooth_l1_loss(_normalized_distances(student), d_t)
+
+
+def _rkd_angle(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """smooth_l1(a_s, a_t) on the chosen backend (the fused op takes the inputs' dtype and never forms the
+    [B, B, D] differences; see fastkd.ops.similarity for how it treats (near-)duplicated rows)."""
+    if choose("rkd_angle_loss", f_s.device.type) != "torch":
+        return torch.ops.fastkd.rkd_angle_loss.default(_flat(f_s), _flat(f_t).detach())[0]
+    with torch.no_grad():
+        a_t = _angles(teacher)
+    return F.smooth_l1_loss(_angles(student), a_t)
 
 
 # --- PKT --------------------------------------------------------------------------------------

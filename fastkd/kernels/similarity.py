@@ -1,4 +1,4 @@
-"""Triton kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance.
+"""Triton kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance and angle.
 
 Each loss is a function of the Gram matrices G = XXᵀ ([B, B], B ≤ 256) of the student and teacher
 batches X ([B, D]); the op returns the loss and M = ∂L/∂G + (∂L/∂G)ᵀ, and backward is ∂L/∂X = M·X.
@@ -16,6 +16,10 @@ batches X ([B, D]); the op returns the loss and M = ∂L/∂G + (∂L/∂G)ᵀ, 
 * ``rkd_sums_kernel``, ``rkd_rows_kernel``, ``rkd_grad_kernel``, ``rkd_finish_kernel``: RKD's
   distances need their mean μ over the batch first, so four row passes: sums of d (→ μ), the loss
   and u = ∂L/∂(d_s/μ_s), v = ∂L/∂d²_s, and M from v.
+* ``rkd_angle_pairs_kernel``, ``rkd_angle_rows_kernel``: RKD's angles a_ijk = (q_ij + q_ik − q_jk)/2 · r_ij r_ik
+  from the squared distances q (B × B) and r = 1/max(√q, eps) of each side; one program per row p computes
+  anchor p's B² angles and the B² angles of the triangles whose far side has corner p, tile by tile of
+  BLOCK_J rows, giving the loss and row p of ∂L/∂q (two parts, summed before ``rkd_finish_kernel`` makes M).
 
 Every load is upcast to fp32 before arithmetic; the row kernels hold one row (BLOCK_B ≥ B) in
 registers.
@@ -251,6 +255,83 @@ def rkd_finish_kernel(v_ptr, m_ptr, B, BLOCK_B: tl.constexpr):
     v = tl.load(v_ptr + i * B + cols, mask=mask, other=0.0) + tl.load(v_ptr + cols * B + i, mask=mask, other=0.0)
     m = tl.where(cols == i, 2.0 * tl.sum(v, axis=0), -2.0 * v)
     tl.store(m_ptr + i * B + cols, m, mask=mask)
+
+
+# --- RKD angle term (fastkd/ops/similarity.py, rkd_angle_with_grad_reference) -----------------
+
+@triton.jit
+def rkd_angle_pairs_kernel(g_ptr, q_ptr, r_ptr, rho_ptr, B, zero_tol, norm_eps, HAS_RHO: tl.constexpr,
+                           BLOCK_B: tl.constexpr):
+    """Row i of q = G_ii + G_jj − 2G_ij, r = 1/max(√q, eps) and (HAS_RHO) ρ = r² where √q ≥ eps; a zero difference
+    (j = i, or q ≤ zero_tol·(G_ii + G_jj)) gets q = r = ρ = 0."""
+    i = tl.program_id(0)
+    row, cols, mask, diag = _row(g_ptr, i, B, BLOCK_B)
+    both = tl.load(g_ptr + i * (B + 1)).to(tl.float32) + diag
+    q = both - 2.0 * row
+    zero = (cols == i) | (q <= zero_tol * both)
+    n = tl.sqrt(tl.maximum(q, 0.0))
+    r = tl.where(zero, 0.0, 1.0 / tl.maximum(n, norm_eps))
+    tl.store(q_ptr + i * B + cols, tl.where(zero, 0.0, q), mask=mask)
+    tl.store(r_ptr + i * B + cols, r, mask=mask)
+    if HAS_RHO:
+        tl.store(rho_ptr + i * B + cols, tl.where(n >= norm_eps, r * r, 0.0), mask=mask)
+
+
+@triton.jit
+def _angles(q_pair, half_r_pair, q_row, q_tile, r_scale, FAR: tl.constexpr):
+    """[BLOCK_J, BLOCK_B] angles with pair quantities along axis 0 and row p's along axis 1: anchor p's a_pjk =
+    (q_pj + q_pk − q_jk)·(r_pj/2)·r_pk (r_scale = r_pk, a row), or (FAR) anchor i's a_ipk = (q_ip + q_ik − q_pk)·
+    (r_ip/2)·r_ik (r_scale = r_ik, the tile)."""
+    if FAR:
+        return (q_pair[:, None] + q_tile - q_row[None, :]) * half_r_pair[:, None] * r_scale
+    return (q_pair[:, None] + q_row[None, :] - q_tile) * half_r_pair[:, None] * r_scale[None, :]
+
+
+@triton.jit
+def rkd_angle_rows_kernel(qs_ptr, rs_ptr, rhos_ptr, qt_ptr, rt_ptr, u1_ptr, u2_ptr, loss_ptr, B, inv_b3,
+                          BLOCK_J: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Row p: loss_p = Σ_jk smooth-L1(a^s_pjk − a^t_pjk); with g = clamp(a^s − a^t, ±1)/B³, the anchor part of
+    ∂L/∂q, u1_pj = r_pj Σ_k g_pjk r_pk − ρ_pj Σ_k g_pjk a^s_pjk, and the far-side part u2_pk = −½ Σ_i g_ipk r_ip r_ik
+    (0 where r_pk = 0), over tiles of BLOCK_J rows j (or i) of the B × B matrices."""
+    p = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_B)
+    cmask = cols < B
+    qs_p = tl.load(qs_ptr + p * B + cols, mask=cmask, other=0.0)
+    rs_p = tl.load(rs_ptr + p * B + cols, mask=cmask, other=0.0)
+    qt_p = tl.load(qt_ptr + p * B + cols, mask=cmask, other=0.0)
+    rt_p = tl.load(rt_ptr + p * B + cols, mask=cmask, other=0.0)
+    far = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    loss = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for j0 in range(0, B, BLOCK_J):
+        rows = j0 + tl.arange(0, BLOCK_J)
+        rmask = rows < B
+        mask = rmask[:, None] & cmask[None, :]
+        tile = rows[:, None] * B + cols[None, :]
+        qs = tl.load(qs_ptr + tile, mask=mask, other=0.0)
+        rs = tl.load(rs_ptr + tile, mask=mask, other=0.0)
+        qt = tl.load(qt_ptr + tile, mask=mask, other=0.0)
+        rt = tl.load(rt_ptr + tile, mask=mask, other=0.0)
+        # anchor p, pairs (p, j): row p at the tile's rows
+        rs_pj = tl.load(rs_ptr + p * B + rows, mask=rmask, other=0.0)
+        a_s = _angles(tl.load(qs_ptr + p * B + rows, mask=rmask, other=0.0), 0.5 * rs_pj, qs_p, qs, rs_p, False)
+        a_t = _angles(tl.load(qt_ptr + p * B + rows, mask=rmask, other=0.0),
+                      0.5 * tl.load(rt_ptr + p * B + rows, mask=rmask, other=0.0), qt_p, qt, rt_p, False)
+        x = tl.where(mask, a_s - a_t, 0.0)
+        ax = tl.abs(x)
+        loss += tl.sum(tl.where(ax < 1.0, 0.5 * x * x, ax - 0.5), axis=0)
+        g = tl.minimum(tl.maximum(x, -1.0), 1.0) * inv_b3
+        rho_pj = tl.load(rhos_ptr + p * B + rows, mask=rmask, other=0.0)
+        u1 = rs_pj * tl.sum(g * rs_p[None, :], axis=1) - rho_pj * tl.sum(g * a_s, axis=1)
+        tl.store(u1_ptr + p * B + rows, u1, mask=rmask)
+        # anchors i = the tile's rows, p a corner of their far sides: column p at the tile's rows
+        rs_ip = tl.load(rs_ptr + rows * B + p, mask=rmask, other=0.0)
+        b_s = _angles(tl.load(qs_ptr + rows * B + p, mask=rmask, other=0.0), 0.5 * rs_ip, qs_p, qs, rs, True)
+        b_t = _angles(tl.load(qt_ptr + rows * B + p, mask=rmask, other=0.0),
+                      0.5 * tl.load(rt_ptr + rows * B + p, mask=rmask, other=0.0), qt_p, qt, rt, True)
+        y = tl.where(mask, b_s - b_t, 0.0)
+        far += tl.sum(tl.minimum(tl.maximum(y, -1.0), 1.0) * rs * rs_ip[:, None], axis=0)
+    tl.store(loss_ptr + p, tl.sum(loss, axis=0))
+    tl.store(u2_ptr + p * B + cols, tl.where(rs_p != 0.0, -0.5 * inv_b3 * far, 0.0), mask=cmask)
 
 
 # --- NST (fastkd/ops/nst.py): channel normalisation and the Gram epilogues --------------------

@@ -1,4 +1,4 @@
-"""Batch-relation ops: SP, CCKD, PKT and RKD's distance term as functions of the Gram matrix.
+"""Batch-relation ops: SP, CCKD, PKT and RKD's distance and angle terms as functions of the Gram matrix.
 
 Every one of these losses compares, for the student and the teacher, a B × B matrix built from the
 batch X ([B, D], the features flattened per sample), and every such matrix is a function of the
@@ -9,6 +9,8 @@ Gram matrix G = XXᵀ alone (the diagonal holds the squared norms):
 * PKT (Passalis & Tefas, ECCV 2018): (c + 1)/2 with ν_i = √G_ii + ε, rows divided by their sums.
 * RKD's distance term (Park et al., CVPR 2019): d_ij = √max(G_ii + G_jj − 2G_ij, 1e-12), d_ii = 0,
   divided by its mean over the entries > 0.
+* RKD's angle term: the B³ cosines a_ijk = (q_ij + q_ik − q_jk)/2 / (‖x_j − x_i‖ ‖x_k − x_i‖) with
+  q_ij = G_ii + G_jj − 2G_ij (the law of cosines), an O(B³) epilogue over B × B inputs.
 
 So each fused op is (1) the Gram matrices — the only O(B²D) work, a matrix product — and (2) an
 epilogue over B × B entries that produces the loss and, in the same pass, the matrix
@@ -23,6 +25,7 @@ has no gradient); ``loss`` and the M's are fp32 for fp16 / bf16 / fp32 inputs, f
 * ``cckd_loss(Tensor e_s, Tensor e_t, float gamma, int order)``   mean (k(c_s) − k(c_t))²
 * ``pkt_loss(Tensor f_s, Tensor f_t, float eps)``         mean P_t log((P_t + ε)/(P_s + ε))
 * ``rkd_distance_loss(Tensor f_s, Tensor f_t)``           mean smooth-L1(d_s/μ_s − d_t/μ_t), β = 1
+* ``rkd_angle_loss(Tensor f_s, Tensor f_t)``              mean over B³ of smooth-L1(a_s − a_t), β = 1
 
 Inputs are [B, D] (the callers flatten), D may differ between student and teacher. The readable
 contract of each op is its ``*_with_grad_reference`` below: the default kernel, the oracle of the
@@ -197,6 +200,73 @@ def rkd_distance_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):
     return loss, symmetrized(grad_g)
 
 
+# --- RKD angle term ---------------------------------------------------------------------------
+#
+# For anchor i, a_ijk = <e_ij, e_ik> with e_ij = (x_j − x_i) / max(‖x_j − x_i‖, 1e-12) (F.normalize). With the
+# squared distances q_ij = G_ii + G_jj − 2G_ij (law of cosines: <x_j − x_i, x_k − x_i> = (q_ij + q_ik − q_jk)/2):
+#
+#     a_ijk = (q_ij + q_ik − q_jk)/2 · r_ij r_ik,   r_ij = 1 / max(√q_ij, 1e-12),
+#
+# so every angle is a function of the B × B matrix q: no [B, B, D] differences. Near-duplicate rows: q from the
+# Gram expansion carries a rounding error of order ε(G_ii + G_jj) (ε the accumulation dtype's machine epsilon),
+# so an exactly duplicated row gives q_ij of rounding size, not 0, and 1/√q_ij would turn that noise into
+# angles of any value. A pair with q_ij ≤ RKD_ANGLE_ZERO_TOL·ε·(G_ii + G_jj) (and every i = j) is therefore a
+# zero difference: q_ij = 0, r_ij = 0, its angles 0 (what F.normalize gives an exactly zero difference) and no
+# gradient through it. That zeroes pairs whose distance is below √(2·32ε) ≈ 3e-3 (fp32) or 1.2e-7 (fp64) of
+# the rows' norms, where the Gram expansion could not resolve their angles anyway (error ~ε‖x‖²/q ≳ 1/64);
+# elsewhere an angle's absolute error is of order ε·max(G_ii, G_jj, G_kk)/(√q_ij √q_ik). The published autograd
+# at an exact duplicate differentiates through F.normalize's clamp (a gradient scaled by 1/1e-12); here that
+# pair contributes none.
+#
+# Gradient: with g_ijk = clamp(a^s_ijk − a^t_ijk, ±1)/B³ and ρ_ij = r_ij² where the clamp passes (√q_ij ≥ 1e-12,
+# else 0), the gradient with respect to the entry q_ij (i ≠ j, not zeroed) is
+#
+#     U_ij = r_ij Σ_k g_ijk r_ik − ρ_ij Σ_k g_ijk a^s_ijk     (q_ij in the anchor's own pairs (i, j, ·), (i, ·, j))
+#          − ½ Σ_m g_mij r_mi r_mj                            (q_ij as the far side of anchor m's triangle),
+#
+# and since q_ij = G_ii + G_jj − 2G_ij: ∂L/∂G = −2U + diag(ΣU_i· + ΣU_·i), M = ∂L/∂G + (∂L/∂G)ᵀ.
+
+RKD_ANGLE_EPS = 1e-12    # F.normalize's eps on the difference norms
+RKD_ANGLE_ZERO_TOL = 32  # a squared distance ≤ 32·ε·(G_ii + G_jj) is a zero difference
+
+
+def _rkd_angle_pairs(f: torch.Tensor):
+    """(q, r, ρ) of one side: the squared distances (0 on the zeroed pairs), r = 1/max(√q, eps) (0 there), and
+    ρ = r² where the eps clamp passes (0 elsewhere)."""
+    g = gram(f)
+    sq = g.diagonal()
+    both = sq.unsqueeze(1) + sq.unsqueeze(0)
+    q = both - 2 * g
+    eye = torch.eye(g.shape[0], dtype=torch.bool, device=g.device)
+    zero = eye | (q <= RKD_ANGLE_ZERO_TOL * torch.finfo(g.dtype).eps * both)
+    q = torch.where(zero, torch.zeros_like(q), q)
+    n = q.clamp_min(0).sqrt()
+    r = torch.where(zero, torch.zeros_like(q), 1 / n.clamp_min(RKD_ANGLE_EPS))
+    rho = torch.where(n >= RKD_ANGLE_EPS, r * r, torch.zeros_like(r))
+    return q, r, rho
+
+
+def _rkd_angles(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """[i, j, k] = (q_ij + q_ik − q_jk)/2 · r_ij r_ik (a B³ tensor: the readable form)."""
+    return (q.unsqueeze(2) + q.unsqueeze(1) - q.unsqueeze(0)) / 2 * r.unsqueeze(2) * r.unsqueeze(1)
+
+
+def rkd_angle_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):
+    """``fastkd::rkd_angle_loss``: (mean over B³ of smooth-L1(a_s − a_t), M_s), the angles a_ijk as above."""
+    b = f_s.shape[0]
+    q_s, r_s, rho_s = _rkd_angle_pairs(f_s)
+    a_s = _rkd_angles(q_s, r_s)
+    a_t = _rkd_angles(*_rkd_angle_pairs(f_t)[:2])
+    x = a_s - a_t
+    loss = torch.where(x.abs() < 1, 0.5 * x * x, x.abs() - 0.5).sum() / b**3
+    g = x.clamp(-1.0, 1.0) / b**3
+    u = r_s * (g * r_s.unsqueeze(1)).sum(2) - rho_s * (g * a_s).sum(2)
+    far = (g * r_s.unsqueeze(2) * r_s.unsqueeze(1)).sum(0) / 2
+    u = u - torch.where(r_s != 0, far, torch.zeros_like(far))
+    grad_g = -2 * u + torch.diag(u.sum(1) + u.sum(0))
+    return loss, symmetrized(grad_g)
+
+
 # --- the ops ----------------------------------------------------------------------------------
 
 _OUT3 = "(Tensor, Tensor, Tensor)"
@@ -205,12 +275,14 @@ SCHEMAS = {
     "cckd_loss": f"cckd_loss(Tensor e_s, Tensor e_t, float gamma, int order) -> {_OUT3}",
     "pkt_loss": f"pkt_loss(Tensor f_s, Tensor f_t, float eps) -> {_OUT3}",
     "rkd_distance_loss": "rkd_distance_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)",
+    "rkd_angle_loss": "rkd_angle_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)",
 }
 REFERENCES = {
     "sp_loss": sp_with_grad_reference,
     "cckd_loss": cckd_with_grad_reference,
     "pkt_loss": pkt_with_grad_reference,
     "rkd_distance_loss": rkd_distance_with_grad_reference,
+    "rkd_angle_loss": rkd_angle_with_grad_reference,
 }
 
 _lib = torch.library.Library("fastkd", "FRAGMENT")
@@ -257,7 +329,7 @@ for _name, _schema in SCHEMAS.items():
     _lib.define(_schema)
     _lib.impl(_name, REFERENCES[_name], "CompositeExplicitAutograd")
     _lib.impl(_name, _on_cuda(_name), "CUDA")
-    torch.library.register_fake(f"fastkd::{_name}", _fake_rkd if _name == "rkd_distance_loss" else _fake, lib=_lib)
+    torch.library.register_fake(f"fastkd::{_name}", _fake_rkd if _name.startswith("rkd_") else _fake, lib=_lib)
     torch.library.register_autograd(f"fastkd::{_name}", _backward, setup_context=_setup_context, lib=_lib)
     register(_name, "torch", REFERENCES[_name])
     # on CPU the native library's kernels are registered on the op itself (CPU key)

@@ -1,11 +1,12 @@
 """Triton backend of the batch-relation ops (``fastkd::sp_loss``, ``cckd_loss``, ``pkt_loss``,
-``rkd_distance_loss``) and of their backward product M·X, on CUDA tensors.
+``rkd_distance_loss``, ``rkd_angle_loss``) and of their backward product M·X, on CUDA tensors.
 
 Each op has the semantics of its ``*_with_grad_reference`` in :mod:`fastkd.ops.similarity`; the
 kernels are in :mod:`fastkd.kernels.similarity`. Per call: two Gram launches (``matmul_kernel``,
 fp32 accumulation), one row-epilogue launch over the B rows of both sides, and one ``symmetrize``
-launch per side (RKD: four row passes, its distances needing their batch mean first). Buffers:
-the two Grams and two B × B ∂L/∂G (fp32), B-sized partials; the loss is the sum of the row partials.
+launch per side (RKD: four row passes, its distances needing their batch mean first; RKD's angles: one
+pairs launch per side, one row launch over anchors and far sides, one finish). Buffers: the two Grams and
+two B × B ∂L/∂G (fp32), B-sized partials (the angles: five more B × B); the loss is the sum of the row partials.
 float64 inputs run the reference (the kernels compute in fp32). No host sync.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastkd.ops import similarity as ops
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BATCH = 1024
 _BLOCK = 32  # M, N and K tiles of matmul_kernel
+_ANGLE_TILE = 2048  # entries of one [BLOCK_J, BLOCK_B] tile of rkd_angle_rows_kernel
 
 
 def _check(name: str, f_s: torch.Tensor, f_t: torch.Tensor) -> None:
@@ -130,6 +132,24 @@ def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor):
     m_s = torch.empty_like(g_s)
     kernels.rkd_finish_kernel[(b,)](d[1], m_s, b, BLOCK_B=block)
     return rows.sum() / (b * b), m_s
+
+
+def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor):
+    _check("rkd_angle_loss", f_s, f_t)
+    if f_s.dtype == torch.float64:
+        return ops.rkd_angle_with_grad_reference(f_s, f_t)
+    b, g_s, g_t, d, rows, block = _launch(f_s, f_t)
+    q_s, r_s, rho_s, q_t, r_t = torch.empty(5, b, b, dtype=torch.float32, device=f_s.device)
+    tol, eps = ops.RKD_ANGLE_ZERO_TOL * torch.finfo(torch.float32).eps, ops.RKD_ANGLE_EPS
+    kernels.rkd_angle_pairs_kernel[(b,)](g_s, q_s, r_s, rho_s, b, tol, eps, HAS_RHO=True, BLOCK_B=block)
+    kernels.rkd_angle_pairs_kernel[(b,)](g_t, q_t, r_t, r_t, b, tol, eps, HAS_RHO=False, BLOCK_B=block)
+    kernels.rkd_angle_rows_kernel[(b,)](q_s, r_s, rho_s, q_t, r_t, d[0], d[1], rows, b, 1.0 / b**3,
+                                        BLOCK_J=max(1, min(block, _ANGLE_TILE // block)), BLOCK_B=block,
+                                        num_warps=8 if block >= 128 else 4)
+    d[0] += d[1]
+    m_s = torch.empty_like(g_s)
+    kernels.rkd_finish_kernel[(b,)](d[0], m_s, b, BLOCK_B=block)
+    return rows.sum() / b**3, m_s
 
 
 # --- NST ----------------------------------------------------------------------------------------
