@@ -101,8 +101,8 @@ struct RkdDistanceFunction : public torch::autograd::Function<RkdDistanceFunctio
 
 struct RkdAngleFunction : public torch::autograd::Function<RkdAngleFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& f_s, const at::Tensor& f_t) {
-    auto [loss, ms] = below_autograd<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>(
-        "fastkd::rkd_angle_loss", f_s, f_t);
+    static const auto op = find_op<Out2(const at::Tensor&, const at::Tensor&)>("fastkd::rkd_angle_loss");
+    auto [loss, ms] = below_autograd(op, f_s, f_t);
     save(ctx, f_s, f_t, {ms});
     return {loss, ms};
   }
