@@ -42,15 +42,19 @@ def native_extension():
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    flags = {"cxx": ["-O3", "-std=c++17"]}
+    # ATen's at::parallel_for is a header template: with an OpenMP build of torch it splits the work only in
+    # code compiled with -fopenmp; without the flag every parallel_for of the extension runs on one thread.
+    openmp = ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
+    flags = {"cxx": ["-O3", "-std=c++17"] + openmp}
     use_cuda = (os.environ.get("FASTKD_BUILD_CUDA", "1") != "0" and torch.version.cuda is not None
                 and cpp_extension.CUDA_HOME is not None and cuda_sources)
     if use_cuda:
         flags["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
         flags["cxx"].append("-DFASTKD_WITH_CUDA")
-        ext = cpp_extension.CUDAExtension("fastkd._C", sources + cuda_sources, extra_compile_args=flags)
+        ext = cpp_extension.CUDAExtension("fastkd._C", sources + cuda_sources, extra_compile_args=flags,
+                                          extra_link_args=openmp)
     else:
-        ext = cpp_extension.CppExtension("fastkd._C", sources, extra_compile_args=flags)
+        ext = cpp_extension.CppExtension("fastkd._C", sources, extra_compile_args=flags, extra_link_args=openmp)
 
     class BuildOrSkip(cpp_extension.BuildExtension):
         """Builds the extension; a failed compile leaves a working pure-Python package."""
