@@ -5,19 +5,21 @@
 // X (n = a batch, up to a few hundred; K = C·H·W, up to ~100k), so each entry is a dot product of
 // two long rows: a register tile of kRowsA x kRowsB rows keeps kRowsA·kRowsB accumulators of 8
 // lanes in ymm registers and walks K in 8-wide packs (7 loads for 12 FMAs). K is cut into blocks
-// small enough that the whole [n, block] panel stays in a core's L2; within a block consecutive
-// tiles share their kRowsA rows, which stay in L1.
+// small enough that the [n, block] panel stays in a core's L2 (each thread copies it there, see
+// gram_upper_fp32); within a block consecutive tiles share their kRowsA rows, which stay in L1.
+// At n = 64, K = 16384 on one Zen 3 core this takes ~1.0 ms against ~1.75 ms for at::mm.
 //
 // Threads take contiguous runs of tiles (at::parallel_for; the tiles of one row block are
 // neighbours, so every run holds about the same number of multiply-adds whatever the triangle's
 // shape), and each entry is summed by one thread in a fixed order: the result does not depend on
-// the thread count. Accuracy: each lane sums one K block (≤ kc/8 terms) from zero, the blocks are
-// added in fp32 lane by lane, and the 8 lanes by a fixed tree, so rounding grows with kc/8 + K/kc
-// rather than with K as in a plain running sum.
+// the thread count. Accuracy: each lane sums one K block (≤ block/8 terms) from zero, the 8 lanes
+// are added by a fixed tree and the blocks' sums added into G in fp32, so rounding grows with
+// block/8 + K/block rather than with K as in one running sum (at K = 100k: max error / max |G| of
+// ~4e-7 against ~1e-6 for at::mm).
 //
 // The kernel needs AVX2 + FMA (checked at run time: the extension is compiled once, for the
-// baseline ISA; in SSE's 16 xmm registers the tile spills and MKL's own SSE path is faster), fp32
-// and a K where the GEMM's fixed cost does not already win; everything else goes to at::mm.
+// baseline ISA; in SSE's 16 xmm registers the tile would spill, and MKL has its own SSE path), fp32,
+// rows with unit stride, and a shape where it wins; everything else goes to at::mm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -34,20 +36,23 @@ namespace fastkd::cpu {
 namespace {
 
 typedef float pack8 __attribute__((vector_size(32)));  // one ymm register of fp32 lanes
+typedef float pack4 __attribute__((vector_size(16)));
 
 constexpr int kRowsA = 3;  // rows of a tile kept in registers through the inner loop (and in L1 across tiles)
 constexpr int kRowsB = 4;  // rows streamed against them: 12 accumulators + 3 row packs + 1 = 16 ymm
 constexpr int kLanes = 8;
 constexpr int64_t kPanelFloats = 64 * 1024;  // [n, kc] panel of a K block: 256 KB, half a Zen core's L2
-constexpr int64_t kMinBlock = 256;           // K block floor (large n): keeps the per-block tile overhead small
+constexpr int64_t kMinBlock = 512;           // K block floor (large n): keeps the per-block tile overhead small
 constexpr int64_t kThreadFmas = 1 << 20;     // multiply-adds a thread should get at least (~25 µs)
 
-// Where at::mm stays: n = 1 (nothing to halve), n above kMaxRows (the GEMM's packed panels reuse data
-// better than row-pair dot products once the panel no longer fits in L2), K below kMinDepth (the
-// fixed cost of the tiles and of the final reduction against a ~16 µs GEMM). Measured crossover in
-// the commit that introduced this file.
-constexpr int64_t kMaxRows = 256;
-constexpr int64_t kMinDepth = 64;
+// Where the kernel runs (one Zen 3 core, time of at::mm / time of the kernel): K >= kMinDepth (n = 64:
+// 1.0 at K = 128, 1.2 at 256, 1.7 at 4096; n = 256: 0.9 at 128, 1.1 at 256, 1.5 at 16384), or n <= kSmallRows
+// at any K (n = 16: 1.4 from K = 16 up; n = 32: 1.0 at K = 16, 1.2 at 128), and n <= kMaxRows (1.3 at
+// n = 512, K = 4096; larger n not measured). Below K = kMinDepth the tiles' fixed cost (lane
+// reductions, the panel copy) outweighs the halved multiply-adds; n = 1 has nothing to halve.
+constexpr int64_t kMinDepth = 256;
+constexpr int64_t kSmallRows = 32;
+constexpr int64_t kMaxRows = 512;
 
 FASTKD_INLINE pack8 load_pack(const float* p) {
   pack8 v;
@@ -55,52 +60,46 @@ FASTKD_INLINE pack8 load_pack(const float* p) {
   return v;
 }
 
-// ``count`` < 8 values from p, zeros in the other lanes.
-FASTKD_INLINE pack8 load_partial(const float* p, int64_t count) {
-  pack8 v = pack8{};
-  std::memcpy(&v, p, sizeof(float) * count);
-  return v;
+// Lane-pair sums of a and b, in vhaddps's order: [a01 a23 b01 b23 | a45 a67 b45 b67].
+FASTKD_INLINE pack8 pair_sums(pack8 a, pack8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
-// acc[(i * kRowsB + j) * 8 + lane] += lane sums of a[i][k] * b[j][k] over k in [k0, k1); packs up to ``full`` are
-// whole, the rest (< 8 values, the end of X's rows) is zero-padded.
+// The 8 lanes of v0..v3 each summed by one tree, ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)):
+// 5 shuffle-adds for 4 entries instead of a scalar tree per entry.
+FASTKD_INLINE pack4 lane_sums(pack8 v0, pack8 v1, pack8 v2, pack8 v3) {
+  const pack8 quads = pair_sums(pair_sums(v0, v1), pair_sums(v2, v3));  // [low halves of v0..v3 | high halves]
+  return __builtin_shufflevector(quads, quads, 0, 1, 2, 3) + __builtin_shufflevector(quads, quads, 4, 5, 6, 7);
+}
+
+// sums[i * kRowsB + j] = sum over k < 8 * packs of a[i][k] * b[j][k]: 8 lanes in registers, then the
+// lanes of each entry by a fixed tree.
 struct Tile {
-  static FASTKD_INLINE void run(const float* const* a, const float* const* b, int64_t k0, int64_t k1, int64_t full,
-                                float* acc) {
-    pack8 sum[kRowsA][kRowsB];
+  static_assert(kRowsB == 4, "the lane reduction takes 4 accumulators at a time");
+
+  static FASTKD_INLINE void run(const float* const* a, const float* const* b, int64_t packs, float* sums) {
+    pack8 acc[kRowsA][kRowsB];
     for (int i = 0; i < kRowsA; ++i)
-      for (int j = 0; j < kRowsB; ++j) sum[i][j] = pack8{};
-    const int64_t whole_end = std::min(k1, full);
-    int64_t k = k0;
-    for (; k < whole_end; k += kLanes) {
+      for (int j = 0; j < kRowsB; ++j) acc[i][j] = pack8{};
+    for (int64_t k = 0; k < packs * kLanes; k += kLanes) {
       pack8 va[kRowsA];
       for (int i = 0; i < kRowsA; ++i) va[i] = load_pack(a[i] + k);
       for (int j = 0; j < kRowsB; ++j) {
         const pack8 vb = load_pack(b[j] + k);
-        for (int i = 0; i < kRowsA; ++i) sum[i][j] += va[i] * vb;
-      }
-    }
-    if (k < k1) {
-      pack8 va[kRowsA];
-      for (int i = 0; i < kRowsA; ++i) va[i] = load_partial(a[i] + k, k1 - k);
-      for (int j = 0; j < kRowsB; ++j) {
-        const pack8 vb = load_partial(b[j] + k, k1 - k);
-        for (int i = 0; i < kRowsA; ++i) sum[i][j] += va[i] * vb;
+        for (int i = 0; i < kRowsA; ++i) acc[i][j] += va[i] * vb;
       }
     }
     for (int i = 0; i < kRowsA; ++i) {
-      for (int j = 0; j < kRowsB; ++j) {
-        float* dst = acc + (i * kRowsB + j) * kLanes;
-        const pack8 total = load_pack(dst) + sum[i][j];
-        std::memcpy(dst, &total, sizeof(total));
-      }
+      const pack4 row = lane_sums(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      std::memcpy(sums + i * kRowsB, &row, sizeof(row));
     }
   }
 };
 
-__attribute__((target("avx2,fma"))) void tile_avx2(const float* const* a, const float* const* b, int64_t k0,
-                                                   int64_t k1, int64_t full, float* acc) {
-  Tile::run(a, b, k0, k1, full, acc);
+__attribute__((target("avx2,fma"))) void tile_avx2(const float* const* a, const float* const* b, int64_t packs,
+                                                   float* sums) {
+  Tile::run(a, b, packs, sums);
 }
 
 bool has_avx2() {
@@ -114,7 +113,8 @@ struct TileIndex {
 };
 
 // The tiles that hold an entry on or above the diagonal (row_b + kRowsB - 1 >= row_a), row block by
-// row block, so that neighbours share their A rows.
+// row block, so that neighbours share their A rows. The first tile of a row block starts at
+// floor(row_a / kRowsB) * kRowsB: no tile reads a row below that.
 std::vector<TileIndex> upper_tiles(int64_t n) {
   std::vector<TileIndex> tiles;
   for (int64_t a = 0; a < n; a += kRowsA) {
@@ -124,50 +124,60 @@ std::vector<TileIndex> upper_tiles(int64_t n) {
   return tiles;
 }
 
-// The 8 lanes of one entry, by a fixed tree.
-float lane_sum(const float* v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+// Calls body(r, c, index) for the entries of a tile with c >= r inside [n, n]; index into its sums.
+template <typename Body>
+FASTKD_INLINE void for_upper_entries(const TileIndex& tile, int64_t n, Body&& body) {
+  for (int i = 0; i < kRowsA; ++i) {
+    const int64_t r = tile.row_a + i;
+    if (r >= n) break;
+    for (int j = 0; j < kRowsB; ++j) {
+      const int64_t c = tile.row_b + j;
+      if (c >= r && c < n) body(r, c, i * kRowsB + j);
+    }
+  }
+}
 
 at::Tensor gram_upper_fp32(const at::Tensor& x) {
-  const int64_t n = x.size(0), depth = x.size(1);
+  const int64_t n = x.size(0), depth = x.size(1), row_stride = x.stride(0);
   const float* data = x.data_ptr<float>();
-  at::Tensor g = at::empty({n, n}, x.options());
+  at::Tensor g = at::zeros({n, n}, x.options());
   float* out = g.data_ptr<float>();
   const std::vector<TileIndex> tiles = upper_tiles(n);
   const int64_t count = static_cast<int64_t>(tiles.size());
-  // K blocks: multiples of 8 (only the last block of a row ends in a partial pack)
-  const int64_t block = std::max(kMinBlock, kPanelFloats / n / kLanes * kLanes);
-  const int64_t full = depth - depth % kLanes;
+  // K blocks: multiples of 8, no longer than X's rows rounded up to a whole pack; packed rows 64 bytes more
+  const int64_t block = std::min(std::max(kMinBlock, kPanelFloats / n / kLanes * kLanes),
+                                 (depth + kLanes - 1) / kLanes * kLanes);
+  const int64_t stride = block + 16;
   const int64_t tile_fmas = kRowsA * kRowsB * depth;
   const int64_t grain = std::max<int64_t>(1, (kThreadFmas + tile_fmas - 1) / tile_fmas);
-  // rows past n (the last tiles' padding) read row n - 1; their sums are dropped
-  auto row = [&](int64_t r) { return data + std::min(r, n - 1) * depth; };
   at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
-    // lane sums of this thread's tiles (plain floats: std::vector does not keep a vector type's alignment)
-    constexpr int64_t kTileFloats = kRowsA * kRowsB * kLanes;
-    std::vector<float> acc(static_cast<size_t>((end - begin) * kTileFloats), 0.0f);
+    // Each thread copies the K block of the rows it reads, [low, n), into a panel whose rows are a block
+    // plus 64 bytes apart: X's own rows, often a multiple of 4 KB apart, would share cache sets and
+    // evict each other (and the copy pads the last block to whole packs with zeros).
+    const int64_t low = (tiles[begin].row_a / kRowsB) * kRowsB;
+    std::vector<float> panel(static_cast<size_t>((n - low) * stride));
+    // rows past n (the last tiles' padding) read row n - 1; their sums are dropped
+    auto row = [&](int64_t r) { return panel.data() + (std::min(r, n - 1) - low) * stride; };
+    float sums[kRowsA * kRowsB];
     for (int64_t k0 = 0; k0 < depth; k0 += block) {
-      const int64_t k1 = std::min(depth, k0 + block);
+      const int64_t len = std::min(block, depth - k0), packs = (len + kLanes - 1) / kLanes;
+      for (int64_t r = low; r < n; ++r) {
+        float* dst = panel.data() + (r - low) * stride;
+        std::memcpy(dst, data + r * row_stride + k0, sizeof(float) * len);
+        std::fill(dst + len, dst + packs * kLanes, 0.0f);
+      }
       for (int64_t t = begin; t < end; ++t) {
         const float* a[kRowsA];
         const float* b[kRowsB];
         for (int i = 0; i < kRowsA; ++i) a[i] = row(tiles[t].row_a + i);
         for (int j = 0; j < kRowsB; ++j) b[j] = row(tiles[t].row_b + j);
-        tile_avx2(a, b, k0, k1, full, acc.data() + (t - begin) * kTileFloats);
+        tile_avx2(a, b, packs, sums);
+        // each entry (r, c) with c >= r belongs to exactly one tile
+        for_upper_entries(tiles[t], n, [&](int64_t r, int64_t c, int index) { out[r * n + c] += sums[index]; });
       }
     }
-    // each entry (r, c) with c >= r belongs to exactly one tile: written there with its mirror
-    for (int64_t t = begin; t < end; ++t) {
-      const float* sums = acc.data() + (t - begin) * kTileFloats;
-      for (int i = 0; i < kRowsA; ++i) {
-        for (int j = 0; j < kRowsB; ++j) {
-          const int64_t r = tiles[t].row_a + i, c = tiles[t].row_b + j;
-          if (r >= n || c >= n || c < r) continue;
-          const float s = lane_sum(sums + (i * kRowsB + j) * kLanes);
-          out[r * n + c] = s;
-          out[c * n + r] = s;
-        }
-      }
-    }
+    for (int64_t t = begin; t < end; ++t)
+      for_upper_entries(tiles[t], n, [&](int64_t r, int64_t c, int) { out[c * n + r] = out[r * n + c]; });
   });
   return g;
 }
@@ -178,10 +188,12 @@ at::Tensor gram_matrix(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "gram_matrix: expected a [n, K] matrix, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "gram_matrix: expected fp32 or fp64, got ", x.scalar_type());
+  const int64_t n = x.size(0), depth = x.size(1);
+  // the kernel copies X block by block, so any row stride will do as long as each row is contiguous
+  const bool wins = n > 1 && n <= kMaxRows && depth > 0 && (depth >= kMinDepth || n <= kSmallRows);
+  if (x.scalar_type() == at::kFloat && wins && x.stride(1) == 1 && has_avx2())
+    return gram_upper_fp32(x);
   const at::Tensor q = as_contiguous(x);
-  const int64_t n = q.size(0), depth = q.size(1);
-  if (q.scalar_type() == at::kFloat && n > 1 && n <= kMaxRows && depth >= kMinDepth && has_avx2())
-    return gram_upper_fp32(q);
   return at::mm(q, q.t());
 }
 
