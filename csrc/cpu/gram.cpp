@@ -7,7 +7,7 @@
 // lanes in ymm registers and walks K in 8-wide packs (7 loads for 12 FMAs). K is cut into blocks
 // small enough that the [n, block] panel stays in a core's L2 (each thread copies it there, see
 // gram_upper_fp32); within a block consecutive tiles share their kRowsA rows, which stay in L1.
-// At n = 64, K = 16384 on one Zen 3 core this takes ~1.0 ms against ~1.75 ms for at::mm.
+// At n = 64, K = 16384 on one Zen 3 core this takes ~1.05 ms against ~1.75 ms for at::mm.
 //
 // Threads take contiguous runs of tiles (at::parallel_for; the tiles of one row block are
 // neighbours, so every run holds about the same number of multiply-adds whatever the triangle's
@@ -41,7 +41,9 @@ typedef float pack4 __attribute__((vector_size(16)));
 constexpr int kRowsA = 3;  // rows of a tile kept in registers through the inner loop (and in L1 across tiles)
 constexpr int kRowsB = 4;  // rows streamed against them: 12 accumulators + 3 row packs + 1 = 16 ymm
 constexpr int kLanes = 8;
-constexpr int64_t kPanelFloats = 64 * 1024;  // [n, kc] panel of a K block: 256 KB, half a Zen core's L2
+// [n, block] panel of a K block: 128 KB, a quarter of a Zen core's L2, which also holds the next block's
+// rows while they are prefetched (n = 64: block = 512)
+constexpr int64_t kPanelFloats = 32 * 1024;
 constexpr int64_t kMinBlock = 512;           // K block floor (large n): keeps the per-block tile overhead small
 constexpr int64_t kThreadFmas = 1 << 20;     // multiply-adds a thread should get at least (~25 µs)
 
@@ -166,7 +168,21 @@ at::Tensor gram_upper_fp32(const at::Tensor& x) {
         std::memcpy(dst, data + r * row_stride + k0, sizeof(float) * len);
         std::fill(dst + len, dst + packs * kLanes, 0.0f);
       }
+      // The next block's rows, a few cache lines per tile, so that its copy reads from cache rather than
+      // memory (X cold in L3, n = 64, K = 16384: 1.15 ms instead of 1.31 ms; warm: 1.07 instead of 1.0).
+      const int64_t next = k0 + block, next_len = std::min(block, depth - next);
+      const int64_t row_lines = next_len > 0 ? (next_len * 4 + 63) / 64 : 0;
+      const int64_t per_tile = ((n - low) * row_lines + (end - begin) - 1) / (end - begin);
+      int64_t fetch_row = low, fetch_line = 0;
       for (int64_t t = begin; t < end; ++t) {
+        for (int64_t p = 0; p < per_tile && fetch_row < n; ++p) {
+          const char* line = reinterpret_cast<const char*>(data + fetch_row * row_stride + next) + 64 * fetch_line;
+          __builtin_prefetch(line, 0, 1);
+          if (++fetch_line == row_lines) {
+            fetch_line = 0;
+            ++fetch_row;
+          }
+        }
         const float* a[kRowsA];
         const float* b[kRowsB];
         for (int i = 0; i < kRowsA; ++i) a[i] = row(tiles[t].row_a + i);
