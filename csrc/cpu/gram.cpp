@@ -12,10 +12,14 @@
 // Threads take contiguous runs of tiles (at::parallel_for; the tiles of one row block are
 // neighbours, so every run holds about the same number of multiply-adds whatever the triangle's
 // shape), and each entry is summed by one thread in a fixed order: the result does not depend on
-// the thread count. Accuracy: each lane sums one K block (≤ block/8 terms) from zero, the 8 lanes
-// are added by a fixed tree and the blocks' sums added into G in fp32, so rounding grows with
-// block/8 + K/block rather than with K as in one running sum (at K = 100k: max error / max |G| of
-// ~4e-7 against ~1e-6 for at::mm).
+// the thread count. (at::parallel_for is inlined into this file and uses threads only where it is
+// compiled with -fopenmp; so built, n = 64, K = 16384 takes 0.64 ms on 2 threads against 1.0 ms for
+// at::mm.)
+//
+// Accuracy: each lane sums one K block (≤ block/8 terms) from zero, the 8 lanes are added by a fixed
+// tree and the blocks' sums added into G in fp32, so rounding grows with block/8 + K/block rather
+// than with K as in one running sum (at K = 100k: max error / max |G| of ~4e-7 against ~1e-6 for
+// at::mm).
 //
 // The kernel needs AVX2 + FMA (checked at run time: the extension is compiled once, for the
 // baseline ISA; in SSE's 16 xmm registers the tile would spill, and MKL has its own SSE path), fp32,
