@@ -47,6 +47,10 @@ std::tuple<at::Tensor, at::Tensor> dkd_loss_autograd(const at::Tensor& logits_s,
                                                      const at::Tensor& target, double alpha, double beta,
                                                      double temperature);
 
+// G = X X^T of a [n, K] fp32 or fp64 matrix, in X's dtype: the upper triangle by a register-tiled
+// kernel (AVX2 + FMA, fp32, where it beats the GEMM), mirrored; at::mm otherwise (gram.cpp).
+at::Tensor gram_matrix(const at::Tensor& x);
+
 // Batch-relation losses (fastkd/ops/similarity.py): (loss, m_s, m_t) with M = dL/dG + (dL/dG)^T for
 // the Gram matrices G = X X^T of the [B, D] inputs, so that dL/dX = M X.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t);

@@ -1,7 +1,7 @@
 // CPU kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance.
 //
 // Each loss is a function of the Gram matrices G = X X^T ([B, B]) of the student and teacher
-// batches. A kernel computes G with one GEMM per side (at::mm, in fp32 for fp16/bf16 inputs),
+// batches. A kernel computes G once per side (gram_matrix: the upper triangle, mirrored; in fp32 for fp16/bf16 inputs),
 // then runs the whole elementwise chain of the loss and of its derivative in one fused epilogue
 // over the B x B entries, row by row (at::parallel_for), writing straight into the outputs
 // M = dL/dG + (dL/dG)^T, so that backward is dL/dX = M X. No other B x B temporary exists.
@@ -39,8 +39,7 @@ at::ScalarType acc_type(const at::Tensor& x) {
 
 // G = X X^T in the accumulation dtype.
 at::Tensor gram(const at::Tensor& x) {
-  const at::Tensor q = as_contiguous(as_dtype(x, acc_type(x)));
-  return at::mm(q, q.t());
+  return gram_matrix(as_dtype(x, acc_type(x)));
 }
 
 // Loss partials, one per row, summed in a fixed order (the result does not depend on threads).
