@@ -33,13 +33,12 @@
 #include <vector>
 
 #include "ops.h"
-
-#define FASTKD_INLINE inline __attribute__((always_inline))
+#include "vec.h"
 
 namespace fastkd::cpu {
 namespace {
 
-typedef float pack8 __attribute__((vector_size(32)));  // one ymm register of fp32 lanes
+typedef vec::pack<float> pack8;  // one ymm register of fp32 lanes
 typedef float pack4 __attribute__((vector_size(16)));
 
 constexpr int kRowsA = 3;  // rows of a tile kept in registers through the inner loop (and in L1 across tiles)
@@ -103,15 +102,6 @@ struct Tile {
   }
 };
 
-__attribute__((target("avx2,fma"))) void tile_avx2(const float* const* a, const float* const* b, int64_t packs,
-                                                   float* sums) {
-  Tile::run(a, b, packs, sums);
-}
-
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 
 // A tile: rows [row_a, row_a + kRowsA) against rows [row_b, row_b + kRowsB).
 struct TileIndex {
@@ -191,7 +181,7 @@ at::Tensor gram_upper_fp32(const at::Tensor& x) {
         const float* b[kRowsB];
         for (int i = 0; i < kRowsA; ++i) a[i] = row(tiles[t].row_a + i);
         for (int j = 0; j < kRowsB; ++j) b[j] = row(tiles[t].row_b + j);
-        tile_avx2(a, b, packs, sums);
+        vec::run_avx2<Tile>(a, b, packs, sums);
         // each entry (r, c) with c >= r belongs to exactly one tile
         for_upper_entries(tiles[t], n, [&](int64_t r, int64_t c, int index) { out[r * n + c] += sums[index]; });
       }
@@ -211,7 +201,7 @@ at::Tensor gram_matrix(const at::Tensor& x) {
   const int64_t n = x.size(0), depth = x.size(1);
   // the kernel copies X block by block, so any row stride will do as long as each row is contiguous
   const bool wins = n > 1 && n <= kMaxRows && depth > 0 && (depth >= kMinDepth || n <= kSmallRows);
-  if (x.scalar_type() == at::kFloat && wins && x.stride(1) == 1 && has_avx2())
+  if (x.scalar_type() == at::kFloat && wins && x.stride(1) == 1 && vec::has_avx2())
     return gram_upper_fp32(x);
   const at::Tensor q = as_contiguous(x);
   return at::mm(q, q.t());

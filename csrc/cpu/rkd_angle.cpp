@@ -41,23 +41,6 @@ constexpr double kZeroTol = 32;     // q_ij <= 32 eps (G_ii + G_jj): a zero diff
 constexpr int64_t kRowGrain = 4;
 constexpr int64_t kLanes = 8;
 
-void check_inputs(const at::Tensor& f_s, const at::Tensor& f_t) {
-  TORCH_CHECK(f_s.device().is_cpu() && f_t.device().is_cpu(), "rkd_angle_loss: the CPU kernel needs CPU tensors");
-  TORCH_CHECK(f_s.dim() == 2 && f_t.dim() == 2, "rkd_angle_loss: expected [B, D] inputs, got ", f_s.sizes(), " and ",
-              f_t.sizes());
-  TORCH_CHECK(f_s.size(0) == f_t.size(0), "rkd_angle_loss: student and teacher batch sizes differ (", f_s.size(0),
-              " vs ", f_t.size(0), ")");
-  TORCH_CHECK(f_s.scalar_type() == f_t.scalar_type(), "rkd_angle_loss: student and teacher dtypes differ");
-  TORCH_CHECK(at::isFloatingType(f_s.scalar_type()), "rkd_angle_loss: expected floating-point inputs, got ",
-              f_s.scalar_type());
-}
-
-// G = X X^T in fp32 (fp64 for fp64 X).
-at::Tensor gram(const at::Tensor& x) {
-  const at::Tensor q = as_contiguous(as_dtype(x, x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  return at::mm(q, q.t());
-}
-
 // q, r and (unless null) rho of one side (B x B each, row-major): zero differences get q = r = rho = 0.
 template <typename acc_t>
 void pairs(const acc_t* g, int64_t b, acc_t* q, acc_t* r, acc_t* rho) {
@@ -206,8 +189,8 @@ double rkd_angle_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, int64_t b
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rkd_angle_loss(const at::Tensor& f_s, const at::Tensor& f_t) {
-  check_inputs(f_s, f_t);
-  const at::Tensor gs = gram(f_s), gt = gram(f_t);
+  check_relation_pair("rkd_angle_loss", f_s, f_t);
+  const at::Tensor gs = relation_gram(f_s), gt = relation_gram(f_t);
   at::Tensor ms = at::empty_like(gs);
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "rkd_angle_epilogue", [&] {

@@ -25,23 +25,6 @@ constexpr double kRownormEps = 1e-12;  // F.normalize's eps
 constexpr double kDistEps = 1e-12;     // RepDistiller's clamp of squared distances
 constexpr int64_t kRowGrain = 8;
 
-void check_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": the CPU kernel needs CPU tensors");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected [B, D] inputs, got ", a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.size(0) == b.size(0), op, ": student and teacher batch sizes differ (", a.size(0), " vs ", b.size(0), ")");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": student and teacher dtypes differ");
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": expected floating-point inputs, got ", a.scalar_type());
-}
-
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// G = X X^T in the accumulation dtype.
-at::Tensor gram(const at::Tensor& x) {
-  return gram_matrix(as_dtype(x, acc_type(x)));
-}
-
 // Loss partials, one per row, summed in a fixed order (the result does not depend on threads).
 double sum_rows(const std::vector<double>& rows) { return std::accumulate(rows.begin(), rows.end(), 0.0); }
 
@@ -337,8 +320,8 @@ double rkd_distance_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, int64_
 template <typename Epilogue>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> relation(const char* op, const at::Tensor& f_s, const at::Tensor& f_t,
                                                         Epilogue&& epilogue) {
-  check_pair(op, f_s, f_t);
-  const at::Tensor gs = gram(f_s), gt = gram(f_t);
+  check_relation_pair(op, f_s, f_t);
+  const at::Tensor gs = relation_gram(f_s), gt = relation_gram(f_t);
   at::Tensor ms = at::empty_like(gs), mt = at::empty_like(gt);
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "relation_epilogue", [&] {
@@ -349,6 +332,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relation(const char* op, const at
 }
 
 }  // namespace
+
+void check_relation_pair(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": the CPU kernel needs CPU tensors");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, op, ": expected [B, D] inputs, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.size(0) == b.size(0), op, ": student and teacher batch sizes differ (", a.size(0), " vs ", b.size(0), ")");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": student and teacher dtypes differ");
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": expected floating-point inputs, got ", a.scalar_type());
+}
+
+at::Tensor relation_gram(const at::Tensor& x) {
+  return gram_matrix(as_dtype(x, x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t) {
   return relation("sp_loss", f_s, f_t, [](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
