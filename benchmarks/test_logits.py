@@ -20,14 +20,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _memory import in_fresh_process  # noqa: E402
 from logits_step import CPU_SIZES, GPU_SIZES, make_forward, make_inputs, make_step  # noqa: E402
 
-ROUNDS = {100: 200, 1000: 100, 32768: 10}
+ROUNDS = {100: 400, 1000: 300, 32768: 20}
 
 
 def run_phase(benchmark, provider, loss, rows, classes, phase, rounds, device="cpu"):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if phase == "full":
         step = make_step(provider, loss, rows, classes, device)
-        benchmark.pedantic(step, rounds=rounds, warmup_rounds=2)
+        benchmark.pedantic(step, rounds=rounds, warmup_rounds=max(2, rounds // 20))
         return
     s, t, y = make_inputs(rows, classes, device)
     forward = make_forward(provider, loss, s, t, y)
@@ -37,7 +37,7 @@ def run_phase(benchmark, provider, loss, rows, classes, phase, rounds, device="c
             forward()
             sync()
 
-        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2)
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=max(2, rounds // 20))
     else:
         def setup():
             s.grad = None
@@ -49,7 +49,7 @@ def run_phase(benchmark, provider, loss, rows, classes, phase, rounds, device="c
             value.backward()
             sync()
 
-        benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=2)
+        benchmark.pedantic(timed, setup=setup, rounds=rounds, warmup_rounds=max(2, rounds // 20))
 
 
 @pytest.mark.parametrize("phase", ["forward", "backward", "full"])
