@@ -40,7 +40,10 @@ def _run(recipe_name: str, overrides: list[str], output: str, device: str | None
         if distributed.is_main():
             print(f"resumed from {last} at epoch {trainer.epoch}")
     start = time.perf_counter()
-    history = trainer.fit()
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.close()
     final = history[-1] if history else {}
     return {"top1": final.get("test_top1"), "top5": final.get("test_top5"),
             "images_per_s": final.get("images_per_s"), "seconds": time.perf_counter() - start,

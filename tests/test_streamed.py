@@ -100,3 +100,23 @@ def test_streamed_resume_replays_the_uninterrupted_run(tmp_path):
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
     for key, value in straight["student"].items():
         assert torch.equal(resumed["student"][key], value), key
+
+
+def test_close_stops_the_workers_and_a_later_epoch_restarts_them(tmp_path):
+    """close() shuts the persistent workers down at once (left to the garbage collector, they used to wait
+    out a join timeout each); the loader still works afterwards."""
+    from fastkd.data.folder import ImageFolder
+    from fastkd.train.run import StreamedLoader
+
+    make_tree(tmp_path / "tree")
+    data = ImageFolder(tmp_path / "tree" / "train", EvalTransform(16))
+    loader = StreamedLoader(data, 4, shuffle=False, num_workers=2, seed=0, pin_memory=False)
+    first = _batches(loader, 0)
+    workers = list(loader.loader._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    loader.close()  # a second close is a no-op
+    again = _batches(loader, 0)
+    assert len(again) == len(first) and all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    loader.close()

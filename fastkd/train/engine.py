@@ -218,6 +218,13 @@ class Trainer:
         return result
 
     # --- the run ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Releases the data loaders' workers (loaders that have any: ``close()``); the trainer can still
+        evaluate or fit afterwards, the workers start again on the next epoch."""
+        for data in (self.train_data, self.test_data):
+            if hasattr(data, "close"):
+                data.close()
+
     def fit(self, epochs: int | None = None, log=print) -> list[dict]:
         """Train from the current epoch to ``epochs`` (the recipe's by default); returns the history.
 

@@ -53,6 +53,15 @@ class StreamedLoader:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def close(self) -> None:
+        """Stops the persistent workers now. Left to the garbage collector, the DataLoader's iterator is
+        often finalised inside a reference cycle after its queues, and each worker then waits out a
+        5-second join timeout (measured: 20 s after a 2-loader, 2-worker run)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            self.loader._iterator = None
+            iterator._shutdown_workers()
+
     def __iter__(self):
         for batch in self.loader:
             if self.channels_last:
