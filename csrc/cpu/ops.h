@@ -51,11 +51,6 @@ std::tuple<at::Tensor, at::Tensor> dkd_loss_autograd(const at::Tensor& logits_s,
 // kernel (AVX2 + FMA, fp32, where it beats the GEMM), mirrored; at::mm otherwise (gram.cpp).
 at::Tensor gram_matrix(const at::Tensor& x);
 
-// The inputs of a batch-relation op: CPU [B, D] tensors of one batch size and floating dtype (errors name op).
-void check_relation_pair(const char* op, const at::Tensor& a, const at::Tensor& b);
-// G = X X^T of a relation op's input in the accumulation dtype (fp32 for fp16 / bf16), by gram_matrix.
-at::Tensor relation_gram(const at::Tensor& x);
-
 // Batch-relation losses (fastkd/ops/similarity.py): (loss, m_s, m_t) with M = dL/dG + (dL/dG)^T for
 // the Gram matrices G = X X^T of the [B, D] inputs, so that dL/dX = M X.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t);
@@ -77,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss_autograd(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> rkd_distance_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
 
-// RKD's angle term (rkd_angle.cpp): (loss, m_s) like rkd_distance_loss, and its C++ autograd.
+// RKD's angle term: (loss, m_s) like rkd_distance_loss, and its C++ autograd.
 std::tuple<at::Tensor, at::Tensor> rkd_angle_loss(const at::Tensor& f_s, const at::Tensor& f_t);
 std::tuple<at::Tensor, at::Tensor> rkd_angle_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
 
