@@ -17,6 +17,7 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("crd_nce", &fastkd::cpu::crd_nce);
   m.impl("kd_loss", &fastkd::cpu::kd_loss);
   m.impl("kd_loss_backward", &fastkd::cpu::kd_loss_backward);
+  m.impl("kd_loss_with_grad", &fastkd::cpu::kd_loss_with_grad);
   m.impl("dkd_loss", &fastkd::cpu::dkd_loss);
   m.impl("dkd_loss_backward", &fastkd::cpu::dkd_loss_backward);
   m.impl("sp_loss", &fastkd::cpu::sp_loss);

@@ -5,8 +5,10 @@ compute in fp32 (fp64 for double logits).
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from _logits_cases import ALPHA, BETA, LOSSES, case, check_backend, forward, rel
+from _logits_cases import ALPHA, BETA, LOSSES, TOL, case, check_backend, forward, rel
+from fastkd.ops import logits as ops
 
 pytestmark = pytest.mark.native
 
@@ -101,3 +103,83 @@ def test_errors():
         torch.ops.fastkd.kd_loss(s, t.double(), 4.0)
     with pytest.raises(RuntimeError, match="stats must be"):
         torch.ops.fastkd.kd_loss_backward(torch.tensor(1.0), s, t, torch.zeros(3, 4), 4.0, False)
+
+
+# ---------------------------------------------------------------- KD's forward pass with the student's gradient
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 5), (5, 33), (64, 100), (2, 1000), (3, 5003)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_kd_with_grad_matches_contract(shape, dtype):
+    s, t, _ = case(*shape, dtype=dtype, seed=shape[1])
+    want = ops.kd_with_grad_reference(s.double(), t.double(), 3.0)
+    got = torch.ops.fastkd.kd_loss_with_grad(s, t, 3.0)
+    tol = TOL[dtype]
+    assert got[0].dtype == got[1].dtype == torch.promote_types(dtype, torch.float32)
+    assert got[2].dtype == dtype and got[2].shape == s.shape
+    for g, w in zip(got, want):
+        assert rel(g, w, floor=torch.finfo(dtype).tiny) <= tol
+    # the gradient is the backward op's for a unit upstream gradient
+    backward_op = torch.ops.fastkd.kd_loss_backward(torch.tensor(1.0, dtype=got[0].dtype), s, t, got[1], 3.0, False)
+    assert rel(got[2], backward_op[0], floor=torch.finfo(dtype).tiny) <= tol
+
+
+class OpsSeen(TorchDispatchMode):
+    """Records the ops that reach the kernels (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def kd_ops_run(s, t):
+    with OpsSeen() as seen:
+        loss = torch.ops.fastkd.kd_loss(s, t, 4.0)[0]
+    return loss, [n for n in seen.names if n.startswith("fastkd.")]
+
+
+def test_kd_autograd_takes_the_fused_pass_only_for_a_student_gradient():
+    s, t, _ = case(7, 45, seed=21)
+    assert kd_ops_run(s.clone().requires_grad_(True), t)[1] == ["fastkd.kd_loss_with_grad.default"]
+    assert kd_ops_run(s, t)[1] == ["fastkd.kd_loss.default"]  # no gradient wanted
+    with torch.no_grad():
+        assert kd_ops_run(s.clone().requires_grad_(True), t)[1] == ["fastkd.kd_loss.default"]
+    both = kd_ops_run(s.clone().requires_grad_(True), t.clone().requires_grad_(True))[1]
+    assert both == ["fastkd.kd_loss.default"]  # the teacher's gradient needs the backward op
+    half = kd_ops_run(s.half().requires_grad_(True), t.half())[1]
+    assert half == ["fastkd.kd_loss.default"]  # a rounded fp16 gradient would be rounded again when scaled
+
+
+@pytest.mark.parametrize("upstream", [1.0, 1.7, -0.25])
+def test_kd_fused_gradient_against_the_published_autograd(upstream):
+    s, t, _ = case(6, 37, seed=22)
+    leaf = s.clone().requires_grad_(True)
+    (torch.ops.fastkd.kd_loss(leaf, t, 2.0)[0] * upstream).backward()
+    ref = s.double().requires_grad_(True)
+    (ops.kd_reference(ref, t.double(), 2.0) * upstream).backward()
+    assert rel(leaf.grad, ref.grad) <= 1e-5
+
+
+def test_kd_fused_gradient_kept_for_a_second_backward_and_accumulated():
+    s, t, _ = case(4, 19, seed=23)
+    leaf = s.clone().requires_grad_(True)
+    loss = torch.ops.fastkd.kd_loss(leaf, t, 4.0)[0]
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()  # the saved gradient was handed on, not consumed: the same again, accumulated
+    assert torch.allclose(leaf.grad, 2 * first, rtol=1e-6, atol=0)
+    ref = s.double().requires_grad_(True)
+    ops.kd_reference(ref, t.double(), 4.0).backward()
+    assert rel(first, ref.grad) <= 1e-5
+
+
+def test_kd_fused_gradient_gradcheck_and_opcheck():
+    s, t, _ = case(3, 7, dtype=torch.float64, seed=24)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a: torch.ops.fastkd.kd_loss(a, t, 2.0)[0], (s,))
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_with_grad.default, (s.float().detach().requires_grad_(True),
+                                                                       t.float(), 4.0))

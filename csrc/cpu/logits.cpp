@@ -159,6 +159,41 @@ FASTKD_INLINE void finish_row(const acc_t* row, int64_t n, scalar_t* out) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) store_row(row, n, out);
 }
 
+// The forward pass and the student's gradient for a unit upstream gradient, k·(p_s − p_t) with k = T/B, in one
+// pass over each row's exponentials: e_s and e_t are computed once (2 exponentials per class, against 4 for
+// KdForward + KdBackward) and serve both the KL terms and the gradient. The buffers hold 4 rows.
+template <typename scalar_t, typename acc_t>
+struct KdForwardGrad {
+  static FASTKD_INLINE void run(const scalar_t* xs, const scalar_t* xt, int64_t classes, acc_t inv_t, acc_t k,
+                                acc_t* stats, scalar_t* gs, acc_t* buf, int64_t begin, int64_t end) {
+    acc_t* e_t = buf + 2 * classes;
+    for (int64_t b = begin; b < end; ++b) {
+      acc_t scale;
+      const acc_t* zs = scaled_row(xs + b * classes, classes, inv_t, buf, scale);
+      const acc_t* zt = scaled_row(xt + b * classes, classes, inv_t, buf + classes, scale);
+      const acc_t top_s = row_max(zs, classes) * scale, top_t = row_max(zt, classes) * scale;
+      acc_t* e_s = gradient_row(gs + b * classes, buf + 3 * classes);
+      const acc_t sum_s = sum_exp<true>(zs, classes, scale, top_s, e_s);  // e_s = p_s · sum_s
+      const acc_t sum_t = sum_exp<true>(zt, classes, scale, top_t, e_t);  // e_t = p_t · sum_t
+      const acc_t lse_s = top_s + std::log(sum_s), lse_t = top_t + std::log(sum_t);
+      const acc_t ks = k / sum_s, kt = k / sum_t;
+      pack<acc_t> total = splat(acc_t(0));
+      for_packs<acc_t>(classes, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
+        const pack<acc_t> pt = load(e_t + c, count, acc_t(0));
+        const pack<acc_t> log_ratio =
+            (load(zt + c, count, acc_t(0)) * scale - lse_t) - (load(zs + c, count, acc_t(0)) * scale - lse_s);
+        total += pt * log_ratio;
+        store(e_s + c, load(e_s + c, count, acc_t(0)) * ks - pt * kt, count);
+      });
+      finish_row(e_s, classes, gs + b * classes);
+      acc_t* row = stats + b * 3;
+      row[0] = lse_s;
+      row[1] = lse_t;
+      row[2] = lane_sum<acc_t>(total) / sum_t;
+    }
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 struct KdBackward {
   static FASTKD_INLINE void run(const scalar_t* xs, const scalar_t* xt, const acc_t* stats, int64_t classes,
@@ -338,6 +373,25 @@ std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& logits_s, const at:
     loss = loss_from_stats<acc_t>(stats, 2, {1.0}, temperature * temperature / rows);
   });
   return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_with_grad(const at::Tensor& logits_s, const at::Tensor& logits_t,
+                                                               double temperature) {
+  check_logits("kd_loss_with_grad", logits_s, logits_t);
+  const at::Tensor xs = logits_s.contiguous(), xt = logits_t.contiguous();
+  const int64_t rows = xs.size(0), classes = xs.size(1);
+  at::Tensor stats = at::empty({rows, 3}, xs.options().dtype(accumulation(xs)));
+  at::Tensor grad_s = at::empty_like(xs);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "kd_loss_with_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    run_rows<Bind<KdForwardGrad, scalar_t, acc_t>>(
+        rows, classes, 4, xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), classes,
+        static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(temperature / rows), stats.data_ptr<acc_t>(),
+        grad_s.data_ptr<scalar_t>());
+    loss = loss_from_stats<acc_t>(stats, 2, {1.0}, temperature * temperature / rows);
+  });
+  return {loss, stats, grad_s};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_backward(const at::Tensor& grad, const at::Tensor& logits_s,

@@ -33,6 +33,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& logits_s, const at:
 std::tuple<at::Tensor, at::Tensor> kd_loss_backward(const at::Tensor& grad, const at::Tensor& logits_s,
                                                     const at::Tensor& logits_t, const at::Tensor& stats,
                                                     double temperature, bool teacher_grad);
+// KD's forward pass with the student's gradient for a unit upstream gradient: (loss, stats, d loss/d logits_s).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_with_grad(const at::Tensor& logits_s, const at::Tensor& logits_t,
+                                                               double temperature);
 std::tuple<at::Tensor, at::Tensor> dkd_loss(const at::Tensor& logits_s, const at::Tensor& logits_t,
                                             const at::Tensor& target, double alpha, double beta, double temperature);
 std::tuple<at::Tensor, at::Tensor> dkd_loss_backward(const at::Tensor& grad, const at::Tensor& logits_s,

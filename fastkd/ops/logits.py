@@ -13,7 +13,10 @@ Two kinds of torch code live here:
   contract that the native and Triton kernels implement: the forward pass returns the loss and a
   few fp32 statistics per row (log-sum-exps and the row's KL terms); the backward pass recomputes
   the gradient of the logits from the logits and those statistics, so no B×C softmax is kept
-  between the passes.
+  between the passes. :func:`kd_with_grad_reference` (``fastkd::kd_loss_with_grad``) is KD's forward
+  pass that also returns the student's gradient: on CPU, where a step is bound by the exponentials,
+  kd_loss's autograd runs it when only the student needs a gradient (one B×C gradient kept, half the
+  exponentials).
 
 With z = x / T (fp32 at least), lse(z) = log Σ_c exp z_c and the target class g of a row:
 
@@ -134,6 +137,16 @@ def kd_backward_reference(grad: torch.Tensor, logits_s: torch.Tensor, logits_t: 
     return grad_s, grad_t.to(logits_t.dtype)
 
 
+def kd_with_grad_reference(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float):
+    """``fastkd::kd_loss_with_grad``: ``fastkd::kd_loss``'s (loss, stats) and the student's gradient for an
+    upstream gradient of 1, d loss/d x_s = T/B·(p_s − p_t), in the logits' dtype. The CPU autograd of
+    ``kd_loss`` runs it when only the student's gradient is wanted: a row's exponentials then serve the loss
+    and the gradient, and backward only scales the gradient."""
+    loss, stats = kd_forward_reference(logits_s, logits_t, temperature)
+    one = torch.ones((), dtype=stats.dtype, device=stats.device)
+    return loss, stats, kd_backward_reference(one, logits_s, logits_t, stats, temperature, False)[0]
+
+
 def _dkd_row_terms(z: torch.Tensor, target: torch.Tensor, other: torch.Tensor):
     """Per row: (z_g, log b_gt, log b_o, log r, log ĝ) from the logits and O = lse(non-target)."""
     z_g = z.gather(1, target.unsqueeze(1)).squeeze(1)
@@ -197,6 +210,7 @@ _lib = torch.library.Library("fastkd", "FRAGMENT")
 _lib.define(f"kd_loss({_KD_ARGS}) -> (Tensor, Tensor)")
 _lib.define("kd_loss_backward(Tensor grad, Tensor logits_s, Tensor logits_t, Tensor stats, float temperature, "
             "bool teacher_grad) -> (Tensor, Tensor)")
+_lib.define(f"kd_loss_with_grad({_KD_ARGS}) -> (Tensor, Tensor, Tensor)")
 _lib.define(f"dkd_loss({_DKD_ARGS}) -> (Tensor, Tensor)")
 _lib.define("dkd_loss_backward(Tensor grad, Tensor logits_s, Tensor logits_t, Tensor target, Tensor stats, "
             "float alpha, float beta, float temperature, bool teacher_grad) -> (Tensor, Tensor)")
@@ -207,6 +221,8 @@ for _name, _reference in _OPS.items():
     # and CUDA tensors run the backend chosen at call time
     _lib.impl(_name, _reference, "CompositeExplicitAutograd")
     _lib.impl(_name, (lambda op: lambda *args: dispatch(op, "cuda")(*args))(_name), "CUDA")
+# kd_loss_with_grad serves the CPU autograd of kd_loss: a native CPU kernel, the reference elsewhere
+_lib.impl("kd_loss_with_grad", kd_with_grad_reference, "CompositeExplicitAutograd")
 
 
 def _accumulation(x: torch.Tensor) -> torch.dtype:
@@ -217,6 +233,11 @@ def _accumulation(x: torch.Tensor) -> torch.dtype:
 def _kd_fake(logits_s, logits_t, temperature):
     acc = _accumulation(logits_s)
     return logits_s.new_empty((), dtype=acc), logits_s.new_empty((logits_s.shape[0], 3), dtype=acc)
+
+
+@torch.library.register_fake("fastkd::kd_loss_with_grad")
+def _kd_with_grad_fake(logits_s, logits_t, temperature):
+    return _kd_fake(logits_s, logits_t, temperature) + (torch.empty_like(logits_s),)
 
 
 @torch.library.register_fake("fastkd::dkd_loss")
@@ -253,6 +274,16 @@ def _kd_backward(ctx, grad_loss, grad_stats):
     return grad_s, grad_t if ctx.needs_input_grad[1] else None, None
 
 
+def _kd_with_grad_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+
+
+def _kd_with_grad_backward(ctx, grad_loss, grad_stats, grad_grad):
+    """The student's gradient was taken in the forward pass: scale it by the upstream gradient."""
+    (grad_s,) = ctx.saved_tensors
+    return grad_s * grad_loss.to(grad_s.dtype), None, None
+
+
 def _dkd_setup_context(ctx, inputs, output):
     logits_s, logits_t, target, ctx.alpha, ctx.beta, ctx.temperature = inputs
     ctx.save_for_backward(logits_s, logits_t, target, output[1])
@@ -267,6 +298,8 @@ def _dkd_backward(ctx, grad_loss, grad_stats):
 
 torch.library.register_autograd("fastkd::kd_loss", _kd_backward, setup_context=_kd_setup_context)
 torch.library.register_autograd("fastkd::dkd_loss", _dkd_backward, setup_context=_dkd_setup_context)
+torch.library.register_autograd("fastkd::kd_loss_with_grad", _kd_with_grad_backward,
+                                setup_context=_kd_with_grad_setup_context)
 
 
 def _triton(name: str):
