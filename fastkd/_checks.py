@@ -65,7 +65,7 @@ def finite(name: str, x: torch.Tensor) -> None:
 def pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, same_shape: bool = True,
          same_batch: bool = True) -> None:
     """Two inputs of one loss: same device and dtype, same shape (or batch size); both finite."""
-    if a.device != b.device:
+    if not (a.is_cpu and b.is_cpu) and a.device != b.device:  # (two CPU tensors: no torch.device built)
         raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}; put both on one device")
     if a.dtype != b.dtype:
         raise TypeError(f"{name_b} has dtype {b.dtype} but {name_a} has {a.dtype}; cast them to one dtype")

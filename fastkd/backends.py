@@ -129,21 +129,28 @@ def implementations(op: str, device_type: str | None = None) -> list[str]:
 
 
 # choose()'s answers, by everything that can change them while the process runs (the registry clears
-# it; the native library's availability is settled by the first lookup): every op call asks, and
-# working the answer out costs several times what a small fused op takes on a CPU.
+# it; the native library's availability is settled by the first lookup, and TRITON_INTERPRET is taken as
+# it is at the first call, as triton itself reads it when its kernels are defined): every op call asks,
+# and working the answer out costs several times what a small fused op takes on a CPU.
 _chosen: dict[tuple, str] = {}
 
 
 def choose(op: str, device_type: str) -> str:
     """The backend that runs ``op`` on tensors of ``device_type`` under the current selection."""
-    name = current()
+    name = _selected[-1] if _selected else current()
     if torch.compiler.is_compiling():
         return _choose(op, device_type, name)
-    key = (op, device_type, name, os.environ.get("TRITON_INTERPRET"))
+    key = (op, device_type, name)
     found = _chosen.get(key)
     if found is None:
         found = _chosen[key] = _choose(op, device_type, name)
     return found
+
+
+def choose_for(op: str, x: torch.Tensor) -> str:
+    """:func:`choose` for the device of tensor ``x`` (a CPU tensor's device type without building its
+    ``torch.device``: this runs on every op call)."""
+    return choose(op, "cpu" if x.is_cpu else x.device.type)
 
 
 def _choose(op: str, device_type: str, name: str) -> str:

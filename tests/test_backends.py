@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.backends import choose, current, implementations
+from fastkd.backends import choose, choose_for, current, implementations
 from fastkd.ops import crd
 
 
@@ -68,6 +68,14 @@ def test_auto_picks_native_on_cpu():
     assert choose("crd_bank_update", "cpu") == "native"
     with fastkd.use_backend("native"):
         assert choose("crd_bank_update", "cpu") == "native"
+
+
+def test_choose_for_takes_the_tensors_device_type():
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    for name in fastkd.backends():
+        with fastkd.use_backend(name):
+            assert choose_for("crd_nce", cpu) == choose("crd_nce", "cpu")
+            assert choose_for("crd_nce", meta) == choose("crd_nce", "meta") == "torch"  # nothing registered for meta
 
 
 def bank_case(n, d, b, dtype, seed):

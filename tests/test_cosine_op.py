@@ -75,7 +75,7 @@ def test_functional_runs_the_op_off_the_torch_backend(monkeypatch):
         calls.append(args[2])
         return op(*args)
 
-    monkeypatch.setattr(self_supervised, "choose", lambda name, device: "native")
+    monkeypatch.setattr(self_supervised, "choose_for", lambda name, x: "native")
     monkeypatch.setattr(torch.ops.fastkd.cosine_matrix, "default", counted)
     fused = fk.cosine_similarity_matrix(a, b)
     assert calls == [EPS]

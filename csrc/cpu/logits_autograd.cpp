@@ -28,13 +28,20 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// Upstream gradient × a gradient taken for a unit upstream gradient in the forward pass. The usual upstream
-// gradient of a loss is exactly 1 (loss.backward()): then the tensor is handed on as it is (the autograd engine
-// releases the saved copy before the gradient is accumulated, so nothing else holds it). Fake / functional
-// tensors (torch.compile's tracing) have no value to compare and always take the product.
+}  // namespace
+
+bool is_unit_upstream(const at::Tensor& upstream) {
+  return !at::isTensorSubclassLike(upstream) && upstream.is_cpu() && upstream.numel() == 1 &&
+         upstream.item<double>() == 1.0;
+}
+
+namespace {
+
+// Upstream gradient × a gradient taken for a unit upstream gradient in the forward pass. For the usual upstream
+// gradient of exactly 1 the tensor is handed on as it is (the autograd engine releases the saved copy before
+// the gradient is accumulated, so nothing else holds it).
 at::Tensor scaled_by_upstream(const at::Tensor& grad, const at::Tensor& upstream) {
-  if (!at::isTensorSubclassLike(upstream) && upstream.is_cpu() && upstream.item<double>() == 1.0) return grad;
-  return at::mul(grad, upstream.to(grad.scalar_type()));
+  return is_unit_upstream(upstream) ? grad : at::mul(grad, upstream.to(grad.scalar_type()));
 }
 
 class KdFunction : public torch::autograd::Function<KdFunction> {

@@ -14,6 +14,10 @@ inline at::Tensor as_dtype(const at::Tensor& x, at::ScalarType dtype) {
 }
 inline at::Tensor as_contiguous(const at::Tensor& x) { return x.is_contiguous() ? x : x.contiguous(); }
 
+// Whether an upstream gradient is exactly 1 (the usual loss.backward()), so that a product with it can be
+// skipped. Fake / functional tensors (torch.compile's tracing) have no value to compare: never.
+bool is_unit_upstream(const at::Tensor& upstream);
+
 // CRD memory bank: bank[index[i]] <- rownorm(momentum * bank[index[i]] + (1 - momentum) * value[i]),
 // every new row computed from the rows as they were before the call; when an index repeats,
 // its last occurrence wins. All indices are checked before any row is written.

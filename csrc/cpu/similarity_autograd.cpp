@@ -33,9 +33,10 @@ auto below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
   return op.call(std::forward<Args>(args)...);
 }
 
-// grad * M X in X's dtype, the product accumulated in M's dtype.
+// grad * M X in X's dtype, the product accumulated in M's dtype (M itself when grad is 1).
 at::Tensor relation_grad(const at::Tensor& x, const at::Tensor& m, const at::Tensor& grad) {
-  return as_dtype(at::mm(m * as_dtype(grad, m.scalar_type()), as_dtype(x, m.scalar_type())), x.scalar_type());
+  const at::Tensor scaled = is_unit_upstream(grad) ? m : m * as_dtype(grad, m.scalar_type());
+  return as_dtype(at::mm(scaled, as_dtype(x, m.scalar_type())), x.scalar_type());
 }
 
 // Saves (f_s, f_t, m_s[, m_t]) and marks the M's non-differentiable (their gradients are not filled).
@@ -121,6 +122,7 @@ struct NstFunction : public torch::autograd::Function<NstFunction> {
     const variable_list saved = ctx->get_saved_variables();
     variable_list out(2);
     for (size_t i = 0; i < 2; ++i) {
+      // always a new tensor: the saved gradients are also outputs of the op, which .grad must not alias
       if (ctx->needs_input_grad(i)) out[i] = saved[i] * as_dtype(grads[0], saved[i].scalar_type());
     }
     return out;

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
-from fastkd.backends import choose
+from fastkd.backends import choose_for
 from fastkd.functional._precision import upcast
 
 __all__ = ["hint_loss", "at_loss", "nst_loss", "ft_loss", "ab_loss", "fsp_loss", "vid_loss"]
@@ -89,7 +89,7 @@ def _nst_pair(name_s: str, f_s: torch.Tensor, name_t: str, f_t: torch.Tensor) ->
     """NST for one pair of maps."""
     _check_map_pair(name_s, f_s, name_t, f_t)
     f_s, f_t = _pool_to_smaller(name_s, f_s, name_t, f_t)
-    if choose("nst_loss", f_s.device.type) != "torch":
+    if choose_for("nst_loss", f_s) != "torch":
         return torch.ops.fastkd.nst_loss.default(f_s.flatten(2), f_t.flatten(2))[0]
     s = F.normalize(upcast(f_s).flatten(2), dim=2)
     t = F.normalize(upcast(f_t).flatten(2), dim=2)

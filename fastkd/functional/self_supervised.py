@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
-from fastkd.backends import choose
+from fastkd.backends import choose_for
 from fastkd.functional._precision import upcast
 from fastkd.functional.logits import kd_loss
 
@@ -52,7 +52,7 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _checks.pair("a", a, "b", b, same_shape=False, same_batch=False)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"b has {b.shape[1]} features but a has {a.shape[1]}; they must match")
-    if choose("cosine_matrix", a.device.type) != "torch":
+    if choose_for("cosine_matrix", a) != "torch":
         return torch.ops.fastkd.cosine_matrix.default(a, b, _EPS)[0]
     return F.normalize(upcast(a), dim=1, eps=_EPS) @ F.normalize(upcast(b), dim=1, eps=_EPS).transpose(0, 1)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
-from fastkd.backends import choose
+from fastkd.backends import choose_for
 from fastkd.functional._precision import upcast
 from fastkd.ops import similarity as ops
 
@@ -61,7 +61,7 @@ def sp_loss(f_s, f_t) -> torch.Tensor:
 
 
 def _sp_pair(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-    if choose("sp_loss", f_s.device.type) == "torch":
+    if choose_for("sp_loss", f_s) == "torch":
         return _sp_single(f_s, f_t)
     return torch.ops.fastkd.sp_loss.default(_flat(f_s), _flat(f_t))[0]
 
@@ -125,7 +125,7 @@ def cckd_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float = 0.4, order: i
     gamma = _checks.number("gamma", gamma, positive=True)
     order = _checks.integer("order", order, 0)
     _checks.pair_of("e_s", e_s, "e_t", e_t, ndim=2)
-    if choose("cckd_loss", e_s.device.type) != "torch":
+    if choose_for("cckd_loss", e_s) != "torch":
         return torch.ops.fastkd.cckd_loss.default(e_s, e_t, gamma, order)[0]
     return (_taylor_rbf(e_s, gamma, order) - _taylor_rbf(e_t, gamma, order)).pow(2).mean()
 
@@ -180,7 +180,7 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
 
 def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """smooth_l1(d_s / μ_s, d_t / μ_t) on the chosen backend (the fused op takes the inputs' dtype)."""
-    if choose("rkd_distance_loss", f_s.device.type) != "torch":
+    if choose_for("rkd_distance_loss", f_s) != "torch":
         return torch.ops.fastkd.rkd_distance_loss.default(_flat(f_s), _flat(f_t).detach())[0]
     with torch.no_grad():
         d_t = _normalized_distances(teacher)
@@ -190,7 +190,7 @@ def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, t
 def _rkd_angle(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """smooth_l1(a_s, a_t) on the chosen backend (the fused op takes the inputs' dtype and never forms the
     [B, B, D] differences; see fastkd.ops.similarity for how it treats (near-)duplicated rows)."""
-    if choose("rkd_angle_loss", f_s.device.type) != "torch":
+    if choose_for("rkd_angle_loss", f_s) != "torch":
         return torch.ops.fastkd.rkd_angle_loss.default(_flat(f_s), _flat(f_t).detach())[0]
     with torch.no_grad():
         a_t = _angles(teacher)
@@ -224,7 +224,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     """
     eps = _checks.number("eps", eps, nonnegative=True)
     _checks.pair_of("f_s", f_s, "f_t", f_t, ndim=2)
-    if choose("pkt_loss", f_s.device.type) != "torch":
+    if choose_for("pkt_loss", f_s) != "torch":
         return torch.ops.fastkd.pkt_loss.default(f_s, f_t, eps)[0]
     p_s = _cosine_probabilities(f_s, eps)
     p_t = _cosine_probabilities(f_t, eps)

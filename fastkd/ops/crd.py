@@ -23,7 +23,7 @@ import math
 import torch
 
 from fastkd import _native
-from fastkd.backends import choose, dispatch, register
+from fastkd.backends import choose_for, dispatch, register
 from fastkd.ops import philox
 
 NCE_EPS = 1e-7
@@ -249,7 +249,7 @@ def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: 
     The ``torch`` backend is the published computation (:func:`nce_reference`, gradients by
     autograd); every other backend runs the fused op ``fastkd::crd_nce``.
     """
-    if choose("crd_nce", v_s.device.type) == "torch":
+    if choose_for("crd_nce", v_s) == "torch":
         if contrast_idx is None:
             contrast_idx = philox.contrast_indices(idx, rng_state, num_negatives, memory_s.shape[0], shared_negatives)
         return nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, z_s, z_t, temperature, memory_s.shape[0],
@@ -262,7 +262,7 @@ def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: 
 def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
     """The bank update on the backend :func:`fastkd.backends.choose` picks for ``bank``'s device."""
     with torch.no_grad():
-        if choose("crd_bank_update", bank.device.type) == "torch":
+        if choose_for("crd_bank_update", bank) == "torch":
             bank_update_reference(bank, index, value.detach(), float(momentum))
         else:
             torch.ops.fastkd.crd_bank_update_(bank, index, value.detach(), float(momentum))

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _native
-from fastkd.backends import choose, dispatch, register
+from fastkd.backends import choose_for, dispatch, register
 from fastkd.functional._precision import upcast
 
 # mdistiller removes the target class from the NCKD softmax by subtracting 1000 from its z/T.
@@ -322,7 +322,7 @@ _native.load()
 
 def kd(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> torch.Tensor:
     """The KD loss on the chosen backend: the published computation for ``torch``, else the fused op."""
-    if choose("kd_loss", logits_s.device.type) == "torch":
+    if choose_for("kd_loss", logits_s) == "torch":
         return kd_reference(logits_s, logits_t, temperature)
     return torch.ops.fastkd.kd_loss.default(logits_s, logits_t, temperature)[0]
 
@@ -330,6 +330,6 @@ def kd(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> to
 def dkd(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
         temperature: float) -> torch.Tensor:
     """The DKD loss on the chosen backend: the published computation for ``torch``, else the fused op."""
-    if choose("dkd_loss", logits_s.device.type) == "torch":
+    if choose_for("dkd_loss", logits_s) == "torch":
         return dkd_reference(logits_s, logits_t, target, alpha, beta, temperature)
     return torch.ops.fastkd.dkd_loss.default(logits_s, logits_t, target, alpha, beta, temperature)[0]
