@@ -13,8 +13,8 @@ import sys
 import torch
 
 from _memory import peak_extra_bytes  # benchmarks/ is on sys.path (run as a script, or from the suites)
+from _provider import selected
 
-import fastkd
 from fastkd import functional as F
 
 CPU_SIZES = [(64, 100), (64, 1000), (64, 32768)]
@@ -29,19 +29,18 @@ def make_inputs(rows: int, classes: int, device: str = "cpu", dtype=torch.float3
     return s, t, y
 
 
-def make_forward(provider: str, loss: str, s, t, y):
-    """A zero-argument callable computing the loss (graph kept for backward) on ``provider``."""
+def make_forward(loss: str, s, t, y):
+    """A zero-argument callable computing the loss (graph kept for backward) on the selected provider."""
     def forward():
-        with fastkd.use_backend(provider), fastkd.value_checks(False):
-            return F.kd_loss(s, t) if loss == "kd" else F.dkd_loss(s, t, y)
+        return F.kd_loss(s, t) if loss == "kd" else F.dkd_loss(s, t, y)
 
     return forward
 
 
-def make_step(provider: str, loss: str, rows: int, classes: int, device: str = "cpu"):
-    """A zero-argument callable running forward + backward, after one warm-up step."""
+def make_step(loss: str, rows: int, classes: int, device: str = "cpu"):
+    """A zero-argument callable running forward + backward on the selected provider, after one warm-up step."""
     s, t, y = make_inputs(rows, classes, device)
-    forward = make_forward(provider, loss, s, t, y)
+    forward = make_forward(loss, s, t, y)
 
     def step():
         s.grad = None
@@ -54,4 +53,5 @@ def make_step(provider: str, loss: str, rows: int, classes: int, device: str = "
 
 
 if __name__ == "__main__":
-    print(peak_extra_bytes(make_step(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    with selected(sys.argv[1]):
+        print(peak_extra_bytes(make_step(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))

@@ -16,8 +16,8 @@ import sys
 import torch
 
 from _memory import peak_extra_bytes  # benchmarks/ is on sys.path (run as a script, or from the suites)
+from _provider import selected
 
-import fastkd
 from fastkd import functional as fk
 from fastkd.functional import similarity as sim
 
@@ -57,8 +57,9 @@ LOSSES = {"sp": fk.sp_loss, "cckd": fk.cckd_loss, "pkt": fk.pkt_loss, "rkd_dista
           "rkd_angle": _rkd_angle, "nst": fk.nst_loss}
 
 
-def make_step(loss: str, provider: str, size: str, mode: str, device: str = "cpu"):
-    """(target, setup): ``target(*setup())`` runs one ``mode`` step; ``setup`` is None except for backward."""
+def make_step(loss: str, size: str, mode: str, device: str = "cpu"):
+    """(target, setup): ``target(*setup())`` runs one ``mode`` step on the selected provider; ``setup`` is None
+    except for backward."""
     shape_s, shape_t = SIZES[size][loss]
     gen = torch.Generator().manual_seed(0)
     f_s = torch.randn(shape_s, generator=gen).to(device).requires_grad_()
@@ -67,9 +68,8 @@ def make_step(loss: str, provider: str, size: str, mode: str, device: str = "cpu
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward():
-        with fastkd.use_backend(provider), fastkd.value_checks(False):
-            f_s.grad = None
-            out = fn(f_s, f_t)
+        f_s.grad = None
+        out = fn(f_s, f_t)
         sync()
         return out
 
@@ -89,4 +89,5 @@ def make_step(loss: str, provider: str, size: str, mode: str, device: str = "cpu
 
 
 if __name__ == "__main__":
-    print(peak_extra_bytes(make_step(sys.argv[1], sys.argv[2], sys.argv[3], "full")[0]))
+    with selected(sys.argv[2]):
+        print(peak_extra_bytes(make_step(sys.argv[1], sys.argv[3], "full")[0]))

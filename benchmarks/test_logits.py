@@ -18,19 +18,25 @@ import fastkd
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _memory import in_fresh_process  # noqa: E402
+from _provider import selected  # noqa: E402
 from logits_step import CPU_SIZES, GPU_SIZES, make_forward, make_inputs, make_step  # noqa: E402
 
 ROUNDS = {100: 400, 1000: 300, 32768: 20}
 
 
 def run_phase(benchmark, provider, loss, rows, classes, phase, rounds, device="cpu"):
+    with selected(provider):
+        timed_phase(benchmark, loss, rows, classes, phase, rounds, device)
+
+
+def timed_phase(benchmark, loss, rows, classes, phase, rounds, device):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if phase == "full":
-        step = make_step(provider, loss, rows, classes, device)
+        step = make_step(loss, rows, classes, device)
         benchmark.pedantic(step, rounds=rounds, warmup_rounds=max(2, rounds // 20))
         return
     s, t, y = make_inputs(rows, classes, device)
-    forward = make_forward(provider, loss, s, t, y)
+    forward = make_forward(loss, s, t, y)
     forward().backward()
     if phase == "forward":
         def timed():
@@ -79,9 +85,10 @@ def test_logits_gpu(benchmark, provider, loss, rows, classes, phase):
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows,
                                 classes=classes, dtype="float32")
     if phase == "full":
-        step = make_step(provider, loss, rows, classes, "cuda")
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
+        with selected(provider):
+            step = make_step(loss, rows, classes, "cuda")
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
         benchmark.extra_info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
     run_phase(benchmark, provider, loss, rows, classes, phase, 20, device="cuda")

@@ -18,6 +18,7 @@ import fastkd
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _memory import in_fresh_process  # noqa: E402
+from _provider import selected  # noqa: E402
 from similarity_step import SIZES, make_step  # noqa: E402
 
 MODES = ["forward", "backward", "full"]
@@ -30,16 +31,17 @@ def run(benchmark, loss, provider, mode, size, device, rounds, on_ready=lambda: 
     """Times ``mode`` steps; ``on_ready`` runs once the inputs exist and the step is warm."""
     if provider != "torch" and provider not in fastkd.backends():
         pytest.skip(f"backend {provider} is not available")
-    target, setup = make_step(loss, provider, size, mode, device)
-    on_ready()
     shapes = SIZES[size][loss]
     benchmark.group = f"{loss}-{mode}"
     benchmark.extra_info.update(student=list(shapes[0]), teacher=list(shapes[1]), torch=torch.__version__,
                                 threads=torch.get_num_threads())
-    if setup is None:
-        benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=max(2, rounds // 20))
-    else:
-        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=max(2, rounds // 20))
+    with selected(provider):
+        target, setup = make_step(loss, size, mode, device)
+        on_ready()
+        if setup is None:
+            benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=max(2, rounds // 20))
+        else:
+            benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=max(2, rounds // 20))
 
 
 @pytest.mark.parametrize("mode", MODES)
