@@ -1,9 +1,11 @@
-"""The CPU Gram kernel (csrc/cpu/gram.cpp: G = XXᵀ from its upper triangle) through the ops that use it.
+"""The CPU Gram kernel (csrc/cpu/gram.cpp: G = XXᵀ from its upper triangle) and the backward product
+Y = M X (relation_product, same file) through the ops that use them.
 
 SP's loss and input gradient, and the other batch-relation ops' outputs, against float64 references at
-shapes on both sides of the kernel's thresholds: it runs for fp32 with 2 ≤ n ≤ 512 and K ≥ 256, or n ≤ 32
-at any K; n = 1, K < 256 with n > 32, fp64 and rows that are not contiguous go to at::mm. fp16 / bf16
-inputs are upcast to fp32 first.
+shapes on both sides of the kernels' thresholds: the Gram kernel runs for fp32 with 2 ≤ n ≤ 512 and
+K ≥ 256, or n ≤ 32 at any K; n = 1, K < 256 with n > 32, fp64 and rows that are not contiguous go to
+at::mm. The product kernel runs for fp32 with n ≤ 512 and K ≥ 1024 (row tiles of 6, column blocks of 256
+in sub-blocks of 16: the shapes below leave partial ones). fp16 / bf16 inputs are upcast to fp32 first.
 """
 import pytest
 import torch
@@ -17,6 +19,8 @@ pytestmark = pytest.mark.native
 # (n, K): kernel shapes (odd n, K not a multiple of 8, the last row blocks partly outside n) and at::mm ones
 KERNEL_SHAPES = [(2, 1), (3, 9), (7, 1000), (31, 5), (33, 256), (64, 257), (65, 16385), (130, 300)]
 MM_SHAPES = [(1, 1), (1, 300), (33, 100), (64, 255)]
+# the backward product's kernel (K >= 1024): one row, a partial row tile, partial column blocks and sub-blocks
+PRODUCT_SHAPES = [(1, 1024), (5, 1031), (13, 4000), (130, 1100)]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 EXTRA = {"cckd_loss": (0.4, 2), "pkt_loss": (1e-7,), "rkd_distance_loss": ()}
 
@@ -61,7 +65,7 @@ def check_sp(f_s, f_t, tol):
     assert err <= tol * ref_s.grad.abs().max().item() + finfo.smallest_normal * finfo.eps
 
 
-@pytest.mark.parametrize("n,k", KERNEL_SHAPES + MM_SHAPES)
+@pytest.mark.parametrize("n,k", KERNEL_SHAPES + MM_SHAPES + PRODUCT_SHAPES)
 def test_sp_fp32(n, k):
     f_s, f_t = pair(n, k, torch.float32, seed=n * 7 + k)
     check_sp(f_s, f_t, TOL[torch.float32])
@@ -92,13 +96,15 @@ def test_relation_ops_fp32(name, n, k):
         assert rel(m, w, floor=1e-8) <= TOL[torch.float32]
 
 
-@pytest.mark.parametrize("layout", ["row_slice", "transposed", "channels_last"])
+@pytest.mark.parametrize("layout", ["row_slice", "wide_row_slice", "transposed", "channels_last"])
 def test_sp_non_contiguous(layout):
     """Rows with a stride other than K (read in place), rows that are not contiguous (copied first),
     and a 4-d map whose flattening copies."""
     g = torch.Generator().manual_seed(11)
     if layout == "row_slice":
         f_s = torch.randn(37, 700, generator=g)[:, 5:650]
+    elif layout == "wide_row_slice":  # the backward product's kernel reads these rows in place too
+        f_s = torch.randn(37, 1700, generator=g)[:, 5:1650]
     elif layout == "transposed":
         f_s = torch.randn(600, 37, generator=g).T
     else:

@@ -58,6 +58,10 @@ std::tuple<at::Tensor, at::Tensor> dkd_loss_autograd(const at::Tensor& logits_s,
 // kernel (AVX2 + FMA, fp32, where it beats the GEMM), mirrored; at::mm otherwise (gram.cpp).
 at::Tensor gram_matrix(const at::Tensor& x);
 
+// Y = M X of a small square [n, n] M and a wide [n, K] X (the relation ops' backward, dL/dX = M X), in X's
+// dtype: a register-tiled AVX2 + FMA kernel for fp32 real CPU tensors, at::mm otherwise (gram.cpp).
+at::Tensor relation_product(const at::Tensor& m, const at::Tensor& x);
+
 // Batch-relation losses (fastkd/ops/similarity.py): (loss, m_s, m_t) with M = dL/dG + (dL/dG)^T for
 // the Gram matrices G = X X^T of the [B, D] inputs, so that dL/dX = M X.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t);

@@ -36,7 +36,7 @@ auto below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
 // grad * M X in X's dtype, the product accumulated in M's dtype (M itself when grad is 1).
 at::Tensor relation_grad(const at::Tensor& x, const at::Tensor& m, const at::Tensor& grad) {
   const at::Tensor scaled = is_unit_upstream(grad) ? m : m * as_dtype(grad, m.scalar_type());
-  return as_dtype(at::mm(scaled, as_dtype(x, m.scalar_type())), x.scalar_type());
+  return as_dtype(relation_product(scaled, as_dtype(x, m.scalar_type())), x.scalar_type());
 }
 
 // Saves (f_s, f_t, m_s[, m_t]) and marks the M's non-differentiable (their gradients are not filled).
