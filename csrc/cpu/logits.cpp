@@ -121,6 +121,27 @@ FASTKD_INLINE void store_row(const acc_t* src, int64_t n, scalar_t* out) {
   }
 }
 
+// Row b of z = x / T on both sides, as the loops read it (see scaled_row; buffers: buf's first two rows), and
+// the rows' maxima as the exponentials see them (scale·max z).
+template <typename scalar_t, typename acc_t>
+struct KdRow {
+  const acc_t *zs, *zt;
+  acc_t scale, top_s, top_t;
+  FASTKD_INLINE KdRow(const scalar_t* xs, const scalar_t* xt, int64_t b, int64_t classes, acc_t inv_t, acc_t* buf) {
+    zs = scaled_row(xs + b * classes, classes, inv_t, buf, scale);
+    zt = scaled_row(xt + b * classes, classes, inv_t, buf + classes, scale);
+    top_s = row_max(zs, classes) * scale;
+    top_t = row_max(zt, classes) * scale;
+  }
+};
+
+template <typename acc_t>
+FASTKD_INLINE void store_kd_stats(acc_t* stats, int64_t b, acc_t lse_s, acc_t lse_t, acc_t kl) {
+  stats[b * 3] = lse_s;
+  stats[b * 3 + 1] = lse_t;
+  stats[b * 3 + 2] = kl;
+}
+
 // The per-row work of each op over rows [begin, end); the buffers hold 4 rows of C accumulators.
 template <typename scalar_t, typename acc_t>
 struct KdForward {
@@ -128,18 +149,12 @@ struct KdForward {
                                 acc_t* stats, acc_t* buf, int64_t begin, int64_t end) {
     acc_t* e = buf + 2 * classes;
     for (int64_t b = begin; b < end; ++b) {
-      acc_t scale;
-      const acc_t* zs = scaled_row(xs + b * classes, classes, inv_t, buf, scale);
-      const acc_t* zt = scaled_row(xt + b * classes, classes, inv_t, buf + classes, scale);
-      const acc_t top_s = row_max(zs, classes) * scale, top_t = row_max(zt, classes) * scale;
-      const acc_t lse_s = top_s + std::log(sum_exp<false>(zs, classes, scale, top_s, e));
-      const acc_t sum_t = sum_exp<true>(zt, classes, scale, top_t, e);  // e = p_t · sum_t
-      const acc_t lse_t = top_t + std::log(sum_t);
-      const acc_t kl = weighted_log_ratio(e, zt, lse_t, zs, lse_s, scale, classes) / sum_t;
-      acc_t* row = stats + b * 3;
-      row[0] = lse_s;
-      row[1] = lse_t;
-      row[2] = kl;
+      const KdRow<scalar_t, acc_t> r(xs, xt, b, classes, inv_t, buf);
+      const acc_t lse_s = r.top_s + std::log(sum_exp<false>(r.zs, classes, r.scale, r.top_s, e));
+      const acc_t sum_t = sum_exp<true>(r.zt, classes, r.scale, r.top_t, e);  // e = p_t · sum_t
+      const acc_t lse_t = r.top_t + std::log(sum_t);
+      const acc_t kl = weighted_log_ratio(e, r.zt, lse_t, r.zs, lse_s, r.scale, classes) / sum_t;
+      store_kd_stats(stats, b, lse_s, lse_t, kl);
     }
   }
 };
@@ -168,28 +183,22 @@ struct KdForwardGrad {
                                 acc_t* stats, scalar_t* gs, acc_t* buf, int64_t begin, int64_t end) {
     acc_t* e_t = buf + 2 * classes;
     for (int64_t b = begin; b < end; ++b) {
-      acc_t scale;
-      const acc_t* zs = scaled_row(xs + b * classes, classes, inv_t, buf, scale);
-      const acc_t* zt = scaled_row(xt + b * classes, classes, inv_t, buf + classes, scale);
-      const acc_t top_s = row_max(zs, classes) * scale, top_t = row_max(zt, classes) * scale;
+      const KdRow<scalar_t, acc_t> r(xs, xt, b, classes, inv_t, buf);
       acc_t* e_s = gradient_row(gs + b * classes, buf + 3 * classes);
-      const acc_t sum_s = sum_exp<true>(zs, classes, scale, top_s, e_s);  // e_s = p_s · sum_s
-      const acc_t sum_t = sum_exp<true>(zt, classes, scale, top_t, e_t);  // e_t = p_t · sum_t
-      const acc_t lse_s = top_s + std::log(sum_s), lse_t = top_t + std::log(sum_t);
+      const acc_t sum_s = sum_exp<true>(r.zs, classes, r.scale, r.top_s, e_s);  // e_s = p_s · sum_s
+      const acc_t sum_t = sum_exp<true>(r.zt, classes, r.scale, r.top_t, e_t);  // e_t = p_t · sum_t
+      const acc_t lse_s = r.top_s + std::log(sum_s), lse_t = r.top_t + std::log(sum_t);
       const acc_t ks = k / sum_s, kt = k / sum_t;
       pack<acc_t> total = splat(acc_t(0));
       for_packs<acc_t>(classes, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
         const pack<acc_t> pt = load(e_t + c, count, acc_t(0));
-        const pack<acc_t> log_ratio =
-            (load(zt + c, count, acc_t(0)) * scale - lse_t) - (load(zs + c, count, acc_t(0)) * scale - lse_s);
+        const pack<acc_t> log_ratio = (load(r.zt + c, count, acc_t(0)) * r.scale - lse_t) -
+                                      (load(r.zs + c, count, acc_t(0)) * r.scale - lse_s);
         total += pt * log_ratio;
         store(e_s + c, load(e_s + c, count, acc_t(0)) * ks - pt * kt, count);
       });
       finish_row(e_s, classes, gs + b * classes);
-      acc_t* row = stats + b * 3;
-      row[0] = lse_s;
-      row[1] = lse_t;
-      row[2] = lane_sum<acc_t>(total) / sum_t;
+      store_kd_stats(stats, b, lse_s, lse_t, lane_sum<acc_t>(total) / sum_t);
     }
   }
 };
