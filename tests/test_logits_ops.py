@@ -149,3 +149,20 @@ def test_compile_traces_the_op_without_graph_breaks():
     want = ops.dkd_reference(s64, t.double(), y, ALPHA, BETA, T)
     want.backward()
     assert rel(got, want) <= 1e-5 and rel(s.grad, s64.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.9])
+def test_compile_traces_kd_with_the_students_gradient(upstream):
+    """On CPU with only the student needing a gradient, kd_loss's autograd takes kd_loss_with_grad (native) and
+    backward scales the saved gradient: both trace under AOT autograd (fake tensors, no value to compare with 1)."""
+    s, t, _ = case(5, 21, seed=6)
+    s.requires_grad_(True)
+    with fastkd.use_backend("auto"):
+        fn = torch.compile(lambda a, b: torch.ops.fastkd.kd_loss(a, b, T)[0] * upstream, fullgraph=True,
+                           backend="aot_eager")
+        got = fn(s, t)
+        got.backward()
+    s64 = s.detach().double().requires_grad_(True)
+    want = ops.kd_reference(s64, t.double(), T) * upstream
+    want.backward()
+    assert rel(got, want) <= 1e-5 and rel(s.grad, s64.grad) <= 1e-5
