@@ -183,3 +183,19 @@ def test_kd_fused_gradient_gradcheck_and_opcheck():
     assert torch.autograd.gradcheck(lambda a: torch.ops.fastkd.kd_loss(a, t, 2.0)[0], (s,))
     torch.library.opcheck(torch.ops.fastkd.kd_loss_with_grad.default, (s.float().detach().requires_grad_(True),
                                                                        t.float(), 4.0))
+
+
+def test_kd_fused_gradient_summed_with_another_loss_on_the_same_logits():
+    """The training case: logits from a layer feed CE and KD; the engine adds KD's handed-on gradient to CE's
+    (possibly in place, once nothing else holds it) before the layer's backward."""
+    g = torch.Generator().manual_seed(25)
+    x, w = torch.randn(8, 12, generator=g), torch.randn(12, 30, generator=g)
+    t, y = torch.randn(8, 30, generator=g), torch.randint(0, 30, (8,), generator=g)
+    grads = []
+    for dtype, kd in ((torch.float32, lambda s: torch.ops.fastkd.kd_loss(s, t, 4.0)[0]),
+                      (torch.float64, lambda s: ops.kd_reference(s, t.double(), 4.0))):
+        weight = w.to(dtype).detach().requires_grad_(True)
+        logits = x.to(dtype) @ weight
+        (torch.nn.functional.cross_entropy(logits, y) + kd(logits)).backward()
+        grads.append(weight.grad)
+    assert rel(grads[0], grads[1]) <= 1e-5
