@@ -108,7 +108,7 @@ def test_errors():
 # ---------------------------------------------------------------- KD's forward pass with the student's gradient
 
 
-@pytest.mark.parametrize("shape", [(1, 2), (3, 5), (5, 33), (64, 100), (2, 1000), (3, 5003)])
+@pytest.mark.parametrize("shape", [(1, 2), (3, 5), (5, 33), (64, 100), (2, 1000), (3, 5003), (2, 131072)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_kd_with_grad_matches_contract(shape, dtype):
     s, t, _ = case(*shape, dtype=dtype, seed=shape[1])
