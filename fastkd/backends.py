@@ -137,7 +137,7 @@ _chosen: dict[tuple, str] = {}
 
 def choose(op: str, device_type: str) -> str:
     """The backend that runs ``op`` on tensors of ``device_type`` under the current selection."""
-    name = _selected[-1] if _selected else current()
+    name = current()
     if torch.compiler.is_compiling():
         return _choose(op, device_type, name)
     key = (op, device_type, name)

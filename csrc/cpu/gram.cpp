@@ -26,7 +26,6 @@
 // rows with unit stride, and a shape where it wins; everything else goes to at::mm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorSubclassLikeUtils.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -202,11 +201,11 @@ at::Tensor gram_upper_fp32(const at::Tensor& x) {
 //
 // Y = M X for a small square M ([n, n], n = a batch) and a wide X ([n, K]): the transpose of the Gram's
 // shape, and one where MKL's GEMM reaches about 60% of the FMA units' peak at n = 64, K = 16,384. Here each
-// thread takes blocks of kProductCols columns: it copies the block's [n, kProductCols] panel of X (X's rows
-// lie a multiple of 4 KB apart and would share cache sets), then for each tile of kProductRows output rows
-// keeps kProductRows x 2 accumulators of 8 lanes in ymm registers while k runs over n: per k, 2 loads of the
-// panel, kProductRows broadcasts of M (from a copy of M laid out tile by tile, so that they are adjacent)
-// and 2·kProductRows FMAs. Each output entry is one running sum over k in order, as in a plain GEMM.
+// thread takes blocks of kPanelCols columns: it copies the block's [n, kPanelCols] panel of X in sub-blocks of
+// kProductCols columns (see ProductBlocks), then for each tile of kProductRows output rows and kProductCols
+// columns keeps kProductRows x 2 accumulators of 8 lanes in ymm registers while k runs over n: per k, 2 loads
+// of the panel, kProductRows broadcasts of M (from a copy of M laid out tile by tile, so that they are
+// adjacent) and 2·kProductRows FMAs. Each output entry is one running sum over k in order, as in a plain GEMM.
 constexpr int kProductRows = 6;   // 12 accumulators + 2 panel packs + 1 broadcast = 15 ymm registers
 constexpr int64_t kProductCols = 2 * kLanes;
 constexpr int64_t kPanelCols = 16 * kProductCols;  // a thread's block of columns: a [64, 256] panel is 64 KB

@@ -368,39 +368,45 @@ acc_t upstream(const at::Tensor& grad) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& logits_s, const at::Tensor& logits_t, double temperature) {
-  check_logits("kd_loss", logits_s, logits_t);
+namespace {
+
+// KD's forward pass: (loss, stats), with the student's gradient for a unit upstream gradient as a third
+// tensor when ``with_grad`` (undefined otherwise).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_forward(const char* op, const at::Tensor& logits_s,
+                                                          const at::Tensor& logits_t, double temperature,
+                                                          bool with_grad) {
+  check_logits(op, logits_s, logits_t);
   const at::Tensor xs = logits_s.contiguous(), xt = logits_t.contiguous();
   const int64_t rows = xs.size(0), classes = xs.size(1);
   at::Tensor stats = at::empty({rows, 3}, xs.options().dtype(accumulation(xs)));
+  at::Tensor grad_s = with_grad ? at::empty_like(xs) : at::Tensor();
   at::Tensor loss;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "kd_loss", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "kd_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    run_rows<Bind<KdForward, scalar_t, acc_t>>(rows, classes, 3, xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
-                                               classes, static_cast<acc_t>(1.0 / temperature),
-                                               stats.data_ptr<acc_t>());
+    const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+    if (with_grad) {
+      run_rows<Bind<KdForwardGrad, scalar_t, acc_t>>(
+          rows, classes, 4, xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), classes, inv_t,
+          static_cast<acc_t>(temperature / rows), stats.data_ptr<acc_t>(), grad_s.data_ptr<scalar_t>());
+    } else {
+      run_rows<Bind<KdForward, scalar_t, acc_t>>(rows, classes, 3, xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(),
+                                                 classes, inv_t, stats.data_ptr<acc_t>());
+    }
     loss = loss_from_stats<acc_t>(stats, 2, {1.0}, temperature * temperature / rows);
   });
+  return {loss, stats, grad_s};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& logits_s, const at::Tensor& logits_t, double temperature) {
+  auto [loss, stats, unused] = kd_forward("kd_loss", logits_s, logits_t, temperature, false);
   return {loss, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_with_grad(const at::Tensor& logits_s, const at::Tensor& logits_t,
                                                                double temperature) {
-  check_logits("kd_loss_with_grad", logits_s, logits_t);
-  const at::Tensor xs = logits_s.contiguous(), xt = logits_t.contiguous();
-  const int64_t rows = xs.size(0), classes = xs.size(1);
-  at::Tensor stats = at::empty({rows, 3}, xs.options().dtype(accumulation(xs)));
-  at::Tensor grad_s = at::empty_like(xs);
-  at::Tensor loss;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "kd_loss_with_grad", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    run_rows<Bind<KdForwardGrad, scalar_t, acc_t>>(
-        rows, classes, 4, xs.data_ptr<scalar_t>(), xt.data_ptr<scalar_t>(), classes,
-        static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(temperature / rows), stats.data_ptr<acc_t>(),
-        grad_s.data_ptr<scalar_t>());
-    loss = loss_from_stats<acc_t>(stats, 2, {1.0}, temperature * temperature / rows);
-  });
-  return {loss, stats, grad_s};
+  return kd_forward("kd_loss_with_grad", logits_s, logits_t, temperature, true);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_backward(const at::Tensor& grad, const at::Tensor& logits_s,

@@ -8,7 +8,6 @@
 // statistics and backward calls the backward op, asking for the teacher's gradient only when the teacher
 // logits require it.
 #include <ATen/Functions.h>
-#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -27,15 +26,6 @@ template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
-
-}  // namespace
-
-bool is_unit_upstream(const at::Tensor& upstream) {
-  return !at::isTensorSubclassLike(upstream) && upstream.is_cpu() && upstream.numel() == 1 &&
-         upstream.item<double>() == 1.0;
-}
-
-namespace {
 
 // Upstream gradient × a gradient taken for a unit upstream gradient in the forward pass. For the usual upstream
 // gradient of exactly 1 the tensor is handed on as it is (the autograd engine releases the saved copy before
@@ -56,7 +46,6 @@ class KdFunction : public torch::autograd::Function<KdFunction> {
             "fastkd::kd_loss_with_grad");
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->saved_data["with_grad"] = with_grad;
-    ctx->saved_data["temperature"] = temperature;
     at::Tensor loss, stats;
     if (with_grad) {
       at::Tensor grad_s;
@@ -65,6 +54,7 @@ class KdFunction : public torch::autograd::Function<KdFunction> {
     } else {
       std::tie(loss, stats) = kd.call(logits_s, logits_t, temperature);
       ctx->save_for_backward({logits_s, logits_t, stats});
+      ctx->saved_data["temperature"] = temperature;
     }
     ctx->mark_non_differentiable({stats});
     return {loss, stats};

@@ -1,5 +1,6 @@
 // Declarations of fastkd's CPU kernels (one .cpp per op family).
 #pragma once
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
 
 #include <optional>
@@ -16,7 +17,10 @@ inline at::Tensor as_contiguous(const at::Tensor& x) { return x.is_contiguous() 
 
 // Whether an upstream gradient is exactly 1 (the usual loss.backward()), so that a product with it can be
 // skipped. Fake / functional tensors (torch.compile's tracing) have no value to compare: never.
-bool is_unit_upstream(const at::Tensor& upstream);
+inline bool is_unit_upstream(const at::Tensor& upstream) {
+  return !at::isTensorSubclassLike(upstream) && upstream.is_cpu() && upstream.numel() == 1 &&
+         upstream.item<double>() == 1.0;
+}
 
 // CRD memory bank: bank[index[i]] <- rownorm(momentum * bank[index[i]] + (1 - momentum) * value[i]),
 // every new row computed from the rows as they were before the call; when an index repeats,
