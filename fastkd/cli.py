@@ -4,21 +4,30 @@
                                          alone, with KD and with CRD+KD, accuracies side by side
     fastkd distill RECIPE [key=value..]  one distillation run (a shipped recipe name or a YAML file)
     fastkd train RECIPE [key=value..]    train a network alone (a teacher): losses = cross entropy
-    fastkd eval MODEL CHECKPOINT [key=value..]   top-1 / top-5 of a checkpoint on the recipe's test set
+    fastkd show RECIPE [key=value..]     the resolved configuration and its run folder, without running
+    fastkd eval RUN_DIR                  top-1 / top-5 of a run's student on its test set
+    fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
+    fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
+
+A run writes to its own folder, runs/<recipe>/<student>[-from-<teacher>]-<id> (<id>: a hash of
+the resolved configuration), unless --output names one. Running the same command again resumes
+it; another configuration pointed at an existing run's folder is refused, unless --fresh (the
+old run moves aside) or --resume (continue it with the new configuration) says otherwise.
 
 Many GPUs: ``torchrun --nproc_per_node=N -m fastkd distill RECIPE ...`` (see fastkd.train.distributed).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 import torch
 
-from fastkd.train.recipe import load_recipe, shipped
+from fastkd.train.recipe import Recipe, load_recipe, shipped
 
 DEFAULT_RUNS = (
     ("student alone", {"losses": "{ce: 1.0}"}),
@@ -28,26 +37,64 @@ DEFAULT_RUNS = (
 )
 
 
-def _run(recipe_name: str, overrides: list[str], output: str, device: str | None) -> dict:
+def resolve(command: str, recipe_name: str, overrides: list[str]) -> tuple[Recipe, list[str]]:
+    """The recipe ``fastkd COMMAND RECIPE OVERRIDES`` runs, and the overrides that make it: ``train``
+    trains the student alone (no teacher, cross entropy), except online recipes, which keep their losses."""
+    overrides = list(overrides)
+    if command == "train":
+        from fastkd.train.objectives import needs_teacher
+
+        keep = not needs_teacher(load_recipe(recipe_name, overrides).losses)
+        overrides += ["teacher=null"] + ([] if keep else ["losses={ce: 1.0}"])
+    return load_recipe(recipe_name, overrides), overrides
+
+
+def _say(message: str) -> None:
+    from fastkd.train import distributed
+
+    if distributed.is_main():
+        print(message, flush=True)
+
+
+def _run(command: str, recipe_name: str, overrides: list[str], output: str | None, device: str | None,
+         mode: str = "auto") -> dict:
+    """One run in its folder (see the module doc); its final accuracies, speed, time and checkpoint."""
     from fastkd.train import distributed
     from fastkd.train.run import make_trainer
+    from fastkd.train.rundir import LAST, claim, default_folder, describe, reads_teacher
 
-    recipe = load_recipe(recipe_name, overrides)
-    trainer = make_trainer(recipe, device=device, output=output)
-    last = os.path.join(output, "last.pt")
-    if os.path.isfile(last):
-        trainer.resume(last)
-        if distributed.is_main():
-            print(f"resumed from {last} at epoch {trainer.epoch}")
-    start = time.perf_counter()
-    try:
-        history = trainer.fit()
-    finally:
-        trainer.close()
+    recipe, overrides = resolve(command, recipe_name, overrides)
+    distributed.setup(device)  # under torchrun: join the group first, so only rank 0 claims the folder
+    description = describe(recipe)
+    folder = output or recipe.output or default_folder(recipe_name, recipe, description)
+    holding = (claim(folder, recipe, recipe_name, command, mode, description) if distributed.is_main()
+               else contextlib.nullcontext())
+    with holding as claimed:
+        if claimed is not None and claimed.set_aside:
+            _say(f"--fresh: the earlier run's files moved to {claimed.set_aside}")
+        if claimed is not None and claimed.changed:
+            _say("--resume: continuing with a changed configuration:\n  " + "\n  ".join(claimed.changed))
+        models = f"student {recipe.student.name}"
+        if reads_teacher(recipe):
+            models += f", teacher {recipe.teacher.name}" + (f" ({recipe.teacher.checkpoint})" if recipe.teacher.checkpoint
+                                                            else "")
+        _say(f"fastkd {command} {recipe_name}: {models} -> {folder}")
+        trainer = make_trainer(recipe, device=device, output=folder)
+        distributed.barrier()  # every rank sees the folder as rank 0 left it
+        last = os.path.join(folder, LAST)
+        if os.path.isfile(last):
+            trainer.resume(last)
+            done = " (complete: nothing left to train)" if trainer.epoch >= recipe.epochs else ""
+            _say(f"resumed from {last} at epoch {trainer.epoch} of {recipe.epochs}{done}")
+        start = time.perf_counter()
+        try:
+            history = trainer.fit()
+        finally:
+            trainer.close()
     final = history[-1] if history else {}
     return {"top1": final.get("test_top1"), "top5": final.get("test_top5"),
             "images_per_s": final.get("images_per_s"), "seconds": time.perf_counter() - start,
-            "checkpoint": last}
+            "checkpoint": last, "folder": folder}
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
@@ -57,93 +104,165 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def distill_default(output: str, device: str | None, overrides: list[str]) -> list[tuple[str, dict]]:
-    """The main job on the embedded digits: teacher, then three students on the same budget."""
-    teacher = _run("digits", ["student.name=resnet20", "teacher=null", "losses={ce: 1.0}", *overrides],
-                   os.path.join(output, "teacher"), device)
+def distill_default(output: str | None, device: str | None, overrides: list[str],
+                    mode: str = "auto") -> list[tuple[str, dict]]:
+    """The main job on the embedded digits: teacher, then three students on the same budget. Each run
+    has its own folder: ``output/<run>`` when ``output`` is given, else the one derived from it."""
+    def folder(tag: str) -> str | None:
+        return os.path.join(output, tag) if output else None
+
+    teacher = _run("train", "digits", ["student.name=resnet20", *overrides], folder("teacher"), device, mode)
     rows = [("teacher (resnet20)", teacher)]
     for name, changes in DEFAULT_RUNS:
         tag = name.replace(" + ", "_").replace(" ", "_").lower()
         run_overrides = [f"{k}={v}" for k, v in changes.items()] + [f"teacher.checkpoint={teacher['checkpoint']}",
                                                                     *overrides]
-        rows.append((name, _run("digits", run_overrides, os.path.join(output, tag), device)))
+        rows.append((name, _run("distill", "digits", run_overrides, folder(tag), device, mode)))
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def show(command: str, recipe_name: str, overrides: list[str], output: str | None) -> str:
+    """What ``fastkd COMMAND RECIPE OVERRIDES`` would run: its run folder, what it would do there, and
+    the resolved recipe as YAML (a recipe file: ``fastkd distill`` takes it)."""
+    import yaml
+
+    from fastkd.train.rundir import default_folder, describe, differences, stored_description
+
+    recipe, _ = resolve(command, recipe_name, overrides)
+    description = describe(recipe)
+    folder = output or recipe.output or default_folder(recipe_name, recipe, description)
+    stored = stored_description(folder)
+    if stored is None:
+        state = "a new run"
+    elif differences(stored, description):
+        state = ("refused: the folder holds a run with another configuration:\n#   " +
+                 "\n#   ".join(differences(stored, description)))
+    else:
+        state = "resumes the run there"
+    tree = {**recipe.to_dict(), "output": folder}
+    return f"# fastkd {command} {recipe_name}\n# run folder: {folder}\n# {state}\n" + \
+        yaml.safe_dump(tree, sort_keys=False, allow_unicode=True)
+
+
+def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_name: str | None,
+             device: str | None, which: str) -> dict:
+    """Top-1 / top-5 of a run's student (``target`` a run folder) or of ``checkpoint`` for the zoo model
+    ``target``, on the recipe's test set."""
+    from fastkd import models
+    from fastkd.train.engine import Trainer
+    from fastkd.train.objectives import build_objective
+    from fastkd.train.run import load_weights, loaders
+    from fastkd.train.rundir import BEST, LAST
+
+    if os.path.isdir(target):
+        if checkpoint is not None:  # `fastkd eval RUN_DIR key=value`: the second word is an override
+            overrides = [checkpoint, *overrides]
+        recipe = load_recipe(target, overrides)
+        model_name, weights = recipe.student.name, os.path.join(target, BEST if which == "best" else LAST)
+    else:
+        if checkpoint is None:
+            raise ValueError(f"{target!r} is not a run folder; evaluate a checkpoint as: fastkd eval MODEL CHECKPOINT")
+        recipe = load_recipe(recipe_name or "digits", overrides)
+        model_name, weights = target, checkpoint
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _, test, classes, _ = loaders(recipe, device, None)
+    model = models.create(model_name, num_classes=len(classes)).to(device)
+    load_weights(model, weights)
+    objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
+    trainer = Trainer(recipe, objective, [], test, device=device, output=os.path.dirname(os.path.abspath(weights)))
+    return trainer.evaluate()
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("distill", "train"):
-        sub = commands.add_parser(name, help=f"{name} by a recipe")
-        sub.add_argument("recipe", nargs="?", help="a shipped recipe name or a YAML file")
+    for name in ("distill", "train", "show"):
+        sub = commands.add_parser(name, help=f"{name} by a recipe" if name != "show" else
+                                  "print the resolved configuration and run folder of distill (or --train)")
+        sub.add_argument("recipe", nargs="?", help="a shipped recipe name, a YAML file or a run folder")
         sub.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. optim.lr=0.1)")
-        sub.add_argument("--output", help="run folder (default: the recipe's output)")
+        sub.add_argument("--output", help="run folder (default: derived from the recipe, the models and the "
+                                          "configuration's hash)")
+        if name == "show":
+            sub.add_argument("--train", action="store_true", help="show what `fastkd train` would run")
+            continue
         sub.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
-    ev = commands.add_parser("eval", help="evaluate a checkpoint")
-    ev.add_argument("model", help="a zoo model name (fastkd.models.names())")
-    ev.add_argument("checkpoint")
+        again = sub.add_mutually_exclusive_group()
+        again.add_argument("--fresh", action="store_true",
+                           help="start over in an existing run folder (its files move to a sibling folder)")
+        again.add_argument("--resume", action="store_true",
+                           help="continue the run in the folder even though the configuration changed")
+    ev = commands.add_parser("eval", help="evaluate a run folder or a checkpoint")
+    ev.add_argument("target", help="a run folder, or a zoo model name (fastkd.models.names()) followed by a checkpoint")
+    ev.add_argument("checkpoint", nargs="?", help="with a model name: its checkpoint (.pt, .pth or .safetensors)")
     ev.add_argument("overrides", nargs="*", help="key=value recipe overrides (e.g. data.name=cifar100 data.root=...)")
-    ev.add_argument("--recipe", default="digits")
+    ev.add_argument("--recipe", help="with a model name: the recipe whose test set to use (default: digits)")
+    ev.add_argument("--from", dest="which", choices=("last", "best"), default="last",
+                    help="with a run folder: its last.pt (default) or best.pt")
     ev.add_argument("--device")
+    ex = commands.add_parser("export", help="write a run's student as safetensors + a JSON of its model and classes")
+    ex.add_argument("run", help="a run folder")
+    ex.add_argument("--output", help="folder to write to (default: the run folder)")
+    ex.add_argument("--from", dest="which", choices=("last", "best"), default="last",
+                    help="the run's last.pt (default) or best.pt")
     commands.add_parser("recipes", help="list the shipped recipes")
+    return parser
+
+
+def _command(args, parser) -> int:
+    if args.command == "recipes":
+        print("\n".join(shipped()))
+        return 0
+    if args.command == "export":
+        from fastkd.train.export import export
+
+        weights, info = export(args.run, args.output, args.which)
+        print(f"wrote {weights} and {info}")
+        return 0
+    if args.command == "eval":
+        result = evaluate(args.target, args.checkpoint, args.overrides, args.recipe, args.device, args.which)
+        print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
+        for key in (k for k in result if k.endswith("_top1") and k != "top1"):  # a multi-branch model's branches
+            print(f"{key[:-5]}: top-1 {result[key]:.2f}  top-5 {result[key[:-1] + '5']:.2f}")
+        return 0
+    if args.recipe is not None and "=" in args.recipe:  # `fastkd distill epochs=3`: overrides only
+        args.overrides, args.recipe = [args.recipe, *args.overrides], None
+    if args.command == "show":
+        command = "train" if args.train else "distill"
+        print(show(command, args.recipe or "digits", args.overrides, args.output), end="")
+        return 0
+    mode = "fresh" if args.fresh else "resume" if args.resume else "auto"
+    from fastkd.train import distributed
+
+    if args.recipe is None:
+        if args.command == "train":
+            parser.error("train needs a recipe (fastkd recipes lists them)")
+        rows = distill_default(args.output, args.device, args.overrides, mode)
+    else:
+        rows = [(args.recipe, _run(args.command, args.recipe, args.overrides, args.output, args.device, mode))]
+    main = distributed.is_main()
+    distributed.teardown()  # no-op without torchrun
+    if main:
+        print()
+        print(_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastkd.train.rundir import RunFolderError
+
+    parser = _parser()
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if "=" not in item or item.startswith("-")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:  # key=value overrides written after an option
         args.overrides = [*getattr(args, "overrides", []), *extra]
-
-    if args.command == "recipes":
-        print("\n".join(shipped()))
-        return 0
-    if args.command == "eval":
-        from fastkd import models
-        from fastkd.train.run import load_weights, loaders
-
-        recipe = load_recipe(args.recipe, args.overrides)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        _, test, classes, _ = loaders(recipe, device, None)
-        model = models.create(args.model, num_classes=classes).to(device)
-        load_weights(model, args.checkpoint)
-        from fastkd.train.engine import Trainer
-        from fastkd.train.objectives import build_objective
-
-        objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
-        trainer = Trainer(recipe, objective, [], test, device=device)
-        result = trainer.evaluate()
-        print(f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}")
-        for key in (k for k in result if k.endswith("_top1")):  # a multi-branch model's branches
-            print(f"{key[:-5]}: top-1 {result[key]:.2f}  top-5 {result[key[:-1] + '5']:.2f}")
-        return 0
-    if args.recipe is not None and "=" in args.recipe:  # `fastkd distill epochs=3`: overrides only
-        args.overrides, args.recipe = [args.recipe, *args.overrides], None
-    if args.recipe is None:
-        if args.command == "train":
-            parser.error("train needs a recipe (fastkd recipes lists them)")
-        rows = distill_default(args.output or "runs/digits", args.device, args.overrides)
-        from fastkd.train import distributed
-
-        main = distributed.is_main()
-        distributed.teardown()
-        if main:
-            print()
-            print(_table(rows))
-        return 0
-    overrides = list(args.overrides)
-    if args.command == "train":  # alone, by cross entropy; online recipes keep their losses (they need no teacher)
-        from fastkd.train.objectives import needs_teacher
-
-        keep = not needs_teacher(load_recipe(args.recipe, overrides).losses)
-        overrides += ["teacher=null"] + ([] if keep else ["losses={ce: 1.0}"])
-    recipe_output = args.output or load_recipe(args.recipe, overrides).output
-    from fastkd.train import distributed
-
-    result = _run(args.recipe, overrides, recipe_output, args.device)
-    main = distributed.is_main()
-    distributed.teardown()  # no-op without torchrun
-    if main:
-        print(_table([(args.recipe, result)]))
-    return 0
+    try:
+        return _command(args, parser)
+    except RunFolderError as exc:
+        print(f"fastkd: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

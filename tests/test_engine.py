@@ -156,7 +156,8 @@ def test_init_stage_runs_before_the_first_epoch_and_survives_resume(tmp_path):
     trainer = make(losses, tmp_path, epochs=1, init_epochs=1)
     lines = []
     trainer.fit(log=lines.append)
-    assert lines[0].startswith("init_epoch=1/1 init_loss=") and lines[1].startswith("epoch=1")
+    assert lines[0].startswith("teacher resnet32x4: top-1 ")  # the teacher's accuracy, before anything trains
+    assert lines[1].startswith("init_epoch=1/1 init_loss=") and lines[2].startswith("epoch=1")
     resumed = make(losses, tmp_path / "again", epochs=2, init_epochs=1)
     assert not resumed.init_done
     resumed.resume(os.path.join(tmp_path, "last.pt"))

@@ -94,7 +94,8 @@ def test_streamed_resume_replays_the_uninterrupted_run(tmp_path):
               "optim.lr=0.05", "epochs=2", "--device", "cpu"]
     assert main(["train", *common, "--output", str(tmp_path / "straight")]) == 0
     assert main(["train", *common, "epochs=1", "--output", str(tmp_path / "cut")]) == 0
-    assert main(["train", *common, "--output", str(tmp_path / "cut")]) == 0  # resumes from cut/last.pt
+    # resumes from cut/last.pt: epochs changed, so the continuation is asked for explicitly
+    assert main(["train", *common, "--resume", "--output", str(tmp_path / "cut")]) == 0
     straight = load_checkpoint(str(tmp_path / "straight" / "last.pt"))
     resumed = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]

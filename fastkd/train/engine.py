@@ -3,9 +3,12 @@
 :class:`Trainer` runs a :class:`~fastkd.train.distiller.Distiller` over batches from any iterable
 of ``(images, labels[, index[, contrast_idx]])`` tuples (a loader with ``set_epoch(epoch)`` gets
 it called, so each epoch's order is a function of the seed and the epoch and a resumed run sees
-the same batches). Each epoch ends with an evaluation and an atomic checkpoint holding everything
-a resumed run needs: student, the losses' parameters and state (CRD's banks, Z and sampler
-offset), optimiser, gradient scaler, RNG states, epoch and the metrics so far.
+the same batches). Before the first epoch the teacher (when there is one) is evaluated on the test
+set and its accuracy logged, so a wrong checkpoint or normalisation shows at once. Each epoch ends
+with an evaluation and an atomic checkpoint ``last.pt`` holding everything a resumed run needs:
+student, the losses' parameters and state (CRD's banks, Z and sampler offset), optimiser, gradient
+scaler, RNG states, epoch and the metrics so far; ``best.pt`` holds the student of the epoch with
+the best test top-1 so far.
 
 ``cuda_graph=true`` runs each step through :class:`~fastkd.train.graph.GraphedStep` (the whole
 step captured in a CUDA graph, the learning rate a device tensor, a capturable optimiser); it
@@ -28,12 +31,13 @@ import torch
 
 from fastkd._checks import value_checks
 from fastkd.train import distributed
-from fastkd.train.checkpoint import rng_state, set_rng_state
+from fastkd.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.graph import GraphedStep
 from fastkd.train.metrics import MetricsLog
 from fastkd.train.optim import make_optimizer
 from fastkd.train.recipe import Recipe
+from fastkd.train.rundir import BEST, LAST, default_folder
 
 
 def learning_rate(recipe: Recipe, epoch: float) -> float:
@@ -64,14 +68,20 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torc
 
 
 class Trainer:
-    """Trains ``distiller``'s student (and its losses' parameters) by ``recipe``; see the module doc."""
+    """Trains ``distiller``'s student (and its losses' parameters) by ``recipe``; see the module doc.
+
+    ``output``: the run folder (the recipe's ``output``, else one derived from the recipe:
+    :func:`fastkd.train.rundir.default_folder`). ``meta``: what an export of the student needs to know,
+    saved in the checkpoints (``{"student": model name, "num_classes": ..., "classes": [names]}``).
+    """
 
     def __init__(self, recipe: Recipe, distiller: Distiller, train_data: Iterable, test_data: Iterable,
-                 device: str | torch.device = "cpu", output: str | None = None):
+                 device: str | torch.device = "cpu", output: str | None = None, meta: dict | None = None):
         self.recipe, self.distiller = recipe, distiller.to(device)
         self.train_data, self.test_data = train_data, test_data
         self.device = torch.device(device)
-        self.output = output or recipe.output
+        self.output = output or recipe.output or default_folder(None, recipe)
+        self.meta = {"student": recipe.student.name, **(meta or {})}
         # DDP(distiller) under torchrun (fastkd.train.distributed), else the distiller itself
         self.step_module = distributed.wrap(self.distiller, self.device, recipe.sync_bn)
         self.amp = amp_dtype(recipe, self.device)
@@ -101,6 +111,7 @@ class Trainer:
         self.init_done = self.init_stage is None or recipe.init_epochs == 0
         self.epoch = self._epoch = 0
         self.history: list[dict] = []
+        self.teacher_eval: dict | None = None  # the teacher's test accuracy, measured before the first epoch
         # a one-line progress display, refreshed every second (rank 0 only)
         self.progress = sys.stderr.isatty() and distributed.is_main()
 
@@ -189,11 +200,13 @@ class Trainer:
         self.init_done = True
 
     @torch.no_grad()
-    def evaluate(self, data: Iterable | None = None) -> dict:
-        """Top-1 / top-5 accuracy (%) of the student on ``data`` (the test set by default); an objective
-        with ``eval_outputs(images) → {name: logits}`` (a multi-branch student) also gets ``{name}_top1``…"""
-        student = self.distiller.student
-        outputs = getattr(self.distiller, "eval_outputs", None) or (lambda images: {"": student(images)})
+    def evaluate(self, data: Iterable | None = None, model: torch.nn.Module | None = None) -> dict:
+        """Top-1 / top-5 accuracy (%) of the student (or of ``model``) on ``data`` (the test set by default);
+        an objective with ``eval_outputs(images) → {name: logits}`` (a multi-branch student) also gets
+        ``{name}_top1``…"""
+        student = self.distiller.student if model is None else model
+        outputs = (getattr(self.distiller, "eval_outputs", None) if model is None else None) or \
+            (lambda images: {"": student(images)})
         was = student.training
         student.eval()
         hits: dict[str, list] = {}
@@ -236,14 +249,18 @@ class Trainer:
         if main:
             os.makedirs(self.output, exist_ok=True)
         record = MetricsLog(self.output, self.history) if main else None
+        if self.epoch == 0 and self.teacher_eval is None:
+            self.evaluate_teacher(log if main else None)
         if not self.init_done:
             self.run_init_stage(log if main else None)
-            self.save(os.path.join(self.output, "last.pt"))
+            self.save(os.path.join(self.output, LAST))
         while self.epoch < last:
             epoch = self.epoch
             metrics = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if (epoch + 1) % self.recipe.eval_every == 0 or epoch + 1 == last:
                 metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
+                if main:
+                    self._keep_if_best(metrics)
             self.epoch = epoch + 1
             if record is not None:
                 record.append(metrics)
@@ -251,17 +268,49 @@ class Trainer:
             else:
                 self.history = [*self.history, metrics]
             if self.epoch % self.recipe.checkpoint_every == 0 or self.epoch == last:
-                self.save(os.path.join(self.output, "last.pt"))
+                self.save(os.path.join(self.output, LAST))
             if log is not None and main:
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         if record is not None:
             record.plot()
         return self.history
 
+    def evaluate_teacher(self, log=print) -> dict | None:
+        """The teacher's top-1 / top-5 on the test set (``None`` without a teacher), logged with a warning
+        when it is near chance: a wrong checkpoint or normalisation would otherwise show only in the student."""
+        teacher = getattr(self.distiller, "teacher", None)
+        if teacher is None:
+            return None
+        self.teacher_eval = self.evaluate(model=teacher)
+        top1 = self.teacher_eval.get("top1", 0.0)
+        if log is not None:
+            log(f"teacher {self.recipe.teacher.name if self.recipe.teacher else ''}: top-1 {top1:.2f} "
+                f"top-5 {self.teacher_eval.get('top5', 0.0):.2f} on the test set, before distillation")
+        chance = 100.0 / self.meta["num_classes"] if self.meta.get("num_classes") else None
+        if chance is not None and top1 < 2 * chance:
+            warnings.warn(f"the teacher's test top-1 is {top1:.2f}%, near chance ({chance:.2f}%): check "
+                          "teacher.name, teacher.checkpoint and the data's normalisation", RuntimeWarning, stacklevel=2)
+        return self.teacher_eval
+
+    def best(self) -> dict | None:
+        """The history's record with the highest test top-1 (the earliest of equals), or ``None``."""
+        scored = [r for r in self.history if r.get("test_top1") is not None]
+        return max(scored, key=lambda r: r["test_top1"]) if scored else None
+
+    def _keep_if_best(self, metrics: dict) -> None:
+        """Write ``best.pt`` (the student, its epoch and accuracy) when ``metrics`` beats every earlier epoch."""
+        best = self.best()
+        if best is not None and metrics["test_top1"] <= best["test_top1"]:
+            return
+        save_checkpoint(os.path.join(self.output, BEST),
+                        {"student": self.distiller.student.state_dict(), "epoch": metrics["epoch"],
+                         "test_top1": metrics["test_top1"], "test_top5": metrics.get("test_top5"),
+                         "meta": self.meta, "recipe": self.recipe.to_dict()})
+
     def state_dict(self) -> dict:
         return {"student": self.distiller.student.state_dict(), "losses": self.distiller.criteria.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "init_done": self.init_done,
+                "init_done": self.init_done, "teacher_eval": self.teacher_eval, "meta": self.meta,
                 "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict()}
 
     def save(self, path: str) -> None:
@@ -280,4 +329,5 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = state["epoch"], state["history"]
         self.init_done = state.get("init_done", True)
+        self.teacher_eval = state.get("teacher_eval")
         set_rng_state(state["rng"])

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 
+from fastkd.data._files import atomic_write
+
 
 class MetricsLog:
     """Per-epoch records of a run in ``folder``; ``history`` seeds it when a run is resumed."""
@@ -19,6 +21,11 @@ class MetricsLog:
     def __init__(self, folder: str, history: list[dict] | None = None):
         self.folder = folder
         self.records: list[dict] = list(history or [])
+        # the file starts as the history it continues: lines an interrupted process wrote after its last
+        # checkpoint (an epoch the resumed run trains again) must not stay in it twice
+        os.makedirs(folder, exist_ok=True)
+        with atomic_write(os.path.join(folder, "metrics.jsonl")) as stream:
+            stream.write("".join(json.dumps(r) + "\n" for r in self.records).encode())
         self._board = None
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter

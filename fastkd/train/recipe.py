@@ -92,7 +92,7 @@ class Recipe:
     channels_last: bool = False
     sync_bn: bool = False           # torchrun: the student's BatchNorm statistics over the global batch
     seed: int = 0
-    output: str = "runs/fastkd"
+    output: str | None = None       # the run folder; None: derived from the run (fastkd.train.rundir)
     eval_every: int = 1
     checkpoint_every: int = 1
 
@@ -115,7 +115,10 @@ def shipped() -> list[str]:
 
 
 def _read(name_or_path: str) -> dict[str, Any]:
-    """A recipe file's tree with its ``base`` chain merged in (the file's own values win)."""
+    """A recipe file's tree with its ``base`` chain merged in (the file's own values win). A run folder,
+    or its ``config.yaml``, gives the resolved recipe that run used."""
+    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "config.yaml")):
+        name_or_path = os.path.join(name_or_path, "config.yaml")
     if os.path.isfile(name_or_path):
         with open(name_or_path) as stream:
             tree = yaml.safe_load(stream) or {}
@@ -125,6 +128,9 @@ def _read(name_or_path: str) -> dict[str, Any]:
         raise ValueError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(shipped())})")
     if not isinstance(tree, dict):
         raise ValueError(f"recipe {name_or_path!r} must hold a mapping at the top, got {type(tree).__name__}")
+    if set(tree) == {"run", "recipe"}:  # a run folder's config.yaml (fastkd.train.rundir)
+        tree = dict(tree["recipe"])
+        tree.pop("output", None)
     base = tree.pop("base", None)
     return _merge(_read(base), tree) if base else tree
 

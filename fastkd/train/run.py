@@ -23,7 +23,7 @@ from fastkd.data.indexed import IndexedDataset
 from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
 from fastkd.train import distributed
-from fastkd.train.checkpoint import load_checkpoint
+from fastkd.train.checkpoint import load_checkpoint, read_weights
 from fastkd.train.engine import Trainer
 from fastkd.train.objectives import build_objective, needs_teacher
 from fastkd.train.recipe import SSKD_LOSSES, Recipe
@@ -83,11 +83,12 @@ def streamed_loaders(recipe: Recipe, device: torch.device, num_negatives: int | 
                            pin_memory=pin, rng=augment, channels_last=recipe.channels_last)
     test = StreamedLoader(test_set, data.batch_size, shuffle=False, num_workers=data.num_workers, seed=recipe.seed,
                           pin_memory=pin, channels_last=recipe.channels_last)
-    return train, test, len(train_set.classes), len(train_set)
+    return train, test, list(train_set.classes), len(train_set)
 
 
 def datasets(recipe: Recipe):
-    """(train, test) in-memory datasets of the recipe's data section, and the class count."""
+    """(train, test) in-memory datasets of the recipe's data section, and the class count (their
+    ``classes`` attribute names the classes)."""
     data = recipe.data
     if data.name == "digits":
         return (Digits(train=True, size=DIGITS_SIZE, channels=3), Digits(train=False, size=DIGITS_SIZE, channels=3), 10)
@@ -103,13 +104,14 @@ def datasets(recipe: Recipe):
 
 
 def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
-    """Train and test loaders: device-side for in-memory sets, worker-fed for image trees on disk;
-    with ``data.contrast_mode`` the train batches carry CRD's contrast indices."""
+    """``(train, test, class names, number of training samples)``: device-side loaders for in-memory
+    sets, worker-fed ones for image trees on disk; with ``data.contrast_mode`` the train batches carry
+    CRD's contrast indices."""
     if recipe.data.name == "imagefolder" and not recipe.data.in_memory:
         if recipe.data.root is None:
             raise ValueError("data.root must name the image tree (with train/ and val/ inside)")
         return streamed_loaders(recipe, device, num_negatives)
-    train_set, test_set, classes = datasets(recipe)
+    train_set, test_set, _ = datasets(recipe)
     train_data = DeviceDataset.from_dataset(train_set, device)
     test_data = DeviceDataset.from_dataset(test_set, device)
     contrast = None
@@ -123,17 +125,14 @@ def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
                          **shard)
     test = DeviceLoader(test_data, max(recipe.data.batch_size, 256), shuffle=False, augment=False,
                         channels_last=recipe.channels_last, **shard)
-    return train, test, classes, len(train_data)
+    return train, test, list(train_set.classes), len(train_data)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """A RepDistiller checkpoint ({'model': state_dict}), a fastkd checkpoint ({'student': ...}) or a bare state_dict."""
-    state = load_checkpoint(path)
-    for key in ("model", "student", "state_dict"):
-        if key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    model.load_state_dict(state)
+    """Load ``path``'s weights into ``model``: a fastkd checkpoint or export, a RepDistiller checkpoint
+    ({'model': state_dict}) or a bare state_dict, read without running pickled code (see
+    :func:`fastkd.train.checkpoint.read_weights`)."""
+    model.load_state_dict(read_weights(path))
 
 
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
@@ -144,7 +143,8 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     torch.manual_seed(recipe.seed)
     crd = recipe.losses.get("crd")
     num_negatives = crd.get("num_negatives", 16384) if crd else None
-    train, test, classes, num_data = loaders(recipe, device, num_negatives)
+    train, test, class_names, num_data = loaders(recipe, device, num_negatives)
+    classes = len(class_names)
     student = models.create(recipe.student.name, num_classes=classes)
     if recipe.student.checkpoint:
         load_weights(student, recipe.student.checkpoint)
@@ -170,4 +170,5 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
         student.compile(backend=os.environ.get("FASTKD_COMPILE_BACKEND", "inductor"))
     sample = next(iter(train))[0][:8]
     distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state)
-    return Trainer(recipe, distiller, train, test, device=device, output=output)
+    meta = {"student": recipe.student.name, "num_classes": classes, "classes": class_names}
+    return Trainer(recipe, distiller, train, test, device=device, output=output, meta=meta)
