@@ -78,3 +78,36 @@ def test_bad_input_errors(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="checkpoint dict"):
         load_checkpoint(tmp_path / "list.pt")
+
+
+def test_checkpoints_load_with_weights_only_and_older_numpy_rng_states_still_resume(tmp_path):
+    save_checkpoint(tmp_path / "new.pt", {"rng": rng_state(), "weights": torch.ones(2)})
+    torch.load(tmp_path / "new.pt", weights_only=True)  # plain values and tensors only
+    legacy = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"rng": legacy}, tmp_path / "legacy.pt")  # fastkd before 0.2 pickled NumPy's state as an array
+    expected = (random.random(), float(np.random.rand()), torch.rand(2))
+    set_rng_state(load_checkpoint(tmp_path / "legacy.pt")["rng"])
+    assert (random.random(), float(np.random.rand())) == expected[:2] and torch.equal(torch.rand(2), expected[2])
+
+
+def test_unreadable_files_name_the_file_and_the_fix(tmp_path):
+    save_checkpoint(tmp_path / "good.pt", {"weights": torch.arange(1000.0)})
+    whole = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("truncated.pt", "random.pt", "empty.pt"):
+        with pytest.raises(ValueError, match=f"{name} is not a readable checkpoint .*truncated or damaged"):
+            load_checkpoint(tmp_path / name)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_checkpoint_files_get_the_users_file_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "a.pt", {"epoch": 1})
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "a.pt").st_mode & 0o777) == 0o640  # not mkstemp's 0600
