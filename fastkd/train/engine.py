@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 import warnings
 from typing import Iterable
@@ -27,7 +26,7 @@ from typing import Iterable
 import torch
 
 from fastkd._checks import value_checks
-from fastkd.train import distributed
+from fastkd.train import distributed, progress
 from fastkd.train.checkpoint import rng_state, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.graph import GraphedStep
@@ -101,8 +100,8 @@ class Trainer:
         self.init_done = self.init_stage is None or recipe.init_epochs == 0
         self.epoch = self._epoch = 0
         self.history: list[dict] = []
-        # a one-line progress display, refreshed every second (rank 0 only)
-        self.progress = sys.stderr.isatty() and distributed.is_main()
+        # a progress bar (or line) refreshed once a second, on rank 0 (fastkd.train.progress)
+        self.progress = progress.wanted()
 
     # --- one epoch ----------------------------------------------------------------------------
     def _autocast(self, cache: bool = True):
@@ -120,8 +119,8 @@ class Trainer:
         self.distiller.train()
         sums: dict[str, torch.Tensor] = {}
         seen, start = 0, time.perf_counter()
-        shown = start
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None
+        shown = progress.EpochProgress(epoch, steps) if self.progress else None
         self._epoch = epoch  # read by _step (DKD's warm-up weight)
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
             images, target, *rest = batch
@@ -142,12 +141,10 @@ class Trainer:
             for name, value in (("loss", total), *parts.items()):
                 sums[name] = sums.get(name, 0) + value.float() * images.shape[0]
             seen += images.shape[0]
-            if self.progress and time.perf_counter() - shown > 1.0:
-                shown = time.perf_counter()
-                print(f"\repoch {epoch + 1} step {step + 1}/{steps or '?'} "
-                      f"{seen / (shown - start):.0f} img/s", end="", file=sys.stderr, flush=True)
-        if self.progress:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            if shown is not None:
+                shown.update(step + 1, seen, sums["loss"])  # reads the loss sum once a second at most
+        if shown is not None:
+            shown.close()
         elapsed = time.perf_counter() - start
         totals = distributed.reduce_sums({**sums, "seen": seen})  # over the ranks; one sync per epoch
         seen = int(totals.pop("seen"))
