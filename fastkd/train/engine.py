@@ -26,7 +26,7 @@ from typing import Iterable
 import torch
 
 from fastkd._checks import value_checks
-from fastkd.train import distributed, progress
+from fastkd.train import distributed, loggers, progress
 from fastkd.train.checkpoint import rng_state, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.graph import GraphedStep
@@ -226,13 +226,16 @@ class Trainer:
         """Train from the current epoch to ``epochs`` (the recipe's by default); returns the history.
 
         Each epoch's metrics go to ``metrics.jsonl`` / ``metrics.csv`` (and TensorBoard when
-        installed) under the output folder; ``curves.png`` is redrawn when matplotlib is there.
+        installed, and the recipe's ``logger``) under the output folder; ``curves.png`` is redrawn
+        when matplotlib is there.
         """
         last = self.recipe.epochs if epochs is None else epochs
         main = distributed.is_main()  # under torchrun only rank 0 logs and writes files
         if main:
             os.makedirs(self.output, exist_ok=True)
-        record = MetricsLog(self.output, self.history) if main else None
+        # a tracker (recipe key logger): every rank checks its package before training, rank 0 runs it
+        logger = loggers.start(self.recipe, self.output, main) if self.epoch < last else None
+        record = MetricsLog(self.output, self.history, logger) if main else None
         if not self.init_done:
             self.run_init_stage(log if main else None)
             self.save(os.path.join(self.output, "last.pt"))
@@ -253,6 +256,7 @@ class Trainer:
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
         if record is not None:
             record.plot()
+            record.close()
         return self.history
 
     def state_dict(self) -> dict:

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 import fastkd
+from fastkd.train.loggers import LOGGERS
 
 # recipe name → the loss module it builds (its constructor's keywords are the loss's options)
 LOSSES: dict[str, type] = {
@@ -95,6 +96,8 @@ class Recipe:
     output: str = "runs/fastkd"
     eval_every: int = 1
     checkpoint_every: int = 1
+    logger: str = "none"            # none | wandb | mlflow: the metrics also go to a tracker (fastkd.train.loggers)
+    logger_project: str = "fastkd"  # the W&B project / MLflow experiment
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,7 +108,7 @@ _SECTIONS = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
 _CHOICES = {("data", "name"): ("digits", "cifar10", "cifar100", "imagefolder"),
             ("data", "contrast_mode"): (None, "exact", "relax"),
             ("optim", "name"): ("sgd", "adamw"), ("schedule", "name"): ("multistep", "cosine"),
-            ((), "amp"): ("auto", "bf16", "fp16", "off")}
+            ((), "amp"): ("auto", "bf16", "fp16", "off"), ((), "logger"): ("none", *LOGGERS)}
 
 
 def shipped() -> list[str]:
@@ -226,8 +229,9 @@ def build(tree: dict[str, Any]) -> Recipe:
         else:
             annotation = next(f.type for f in dataclasses.fields(Recipe) if f.name == key)
             values[key] = _typed(key, value, annotation)
-            if key == "amp" and values[key] not in _CHOICES[((), "amp")]:
-                raise ValueError(f"amp must be one of {_CHOICES[((), 'amp')]}, got {value!r}")
+            choices = _CHOICES.get(((), key))
+            if choices is not None and values[key] not in choices:
+                raise ValueError(f"{key} must be one of {choices}, got {value!r}")
     return Recipe(**values)
 
 
