@@ -1,6 +1,7 @@
 """fastkd.data: digits, CIFAR pickles, ImageFolder + cache, index datasets, contrast sampling,
 device-side augmentation."""
 import hashlib
+import io
 import os
 import pickle
 import signal
@@ -14,8 +15,11 @@ import torch
 
 from fastkd.data import (CIFAR10, CIFAR100, ArrayDataset, ContrastSampler, DeviceDataset, DeviceLoader, Digits,
                          ImageFolder, IndexedDataset, channel_stats, crop_flip, load_digits)
+from fastkd.data import download as download_module
 from fastkd.data import folder as folder_module
 from fastkd.data.digits import raw_digits
+from fastkd.train.recipe import build
+from fastkd.train.run import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TARBALL = os.path.join(REPO, "..", "shared", "data", "cifar10-jpg.tar.gz")
@@ -185,6 +189,32 @@ def test_cifar_download_checks_md5(tmp_path, fake_cifar10, monkeypatch):
     ds = CIFAR10(target, download=True, train=False)
     assert (target / "cifar-10-python.tar.gz").exists()
     assert np.array_equal(ds.data.transpose(0, 3, 1, 2).reshape(2, 3072), rows["test_batch"])
+
+
+def test_recipe_key_data_download_fetches_cifar(tmp_path, fake_cifar10, monkeypatch):
+    root, rows, labels = fake_cifar10
+    served = tmp_path / "served.tar.gz"
+    with tarfile.open(served, "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    requested = []
+
+    def urlopen(url, timeout):  # the network, replaced: serves the fake archive
+        requested.append(url)
+        return io.BytesIO(served.read_bytes())
+
+    monkeypatch.setattr(download_module.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(CIFAR10, "archive_md5", hashlib.md5(served.read_bytes()).hexdigest())
+    fresh = tmp_path / "fresh"
+    recipe = build({"data": {"name": "cifar10", "root": str(fresh), "download": True}})
+    train, test, classes = datasets(recipe)
+    assert requested == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"] and classes == 10
+    assert len(train) == 15 and test.targets.tolist() == labels["test_batch"]
+    assert np.array_equal(test.data.transpose(0, 3, 1, 2).reshape(2, 3072), rows["test_batch"])
+    datasets(recipe)  # the files are there now: nothing is fetched again
+    assert len(requested) == 1
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python.*download=True \(in a recipe: data.download=true\)"):
+        datasets(build({"data": {"name": "cifar100", "root": str(fresh)}}))
+    assert len(requested) == 1
 
 
 # --- ImageFolder --------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class DataConfig:
     contrast_mode: str | None = None  # CRD's dataset-side sampling: exact | relax | None (the loss samples)
     image_size: int = 224           # imagefolder, streamed: the train crop / val centre crop
     in_memory: bool = False         # imagefolder: decode once into a uint8 cache held on the device
+    download: bool = False          # cifar10 / cifar100: fetch the archive into root when its files are absent
 
 
 @dataclass
@@ -232,7 +233,11 @@ def build(tree: dict[str, Any]) -> Recipe:
             choices = _CHOICES.get(((), key))
             if choices is not None and values[key] not in choices:
                 raise ValueError(f"{key} must be one of {choices}, got {value!r}")
-    return Recipe(**values)
+    recipe = Recipe(**values)
+    if recipe.data.download and recipe.data.name == "imagefolder":
+        raise ValueError("data.download=true fetches CIFAR-10 / CIFAR-100 only: an imagefolder tree must already be "
+                         "under data.root (set data.download=false)")
+    return recipe
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
