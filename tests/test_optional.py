@@ -14,14 +14,15 @@ asked = []
 class Recorder:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in OPTIONAL:
-            asked.append((name, traceback.format_stack(limit=6)))
+            frames = [f for f in traceback.extract_stack() if not f.filename.startswith("<")]
+            asked.append((name, f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"))
         return None
 
 sys.meta_path.insert(0, Recorder())
 import fastkd, fastkd.cli, fastkd.train.run, fastkd.data
 import fastkd.train.loggers, fastkd.train.metrics, fastkd.train.progress
-for name, stack in asked:
-    print("asked for", name, "by", "".join(stack))
+for name, where in asked:
+    print("asked for", name, "at", where)
 print("loaded", sorted(m for m in sys.modules if m.split(".")[0] in OPTIONAL))
 """
 
