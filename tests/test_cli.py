@@ -36,7 +36,7 @@ def test_recipe_errors_reach_the_user(tmp_path):
         main(["distill", "cifar100_kd", "optim.lrr=1", "--output", str(tmp_path)])
     with pytest.raises(ValueError, match="teacher.checkpoint must name"):
         main(["distill", "digits", "losses={ce: 0.1, kd: 0.9}", "--output", str(tmp_path), "--device", "cpu"])
-    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+    with pytest.raises(FileNotFoundError, match="cifar-100-python.*in a recipe: data.download=true"):
         main(["distill", "cifar100_kd", f"data.root={tmp_path}", "--output", str(tmp_path), "--device", "cpu"])
 
 

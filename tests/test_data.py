@@ -1,6 +1,7 @@
 """fastkd.data: digits, CIFAR pickles, ImageFolder + cache, index datasets, contrast sampling,
 device-side augmentation."""
 import hashlib
+import io
 import os
 import pickle
 import signal
@@ -14,7 +15,11 @@ import torch
 
 from fastkd.data import (CIFAR10, CIFAR100, ArrayDataset, ContrastSampler, DeviceDataset, DeviceLoader, Digits,
                          ImageFolder, IndexedDataset, channel_stats, crop_flip, load_digits)
+from fastkd.data import download as download_module
 from fastkd.data import folder as folder_module
+from fastkd.data.digits import raw_digits
+from fastkd.train.recipe import build
+from fastkd.train.run import datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_TARBALL = os.path.join(REPO, "..", "shared", "data", "cifar10-jpg.tar.gz")
@@ -33,17 +38,34 @@ def test_digits_shapes_counts_and_normalisation():
     assert float(d.x_train.double().std(unbiased=False)) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_digits_split_is_fixed_disjoint_and_matches_sklearn():
-    from sklearn.datasets import load_digits as sklearn_digits
+def test_shipped_digits_file_is_unchanged():
+    images, targets = raw_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 16
+    assert targets.shape == (1797,) and targets.dtype == np.int64
+    assert np.bincount(targets).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    # SHA-256 of the arrays' bytes as written from scikit-learn 1.9.1's load_digits (see fastkd/data/digits.py)
+    assert hashlib.sha256(images.tobytes()).hexdigest() == (
+        "8f26b2bd9d135c256808f68f14fdabddde6d9c7f869ae419704b051f0f14b3b3")
+    assert hashlib.sha256(targets.tobytes()).hexdigest() == (
+        "a3c91c262eddcf7ba8f0e37507c30284493c9b20412ffe4af30d536401f7ba21")
 
-    raw = sklearn_digits()
+
+def test_shipped_digits_equal_sklearns():
+    datasets = pytest.importorskip("sklearn.datasets")
+    bunch = datasets.load_digits()
+    images, targets = raw_digits()
+    assert np.array_equal(images.astype(np.float64), bunch.images) and np.array_equal(targets, bunch.target)
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    images, targets = raw_digits()
     train, test = Digits(train=True), Digits(train=False)
     again = load_digits()
     assert torch.equal(again.x_train, load_digits().x_train)
-    # every sklearn image lands in exactly one split, with its label
+    # every image lands in exactly one split, with its label
     pool = {}
-    for i in range(len(raw.images)):
-        pool.setdefault(raw.images[i].astype(np.uint8).tobytes(), []).append(int(raw.target[i]))
+    for i in range(len(images)):
+        pool.setdefault(images[i].tobytes(), []).append(int(targets[i]))
     seen = {}
     for ds in (train, test):
         for img, label in zip(ds.data[..., 0], ds.targets):
@@ -53,6 +75,9 @@ def test_digits_split_is_fixed_disjoint_and_matches_sklearn():
     assert train.data.max() == 16 and train.data.dtype == np.uint8
     assert train.mean[0] == pytest.approx(float(train.data.astype(np.float64).mean()), rel=1e-12)
     assert train.std[0] == pytest.approx(float(train.data.astype(np.float64).std()), rel=1e-12)
+    # the split's statistics as scikit-learn's copy gave them before the digits shipped with fastkd
+    assert train.mean == (4.8996612843355605,) and train.std == (6.0286932908751005,)
+    assert hashlib.sha256(test.targets.tobytes()).hexdigest()[:16] == "3ff1b1c2a0cd1ae5"
     assert test.mean == train.mean  # the test split is normalised with the training statistics
     other = Digits(train=False, seed=1)
     assert np.bincount(other.targets).tolist() == np.bincount(test.targets).tolist()
@@ -164,6 +189,32 @@ def test_cifar_download_checks_md5(tmp_path, fake_cifar10, monkeypatch):
     ds = CIFAR10(target, download=True, train=False)
     assert (target / "cifar-10-python.tar.gz").exists()
     assert np.array_equal(ds.data.transpose(0, 3, 1, 2).reshape(2, 3072), rows["test_batch"])
+
+
+def test_recipe_key_data_download_fetches_cifar(tmp_path, fake_cifar10, monkeypatch):
+    root, rows, labels = fake_cifar10
+    served = tmp_path / "served.tar.gz"
+    with tarfile.open(served, "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    requested = []
+
+    def urlopen(url, timeout):  # the network, replaced: serves the fake archive
+        requested.append(url)
+        return io.BytesIO(served.read_bytes())
+
+    monkeypatch.setattr(download_module.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(CIFAR10, "archive_md5", hashlib.md5(served.read_bytes()).hexdigest())
+    fresh = tmp_path / "fresh"
+    recipe = build({"data": {"name": "cifar10", "root": str(fresh), "download": True}})
+    train, test, classes = datasets(recipe)
+    assert requested == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"] and classes == 10
+    assert len(train) == 15 and test.targets.tolist() == labels["test_batch"]
+    assert np.array_equal(test.data.transpose(0, 3, 1, 2).reshape(2, 3072), rows["test_batch"])
+    datasets(recipe)  # the files are there now: nothing is fetched again
+    assert len(requested) == 1
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python.*download=True \(in a recipe: data.download=true\)"):
+        datasets(build({"data": {"name": "cifar100", "root": str(fresh)}}))
+    assert len(requested) == 1
 
 
 # --- ImageFolder --------------------------------------------------------------------------------------

@@ -71,3 +71,13 @@ def test_every_loss_is_buildable_from_its_options():
     assert set(LOSSES) >= {"kd", "dkd", "crd", "sp", "cckd", "srd"}
     recipe = build({"losses": {"ce": 1.0, "cckd": {"weight": 1.0, "gamma": 0.4, "order": 2}}})
     assert recipe.losses["cckd"] == {"weight": 1.0, "gamma": 0.4, "order": 2}
+
+
+def test_data_download_is_for_cifar_only():
+    assert build({"data": {"name": "cifar100", "root": "/data", "download": True}}).data.download is True
+    assert build({}).data.download is False
+    with pytest.raises(ValueError, match=r"data.download=true fetches CIFAR-10 / CIFAR-100 only: an imagefolder tree "
+                                         r"must already be under data.root \(set data.download=false\)"):
+        build({"data": {"name": "imagefolder", "root": "/data/imagenet", "download": True}})
+    with pytest.raises(ValueError, match="data.download must be bool, got 'yes'"):
+        build({"data": {"download": "yes"}})

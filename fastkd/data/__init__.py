@@ -1,6 +1,6 @@
 """Datasets, CRD's contrast sampling and device-side augmentation.
 
-- :func:`load_digits` / :class:`Digits`: the embedded default (scikit-learn's digits, no download).
+- :func:`load_digits` / :class:`Digits`: the embedded default (the UCI digits, shipped in the package).
 - :class:`CIFAR10` / :class:`CIFAR100`: the python-pickle folders, downloaded on request.
 - :class:`ImageFolder`: ``root/<class>/<image>`` trees, optionally decoded once into a uint8 cache.
 - :class:`IndexedDataset`: items with their index (and contrast indices) for CRD.

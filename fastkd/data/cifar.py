@@ -54,19 +54,20 @@ class _CIFAR(ArrayDataset):
                  download: bool = False):
         root = os.fspath(root)
         files = self.train_files if train else self.test_files
+        if download:
+            self.fetch_missing(root)
         folder = self._find(root)
-        if download and (folder is None or not all(os.path.isfile(os.path.join(folder, f)) for f in files)):
-            self.download(root)
-            folder = self._find(root)
         if folder is None:
             wanted = ", ".join(self.train_files + self.test_files)
             raise FileNotFoundError(
                 f"{self.name} not found under {root!r}: expected the folder {os.path.join(root, self.folder)!r} "
-                f"holding {wanted} (the python version of {self.url}); pass download=True to fetch it")
+                f"holding {wanted} (the python version of {self.url}); pass download=True (in a recipe: "
+                f"data.download=true) to fetch it")
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             raise FileNotFoundError(f"{self.name} folder {folder!r} lacks {', '.join(missing)}; "
-                                    f"expected {', '.join(files)}")
+                                    f"expected {', '.join(files)} (download=True, in a recipe data.download=true, "
+                                    f"fetches them again)")
         parts = [self._read(os.path.join(folder, f)) for f in files]
         data = np.concatenate([p[0] for p in parts])
         targets = np.concatenate([p[1] for p in parts])
@@ -81,6 +82,13 @@ class _CIFAR(ArrayDataset):
             if any(os.path.isfile(os.path.join(folder, f)) for f in cls.train_files + cls.test_files):
                 return folder
         return None
+
+    @classmethod
+    def fetch_missing(cls, root: str | os.PathLike) -> None:
+        """:meth:`download` unless ``root`` already holds every data file (both splits)."""
+        folder = cls._find(os.fspath(root))
+        if folder is None or not all(os.path.isfile(os.path.join(folder, f)) for f in cls.train_files + cls.test_files):
+            cls.download(root)
 
     @classmethod
     def download(cls, root: str | os.PathLike) -> None:

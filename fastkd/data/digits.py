@@ -1,10 +1,22 @@
-"""The embedded default dataset: scikit-learn's handwritten digits (no download).
+"""The embedded default dataset: the UCI handwritten digits, shipped inside fastkd (no download).
 
-``sklearn.datasets.load_digits`` ships 1,797 grey 8×8 images (pixel values 0..16, ten classes)
-inside the scikit-learn wheel. The split is fixed: per class, a permutation from
-``numpy.random.RandomState(seed)`` (a generator whose stream numpy keeps stable) sends
-``round(test_fraction · n_class)`` images to the test set; each split keeps the original order.
-With the defaults that is 1,347 training and 450 test images.
+``digits.npz`` beside this module holds 1,797 grey 8×8 images (uint8, pixel values 0..16,
+``images`` ``[1797, 8, 8]``) and their labels (int64, ``targets`` ``[1797]``, ten classes): the
+test part (``optdigits.tes``) of "Optical Recognition of Handwritten Digits" by E. Alpaydin and
+C. Kaynak (Bogazici University, 1998) from the UCI Machine Learning Repository, which publishes it
+under CC BY 4.0, in the order and form scikit-learn ships it as ``sklearn.datasets.load_digits``.
+It was written once, with scikit-learn 1.9.1, by::
+
+    bunch = sklearn.datasets.load_digits()   # images: float64 integers 0..16
+    numpy.savez_compressed("digits.npz", images=bunch.images.astype(numpy.uint8),
+                           targets=bunch.target.astype(numpy.int64))
+
+so the arrays equal scikit-learn's bit for bit (``tests/test_data.py`` checks their digests, and
+compares them with scikit-learn's copy where scikit-learn is installed).
+
+The split is fixed: per class, a permutation from ``numpy.random.RandomState(seed)`` (a generator
+whose stream numpy keeps stable) sends ``round(test_fraction · n_class)`` images to the test set;
+each split keeps the original order. With the defaults that is 1,347 training and 450 test images.
 
 Images stay in their own units (0..16) as uint8; ``mean`` / ``std`` are the training split's,
 in those units. ``size`` (a multiple of 8) repeats pixels (nearest-neighbour upsampling, which
@@ -13,6 +25,7 @@ leaves mean and std unchanged) so that models built for 32×32 inputs can eat th
 """
 from __future__ import annotations
 
+from importlib import resources
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -21,6 +34,13 @@ import torch
 from fastkd.data.arrays import ArrayDataset, channel_stats, normalize
 
 NUM_CLASSES = 10
+FILE = "digits.npz"
+
+
+def raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped arrays (see the module doc): uint8 images ``[1797, 8, 8]``, int64 labels ``[1797]``."""
+    with (resources.files(__package__) / FILE).open("rb") as stream, np.load(stream) as arrays:
+        return arrays["images"], arrays["targets"]
 
 
 def _split_indices(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,13 +61,7 @@ def _images(size: int, channels: int, test_fraction: float, seed: int):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as e:
-        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from e
-    bunch = sklearn_digits()
-    targets = bunch.target.astype(np.int64)
-    images = bunch.images.astype(np.uint8)  # integers 0..16 stored as float64
+    images, targets = raw_digits()
     factor = size // 8
     images = images.repeat(factor, axis=1).repeat(factor, axis=2)
     images = np.repeat(images[..., None], channels, axis=3)
@@ -56,7 +70,7 @@ def _images(size: int, channels: int, test_fraction: float, seed: int):
 
 
 class Digits(ArrayDataset):
-    """scikit-learn's digits as an :class:`~fastkd.data.arrays.ArrayDataset` (see the module doc).
+    """The shipped digits as an :class:`~fastkd.data.arrays.ArrayDataset` (see the module doc).
 
     Args:
         train: the training split (else the test split).

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 import warnings
 from typing import Iterable
@@ -30,7 +29,7 @@ from typing import Iterable
 import torch
 
 from fastkd._checks import value_checks
-from fastkd.train import distributed
+from fastkd.train import distributed, loggers, progress
 from fastkd.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from fastkd.train.distiller import Distiller
 from fastkd.train.graph import GraphedStep
@@ -112,8 +111,8 @@ class Trainer:
         self.epoch = self._epoch = 0
         self.history: list[dict] = []
         self.teacher_eval: dict | None = None  # the teacher's test accuracy, measured before the first epoch
-        # a one-line progress display, refreshed every second (rank 0 only)
-        self.progress = sys.stderr.isatty() and distributed.is_main()
+        # a progress bar (or line) refreshed once a second, on rank 0 (fastkd.train.progress)
+        self.progress = progress.wanted()
 
     # --- one epoch ----------------------------------------------------------------------------
     def _autocast(self, cache: bool = True):
@@ -131,8 +130,8 @@ class Trainer:
         self.distiller.train()
         sums: dict[str, torch.Tensor] = {}
         seen, start = 0, time.perf_counter()
-        shown = start
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None
+        shown = progress.EpochProgress(epoch, steps) if self.progress else None
         self._epoch = epoch  # read by _step (DKD's warm-up weight)
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
             images, target, *rest = batch
@@ -153,12 +152,10 @@ class Trainer:
             for name, value in (("loss", total), *parts.items()):
                 sums[name] = sums.get(name, 0) + value.float() * images.shape[0]
             seen += images.shape[0]
-            if self.progress and time.perf_counter() - shown > 1.0:
-                shown = time.perf_counter()
-                print(f"\repoch {epoch + 1} step {step + 1}/{steps or '?'} "
-                      f"{seen / (shown - start):.0f} img/s", end="", file=sys.stderr, flush=True)
-        if self.progress:
-            print("\r\033[K", end="", file=sys.stderr, flush=True)
+            if shown is not None:
+                shown.update(step + 1, seen, sums["loss"])  # reads the loss sum once a second at most
+        if shown is not None:
+            shown.close()
         elapsed = time.perf_counter() - start
         totals = distributed.reduce_sums({**sums, "seen": seen})  # over the ranks; one sync per epoch
         seen = int(totals.pop("seen"))
@@ -242,24 +239,39 @@ class Trainer:
         """Train from the current epoch to ``epochs`` (the recipe's by default); returns the history.
 
         Each epoch's metrics go to ``metrics.jsonl`` / ``metrics.csv`` (and TensorBoard when
-        installed) under the output folder; ``curves.png`` is redrawn when matplotlib is there.
+        installed, and the recipe's ``logger``) under the output folder; ``curves.png`` is redrawn
+        when matplotlib is there.
         """
         last = self.recipe.epochs if epochs is None else epochs
         main = distributed.is_main()  # under torchrun only rank 0 logs and writes files
         if main:
             os.makedirs(self.output, exist_ok=True)
-        record = MetricsLog(self.output, self.history) if main else None
+        # a tracker (recipe key logger): every rank checks its package before training, rank 0 runs it
+        logger = loggers.start(self.recipe, self.output, main) if self.epoch < last else None
+        record = MetricsLog(self.output, self.history, logger) if main else None
+        try:
+            self._train_until(last, record, log if main else None)
+            if record is not None:
+                record.plot()
+        finally:
+            if record is not None:
+                record.close()  # the tracker's run ends, also when training fails
+        return self.history
+
+    def _train_until(self, last: int, record: MetricsLog | None, log) -> None:
+        """The teacher's evaluation and the initialisation stage (when not done yet), then the epochs up to
+        ``last``, each recorded (``record``: rank 0's metrics files), checkpointed and logged."""
         if self.epoch == 0 and self.teacher_eval is None:
-            self.evaluate_teacher(log if main else None)
+            self.evaluate_teacher(log)
         if not self.init_done:
-            self.run_init_stage(log if main else None)
+            self.run_init_stage(log)
             self.save(os.path.join(self.output, LAST))
         while self.epoch < last:
             epoch = self.epoch
             metrics = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if (epoch + 1) % self.recipe.eval_every == 0 or epoch + 1 == last:
                 metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
-                if main:
+                if record is not None:
                     self._keep_if_best(metrics)
             self.epoch = epoch + 1
             if record is not None:
@@ -269,11 +281,8 @@ class Trainer:
                 self.history = [*self.history, metrics]
             if self.epoch % self.recipe.checkpoint_every == 0 or self.epoch == last:
                 self.save(os.path.join(self.output, LAST))
-            if log is not None and main:
+            if log is not None:
                 log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        if record is not None:
-            record.plot()
-        return self.history
 
     def evaluate_teacher(self, log=print) -> dict | None:
         """The teacher's top-1 / top-5 on the test set (``None`` without a teacher), logged with a warning

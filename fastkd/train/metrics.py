@@ -2,8 +2,9 @@
 
 :class:`MetricsLog` appends one record per epoch to ``metrics.jsonl`` and rewrites ``metrics.csv``
 (its columns grow when a new metric appears), writes TensorBoard scalars when the ``tensorboard``
-package is installed, and :func:`plot` draws accuracy and loss curves to ``curves.png`` when
-matplotlib is (both optional: nothing breaks without them).
+package is installed, hands the record to the run's tracker (:mod:`fastkd.train.loggers`) when
+there is one, and :func:`plot` draws accuracy and loss curves to ``curves.png`` when matplotlib
+is installed (TensorBoard and matplotlib are optional: nothing breaks without them).
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import json
 import os
 
 from fastkd.data._files import atomic_write
+from fastkd.train.loggers import Logger
 
 
 class MetricsLog:
-    """Per-epoch records of a run in ``folder``; ``history`` seeds it when a run is resumed."""
+    """Per-epoch records of a run in ``folder``; ``history`` seeds it when a run is resumed; ``logger``
+    (a started tracker) gets each new record, and :meth:`close` finishes its run."""
 
-    def __init__(self, folder: str, history: list[dict] | None = None):
-        self.folder = folder
+    def __init__(self, folder: str, history: list[dict] | None = None, logger: Logger | None = None):
+        self.folder, self.logger = folder, logger
         self.records: list[dict] = list(history or [])
         # the file starts as the history it continues: lines an interrupted process wrote after its last
         # checkpoint (an epoch the resumed run trains again) must not stay in it twice
@@ -47,6 +50,14 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key != "epoch":
                     self._board.add_scalar(key, value, record.get("epoch", len(self.records)))
             self._board.flush()
+        if self.logger is not None:
+            self.logger.log(record)
+
+    def close(self) -> None:
+        """Finish the tracker's run, if there is one."""
+        if self.logger is not None:
+            self.logger.finish()
+            self.logger = None
 
     def plot(self) -> str | None:
         """``curves.png``: test accuracy and training losses by epoch; ``None`` without matplotlib."""

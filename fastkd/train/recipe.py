@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 import fastkd
+from fastkd.train.loggers import LOGGERS
 
 # recipe name → the loss module it builds (its constructor's keywords are the loss's options)
 LOSSES: dict[str, type] = {
@@ -50,6 +51,7 @@ class DataConfig:
     contrast_mode: str | None = None  # CRD's dataset-side sampling: exact | relax | None (the loss samples)
     image_size: int = 224           # imagefolder, streamed: the train crop / val centre crop
     in_memory: bool = False         # imagefolder: decode once into a uint8 cache held on the device
+    download: bool = False          # cifar10 / cifar100: fetch the archive into root when its files are absent
 
 
 @dataclass
@@ -95,6 +97,8 @@ class Recipe:
     output: str | None = None       # the run folder; None: derived from the run (fastkd.train.rundir)
     eval_every: int = 1
     checkpoint_every: int = 1
+    logger: str = "none"            # none | wandb | mlflow: the metrics also go to a tracker (fastkd.train.loggers)
+    logger_project: str = "fastkd"  # the W&B project / MLflow experiment
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,7 +109,7 @@ _SECTIONS = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig,
 _CHOICES = {("data", "name"): ("digits", "cifar10", "cifar100", "imagefolder"),
             ("data", "contrast_mode"): (None, "exact", "relax"),
             ("optim", "name"): ("sgd", "adamw"), ("schedule", "name"): ("multistep", "cosine"),
-            ((), "amp"): ("auto", "bf16", "fp16", "off")}
+            ((), "amp"): ("auto", "bf16", "fp16", "off"), ((), "logger"): ("none", *LOGGERS)}
 
 
 def shipped() -> list[str]:
@@ -143,6 +147,18 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = copy.deepcopy(value)  # a recipe's losses replace its base's whole set
     return merged
+
+
+def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A recipe tree as ``{"section.key": value}``, the keys overrides use (lists, scalars and empty
+    mappings are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
@@ -232,9 +248,14 @@ def build(tree: dict[str, Any]) -> Recipe:
         else:
             annotation = next(f.type for f in dataclasses.fields(Recipe) if f.name == key)
             values[key] = _typed(key, value, annotation)
-            if key == "amp" and values[key] not in _CHOICES[((), "amp")]:
-                raise ValueError(f"amp must be one of {_CHOICES[((), 'amp')]}, got {value!r}")
-    return Recipe(**values)
+            choices = _CHOICES.get(((), key))
+            if choices is not None and values[key] not in choices:
+                raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+    recipe = Recipe(**values)
+    if recipe.data.download and recipe.data.name == "imagefolder":
+        raise ValueError("data.download=true fetches CIFAR-10 / CIFAR-100 only: an imagefolder tree must already be "
+                         "under data.root (set data.download=false)")
+    return recipe
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:

@@ -96,6 +96,10 @@ def datasets(recipe: Recipe):
         raise ValueError(f"data.root must name the folder of {data.name} (e.g. data.root=/data/{data.name})")
     if data.name in ("cifar10", "cifar100"):
         cls = CIFAR10 if data.name == "cifar10" else CIFAR100
+        if data.download:  # one process per machine fetches what is missing; the others wait for it
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                cls.fetch_missing(data.root)
+            distributed.barrier()
         return cls(data.root, train=True), cls(data.root, train=False), 10 if data.name == "cifar10" else 100
     train = ImageFolder(os.path.join(data.root, "train"), cache=True)
     test = ImageFolder(os.path.join(data.root, "test" if os.path.isdir(os.path.join(data.root, "test")) else "val"),

@@ -34,7 +34,7 @@ import yaml
 
 from fastkd.data._files import atomic_write, file_mode
 from fastkd.train.checkpoint import read_weights
-from fastkd.train.recipe import Recipe
+from fastkd.train.recipe import Recipe, dotted
 
 CONFIG = "config.yaml"
 LAST, BEST = "last.pt", "best.pt"
@@ -48,16 +48,6 @@ MODES = ("auto", "fresh", "resume")
 
 class RunFolderError(RuntimeError):
     """A run folder cannot be used as asked (another configuration, another live process)."""
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{dotted.key: leaf}`` (lists and scalars are leaves)."""
-    if not isinstance(tree, dict) or (prefix and not tree):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _ignored(key: str) -> bool:
@@ -89,7 +79,7 @@ def reads_teacher(recipe: Recipe) -> bool:
 def describe(recipe: Recipe) -> dict[str, Any]:
     """What a run computes: the resolved recipe (less :data:`IGNORED`) and, for each checkpoint it
     starts from, the digest of its weights (``"missing"`` for a file that is not there)."""
-    config = {key: value for key, value in _flat(recipe.to_dict()).items() if not _ignored(key)}
+    config = {key: value for key, value in dotted(recipe.to_dict()).items() if not _ignored(key)}
     files = {"student.checkpoint": recipe.student.checkpoint}
     if reads_teacher(recipe):
         files["teacher.checkpoint"] = recipe.teacher.checkpoint
@@ -136,7 +126,7 @@ def stored_description(folder: str) -> dict[str, Any] | None:
     from fastkd.train.checkpoint import load_checkpoint
 
     recipe = load_checkpoint(last).get("recipe")
-    return {key: value for key, value in _flat(recipe).items() if not _ignored(key)} if isinstance(recipe, dict) \
+    return {key: value for key, value in dotted(recipe).items() if not _ignored(key)} if isinstance(recipe, dict) \
         else None
 
 
