@@ -15,6 +15,9 @@ the resolved configuration), unless --output names one. Running the same command
 it; another configuration pointed at an existing run's folder is refused, unless --fresh (the
 old run moves aside) or --resume (continue it with the new configuration) says otherwise.
 
+A mistake in a command prints what is wrong in a line or two (exit status 2); --debug (anywhere on
+the line) shows the traceback instead.
+
 Many GPUs: ``torchrun --nproc_per_node=N -m fastkd distill RECIPE ...`` (see fastkd.train.distributed).
 """
 from __future__ import annotations
@@ -24,8 +27,6 @@ import contextlib
 import os
 import sys
 import time
-
-import torch
 
 from fastkd.train.recipe import Recipe, load_recipe, shipped
 
@@ -60,10 +61,12 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
          mode: str = "auto") -> dict:
     """One run in its folder (see the module doc); its final accuracies, speed, time and checkpoint."""
     from fastkd.train import distributed
-    from fastkd.train.run import make_trainer
+    from fastkd.train.run import make_trainer, training_device
     from fastkd.train.rundir import LAST, claim, default_folder, describe, reads_teacher
 
     recipe, overrides = resolve(command, recipe_name, overrides)
+    if device is not None:
+        training_device(device)  # a device this machine lacks is refused before anything is written
     distributed.setup(device)  # under torchrun: join the group first, so only rank 0 claims the folder
     description = describe(recipe)
     folder = output or recipe.output or default_folder(recipe_name, recipe, description)
@@ -83,7 +86,11 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
         distributed.barrier()  # every rank sees the folder as rank 0 left it
         last = os.path.join(folder, LAST)
         if os.path.isfile(last):
-            trainer.resume(last)
+            try:
+                trainer.resume(last)
+            except ValueError as exc:  # a damaged file: say how to go on
+                raise ValueError(f"{exc}\nThe run in {folder} cannot resume from it: restore the file, or start "
+                                 "over there with --fresh (the damaged run's files move to a sibling folder)") from None
             done = " (complete: nothing left to train)" if trainer.epoch >= recipe.epochs else ""
             _say(f"resumed from {last} at epoch {trainer.epoch} of {recipe.epochs}{done}")
         start = time.perf_counter()
@@ -111,13 +118,16 @@ def distill_default(output: str | None, device: str | None, overrides: list[str]
     def folder(tag: str) -> str | None:
         return os.path.join(output, tag) if output else None
 
+    from fastkd.train.rundir import reads_teacher
+
     teacher = _run("train", "digits", ["student.name=resnet20", *overrides], folder("teacher"), device, mode)
     rows = [("teacher (resnet20)", teacher)]
     for name, changes in DEFAULT_RUNS:
         tag = name.replace(" + ", "_").replace(" ", "_").lower()
-        run_overrides = [f"{k}={v}" for k, v in changes.items()] + [f"teacher.checkpoint={teacher['checkpoint']}",
-                                                                    *overrides]
-        rows.append((name, _run("distill", "digits", run_overrides, folder(tag), device, mode)))
+        run_overrides = [f"{k}={v}" for k, v in changes.items()]
+        if reads_teacher(load_recipe("digits", run_overrides)):
+            run_overrides.append(f"teacher.checkpoint={teacher['checkpoint']}")
+        rows.append((name, _run("distill", "digits", [*run_overrides, *overrides], folder(tag), device, mode)))
     return rows
 
 
@@ -151,7 +161,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     from fastkd import models
     from fastkd.train.engine import Trainer
     from fastkd.train.objectives import build_objective
-    from fastkd.train.run import load_weights, loaders
+    from fastkd.train.run import load_weights, loaders, training_device
     from fastkd.train.rundir import BEST, LAST
 
     if os.path.isdir(target):
@@ -164,7 +174,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
             raise ValueError(f"{target!r} is not a run folder; evaluate a checkpoint as: fastkd eval MODEL CHECKPOINT")
         recipe = load_recipe(recipe_name or "digits", overrides)
         model_name, weights = target, checkpoint
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = training_device(device)
     _, test, classes, _ = loaders(recipe, device, None)
     model = models.create(model_name, num_classes=len(classes)).to(device)
     load_weights(model, weights)
@@ -248,9 +258,23 @@ def _command(args, parser) -> int:
     return 0
 
 
+def _warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, ``fastkd: warning: ...`` (the file and line only with --debug)."""
+    print(f"fastkd: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a mistake in it (a recipe, key, value, path, checkpoint or device) or a run that
+    cannot go on prints what is wrong in a line or two and returns 2 (1 for a diverged run), without a
+    traceback unless ``--debug`` (anywhere on the line) or ``FASTKD_DEBUG=1`` asks for one."""
+    import warnings
+
+    from fastkd.train.engine import TrainingDiverged
     from fastkd.train.rundir import RunFolderError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FASTKD_DEBUG") == "1"
+    argv = [item for item in argv if item != "--debug"]
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if "=" not in item or item.startswith("-")]
@@ -258,11 +282,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:  # key=value overrides written after an option
         args.overrides = [*getattr(args, "overrides", []), *extra]
+    if debug:
+        return _command(args, parser)
+    shown = warnings.showwarning
+    warnings.showwarning = _warning
     try:
         return _command(args, parser)
-    except RunFolderError as exc:
+    except TrainingDiverged as exc:
         print(f"fastkd: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError, ImportError, RunFolderError) as exc:
+        print(f"fastkd: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - not a mistake in the command: fastkd's own, say so
+        print(f"fastkd: internal error ({type(exc).__name__}): {exc}\nRun the command again with --debug for the "
+              "traceback, and report it.", file=sys.stderr)
+        return 3
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

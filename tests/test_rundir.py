@@ -17,6 +17,7 @@ from fastkd.cli import main, resolve
 from fastkd.train.checkpoint import load_checkpoint
 from fastkd.train.recipe import build, load_recipe
 from fastkd.train.rundir import default_folder, describe, run_id
+from tests._helpers import cli_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ["train", "digits", "student.name=resnet8", "epochs=1", "--device", "cpu"]
@@ -111,10 +112,10 @@ def test_a_folder_from_before_config_files_is_compared_by_its_checkpoints_recipe
     assert "resumed from" in capsys.readouterr().out
 
 
-def test_a_start_that_failed_does_not_hold_the_folder(tmp_path):
+def test_a_start_that_failed_does_not_hold_the_folder(tmp_path, capsys):
     run = str(tmp_path / "run")
-    with pytest.raises(ValueError, match="teacher.checkpoint must name"):
-        main(["distill", "digits", "losses={ce: 0.1, kd: 0.9}", "--output", run, "--device", "cpu"])
+    assert "teacher.checkpoint must name" in cli_error(
+        capsys, ["distill", "digits", "losses={ce: 0.1, kd: 0.9}", "--output", run, "--device", "cpu"])
     assert main([*TRAIN, "--output", run]) == 0  # no checkpoint was there: another configuration may start
 
 

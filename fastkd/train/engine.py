@@ -39,6 +39,10 @@ from fastkd.train.recipe import Recipe
 from fastkd.train.rundir import BEST, LAST, default_folder
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being a finite number; nothing of the epoch it happened in is saved."""
+
+
 def learning_rate(recipe: Recipe, epoch: float) -> float:
     """The learning rate at a (fractional) epoch: linear warm-up, then multistep or cosine."""
     base, schedule = recipe.optim.lr, recipe.schedule
@@ -90,21 +94,16 @@ class Trainer:
         if recipe.cuda_graph and distributed.active():
             warnings.warn("cuda_graph=true is not supported under torch.distributed yet (DDP's gradient "
                           "all-reduce would be captured): the run uses eager steps", RuntimeWarning, stacklevel=2)
-        elif recipe.cuda_graph:
-            # the graphed step's machinery (device lr tensor, capturable optimiser) is used wherever it
-            # is asked for; GraphedStep itself captures only on CUDA and runs eagerly elsewhere
-            if self.amp == torch.float16:
-                warnings.warn("cuda_graph=true does not work with fp16 autocast (its gradient scaler reads the "
-                              "gradients on the host; use amp=bf16 or amp=off): the run uses eager steps",
-                              RuntimeWarning, stacklevel=2)
-            else:
-                if self.device.type != "cuda":
-                    warnings.warn("cuda_graph=true needs a CUDA device: the steps run eagerly", RuntimeWarning,
-                                  stacklevel=2)
-                self.lr = torch.tensor(recipe.optim.lr, dtype=torch.float32, device=self.device)
-        self.optimizer = make_optimizer(recipe, distiller.trainable_parameters(), lr=self.lr)
-        if self.lr is not None:
-            self.graph = GraphedStep(self._step, self.optimizer, self.device)
+        elif recipe.cuda_graph and self.amp == torch.float16:
+            warnings.warn("cuda_graph=true does not work with fp16 autocast (its gradient scaler reads the "
+                          "gradients on the host; use amp=bf16 or amp=off): the run uses eager steps",
+                          RuntimeWarning, stacklevel=2)
+        elif recipe.cuda_graph and self.device.type != "cuda":
+            warnings.warn("cuda_graph=true needs a CUDA device: the run uses eager steps, the same run as "
+                          "cuda_graph=false", RuntimeWarning, stacklevel=2)
+        self.optimizer = make_optimizer(recipe, distiller.trainable_parameters())
+        if recipe.cuda_graph and self.device.type == "cuda" and self.amp != torch.float16 and not distributed.active():
+            self.use_graph_step()
         stage = getattr(distiller, "init_stage", None)  # FT / AB / FSP: run before the first epoch
         self.init_stage = stage() if stage is not None else None
         self.init_done = self.init_stage is None or recipe.init_epochs == 0
@@ -113,6 +112,14 @@ class Trainer:
         self.teacher_eval: dict | None = None  # the teacher's test accuracy, measured before the first epoch
         # a progress bar (or line) refreshed once a second, on rank 0 (fastkd.train.progress)
         self.progress = progress.wanted()
+
+    def use_graph_step(self) -> None:
+        """Steps through :class:`GraphedStep`: the learning rate becomes a device tensor and the optimiser
+        a capturable one that reads it. On CUDA the step is then captured and replayed; on another device
+        the same machinery runs eagerly (the trainer sets this up by itself only on CUDA)."""
+        self.lr = torch.tensor(self.recipe.optim.lr, dtype=torch.float32, device=self.device)
+        self.optimizer = make_optimizer(self.recipe, self.distiller.trainable_parameters(), lr=self.lr)
+        self.graph = GraphedStep(self._step, self.optimizer, self.device)
 
     # --- one epoch ----------------------------------------------------------------------------
     def _autocast(self, cache: bool = True):
@@ -133,6 +140,10 @@ class Trainer:
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None
         shown = progress.EpochProgress(epoch, steps) if self.progress else None
         self._epoch = epoch  # read by _step (DKD's warm-up weight)
+        # the loss sum is looked at after every step on the CPU (no cost), at most once a second on a GPU
+        # (a host sync), and by every rank at the epoch's end under torch.distributed (then they stop together)
+        watch = not distributed.active()
+        finite_until, looked, done = 0, start, 0
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
             images, target, *rest = batch
             lr = learning_rate(self.recipe, epoch + (step / steps if steps else 0.0))
@@ -151,7 +162,10 @@ class Trainer:
                     total, parts = self._step(images, target, *rest)
             for name, value in (("loss", total), *parts.items()):
                 sums[name] = sums.get(name, 0) + value.float() * images.shape[0]
-            seen += images.shape[0]
+            seen, done = seen + images.shape[0], step + 1
+            if watch and (self.device.type == "cpu" or time.perf_counter() - looked > progress.REFRESH_S):
+                self._check_finite(sums["loss"], epoch, finite_until, step + 1)
+                finite_until, looked = step + 1, time.perf_counter()
             if shown is not None:
                 shown.update(step + 1, seen, sums["loss"])  # reads the loss sum once a second at most
         if shown is not None:
@@ -159,9 +173,25 @@ class Trainer:
         elapsed = time.perf_counter() - start
         totals = distributed.reduce_sums({**sums, "seen": seen})  # over the ranks; one sync per epoch
         seen = int(totals.pop("seen"))
+        self._check_finite(totals.get("loss", 0.0), epoch, finite_until, done)
         metrics = {f"train_{name}": (value / max(seen, 1)).item() for name, value in totals.items()}
         metrics.update(lr=lr if seen else None, images_per_s=seen / elapsed if elapsed else None)
         return metrics
+
+    def _check_finite(self, loss_sum, epoch: int, first: int, last: int) -> None:
+        """Raise :class:`TrainingDiverged` when ``loss_sum`` (the epoch's losses so far, steps up to ``first``
+        known to be finite) is not finite: the first bad step is in ``first + 1 .. last``."""
+        value = float(loss_sum)
+        if math.isfinite(value):
+            return
+        where = f"step {last}" if last == first + 1 else f"a step between {first + 1} and {last}"
+        kept = (f"{LAST} still holds epoch {self.epoch}, the last good one" if self.epoch else
+                "no epoch of this run had finished")
+        raise TrainingDiverged(
+            f"training diverged: the loss is {value} at epoch {epoch + 1}, {where}; the run stops here and saves "
+            f"nothing of this epoch ({kept}). Usual causes: a learning rate too high for the batch size "
+            "(optim.lr), fp16 overflow (amp=bf16 or amp=off), a loss weight far from the recipe's, or inputs "
+            "that are not finite.")
 
     def _step(self, images: torch.Tensor, target: torch.Tensor, *rest) -> tuple[torch.Tensor, dict]:
         """Forward, backward and optimiser update of one batch (gradients already reset); no host

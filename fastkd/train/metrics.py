@@ -11,10 +11,18 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 
 from fastkd.data._files import atomic_write
 from fastkd.train.loggers import Logger
+
+
+def _line(record: dict) -> str:
+    """A record as one line of JSON; a number that is not finite becomes null (JSON has no NaN)."""
+    finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in record.items()}
+    return json.dumps(finite, allow_nan=False) + "\n"
 
 
 class MetricsLog:
@@ -28,7 +36,7 @@ class MetricsLog:
         # checkpoint (an epoch the resumed run trains again) must not stay in it twice
         os.makedirs(folder, exist_ok=True)
         with atomic_write(os.path.join(folder, "metrics.jsonl")) as stream:
-            stream.write("".join(json.dumps(r) + "\n" for r in self.records).encode())
+            stream.write("".join(_line(r) for r in self.records).encode())
         self._board = None
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -39,7 +47,7 @@ class MetricsLog:
         self.records.append(record)
         os.makedirs(self.folder, exist_ok=True)
         with open(os.path.join(self.folder, "metrics.jsonl"), "a") as stream:
-            stream.write(json.dumps(record) + "\n")
+            stream.write(_line(record))
         columns = list(dict.fromkeys(key for r in self.records for key in r))
         with open(os.path.join(self.folder, "metrics.csv"), "w", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=columns)

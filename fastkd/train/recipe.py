@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -174,7 +176,17 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = _value(raw)
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _value(raw: str) -> Any:
+    """An override's value, parsed as YAML; ``1e-3`` too is a number (YAML 1.1 reads it as a string
+    unless written ``1.0e-3``)."""
+    value = yaml.safe_load(raw)
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) else value
 
 
 def _unknown(where: str, keys, valid) -> None:
@@ -196,6 +208,30 @@ def _typed(where: str, value, annotation: str):
                 continue
             return float(value) if option == "float" else value
     raise ValueError(f"{where} must be {annotation}, got {value!r}")
+
+
+# the ranges of numeric keys: (what the error says, the test); a recipe outside them never starts
+_AT_LEAST_1 = ("an integer >= 1", lambda v: v >= 1)
+_AT_LEAST_0 = (">= 0", lambda v: v >= 0)
+_RANGES: dict[str, tuple[str, Any]] = {
+    "epochs": _AT_LEAST_1, "eval_every": _AT_LEAST_1, "checkpoint_every": _AT_LEAST_1, "init_epochs": _AT_LEAST_0,
+    "data.batch_size": _AT_LEAST_1, "data.num_workers": _AT_LEAST_0, "data.image_size": _AT_LEAST_1,
+    "optim.lr": ("a finite number > 0", lambda v: 0 < v < math.inf), "optim.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.weight_decay": ("a finite number >= 0", lambda v: 0 <= v < math.inf),
+    "optim.reference_batch": ("an integer >= 1 or null", lambda v: v is None or v >= 1),
+    "schedule.gamma": ("a finite number > 0", lambda v: 0 < v < math.inf), "schedule.warmup_epochs": _AT_LEAST_0,
+    "schedule.milestones": ("a list of epochs >= 0", lambda v: all(m >= 0 for m in v)),
+}
+
+
+def _in_range(recipe: "Recipe") -> None:
+    """Refuse a value outside its key's range (:data:`_RANGES`; a loss weight must be finite and >= 0)."""
+    for key, value in dotted(recipe.to_dict()).items():
+        what, test = _RANGES.get(key, (None, None))
+        if key.startswith("losses.") and key.endswith(".weight"):
+            what, test = "a finite number >= 0", lambda v: 0 <= v < math.inf
+        if test is not None and not test(value):
+            raise ValueError(f"{key} must be {what}, got {value!r}")
 
 
 def _section(name: str, cls, tree) -> Any:
@@ -252,6 +288,7 @@ def build(tree: dict[str, Any]) -> Recipe:
             if choices is not None and values[key] not in choices:
                 raise ValueError(f"{key} must be one of {choices}, got {value!r}")
     recipe = Recipe(**values)
+    _in_range(recipe)
     if recipe.data.download and recipe.data.name == "imagefolder":
         raise ValueError("data.download=true fetches CIFAR-10 / CIFAR-100 only: an imagefolder tree must already be "
                          "under data.root (set data.download=false)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import torch
 
@@ -139,10 +140,29 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(read_weights(path))
 
 
+def training_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked (a name torch knows, a CUDA device that exists), or, when ``None``, CUDA when
+    there is one and the CPU otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name torch knows (cpu, cuda, cuda:1, ...)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU visible"
+        raise ValueError(f"device {device!r}: this machine has no CUDA device for torch {torch.__version__} ({build}); "
+                         "use device cpu, or leave the device out to take whatever there is")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    return chosen
+
+
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
     """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default; under
     torchrun this rank's GPU, after :func:`fastkd.train.distributed.setup`)."""
-    device = distributed.setup(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.setup(None if device is None else training_device(device)) or training_device(None)
     recipe = distributed.scaled_recipe(recipe)
     torch.manual_seed(recipe.seed)
     crd = recipe.losses.get("crd")
@@ -153,6 +173,10 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     if recipe.student.checkpoint:
         load_weights(student, recipe.student.checkpoint)
     teacher = teacher_state = None
+    if recipe.teacher is not None and recipe.teacher.checkpoint and not needs_teacher(recipe.losses):
+        warnings.warn(f"teacher.checkpoint={recipe.teacher.checkpoint} is set, but no loss of this run distils from "
+                      f"a teacher (losses: {', '.join(recipe.losses)}): the file is not read. Add a distillation loss "
+                      "(losses.kd.weight=0.9, ...) or leave teacher.checkpoint out", UserWarning, stacklevel=2)
     if needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
