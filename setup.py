@@ -63,7 +63,7 @@ def native_extension():
         _say("no C++ compiler was found: installing without fastkd._C")
         return [], {}
 
-    plan = _plan_module().plan(Path("csrc"))  # relative paths: setuptools wants them so
+    plan = _plan_module().plan_for(Path("csrc"))  # relative paths: setuptools wants them so
     flags = {"cxx": list(plan.cxx), "nvcc": list(plan.nvcc)}
     kind = cpp_extension.CUDAExtension if plan.cuda else cpp_extension.CppExtension
     ext = kind("fastkd._C", list(plan.sources), extra_compile_args=flags, extra_link_args=list(plan.ldflags))

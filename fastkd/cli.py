@@ -6,6 +6,8 @@
     fastkd train RECIPE [key=value..]    train a network alone (a teacher): losses = cross entropy
     fastkd eval MODEL CHECKPOINT [key=value..]   top-1 / top-5 of a checkpoint on the recipe's test set
     fastkd recipes                       list the shipped recipes
+    fastkd build [--force]               compile the native kernels for the installed torch (else done on first use)
+    fastkd doctor                        versions, backends, the native build, settings; exit 1 if something is missing
 
 Many GPUs: ``torchrun --nproc_per_node=N -m fastkd distill RECIPE ...`` (see fastkd.train.distributed).
 """
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--recipe", default="digits")
     ev.add_argument("--device")
     commands.add_parser("recipes", help="list the shipped recipes")
+    build = commands.add_parser("build", help="compile the native kernels for the installed torch")
+    build.add_argument("--force", action="store_true", help="compile again even when a build is there")
+    commands.add_parser("doctor", help="what fastkd can run here and what is missing")
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if "=" not in item or item.startswith("-")]
     if stray:
@@ -96,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         print("\n".join(shipped()))
         return 0
+    if args.command in ("build", "doctor"):
+        from fastkd import _native, doctor
+
+        return _native.build_command(args.force) if args.command == "build" else doctor.main()
     if args.command == "eval":
         from fastkd import models
         from fastkd.train.run import load_weights, loaders

@@ -29,7 +29,7 @@ import torch
 
 from fastkd._native import cache, jit
 from fastkd._native.jit import Unavailable
-from fastkd._native.plan import Plan, plan, read_tag, source_root
+from fastkd._native.plan import Plan, plan_for, read_tag, source_root
 
 PACKAGE = Path(__file__).resolve().parents[1]
 _state: dict[str, object] = {}  # "loaded": bool once settled, "path", "error", "plan"
@@ -59,7 +59,7 @@ def current_plan() -> Plan:
         if root is None:
             raise Unavailable(f"fastkd's C++ sources are not installed (looked in {PACKAGE / 'csrc'} and "
                               f"{PACKAGE.parent / 'csrc'})", "Reinstall fastkd from its repository, a wheel or an sdist")
-        _state["plan"] = plan(root)
+        _state["plan"] = plan_for(root)
     return _state["plan"]  # type: ignore[return-value]
 
 

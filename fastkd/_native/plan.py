@@ -1,9 +1,9 @@
 """What a build of fastkd's native library is made of: its sources, its flags and its tag.
 
 setup.py (which loads this file by its path, before fastkd can be imported) and the build on first
-use (:mod:`fastkd._native.jit`) both take their sources and flags from :func:`plan`, so the two
+use (:mod:`fastkd._native.jit`) both take their sources and flags from :func:`plan_for`, so the two
 compile the same library and recognise each other's builds. Only the standard library is imported
-here; :func:`plan` imports torch.
+here; :func:`plan_for` imports torch.
 
 A build's tag says what it was built for and from::
 
@@ -88,7 +88,7 @@ def _digest(root: Path, flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def plan(root: Path) -> Plan:
+def plan_for(root: Path) -> Plan:
     """The build of the sources under ``root`` for the installed torch.
 
     CUDA sources (csrc/cuda/*.cu and their torch bindings csrc/cuda/*.cpp) are in when torch is a
