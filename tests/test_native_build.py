@@ -114,6 +114,23 @@ def test_the_loaded_library_carries_this_torchs_tag():
     assert _native.current_plan().mismatch(tag) is None
 
 
+def test_the_plan_takes_the_cuda_sources_with_a_cuda_torch_and_toolkit(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from fastkd._native.plan import parse_tag, plan_for
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    cuda = plan_for(ROOT / "csrc")
+    assert {"crd.cu", "crd_binding.cpp"} <= {Path(p).name for p in cuda.sources}
+    assert "-DFASTKD_WITH_CUDA" in cuda.cxx and "--use_fast_math" in cuda.nvcc
+    assert parse_tag(cuda.tag)["variant"] == "cu12.8" and cuda.key.endswith(parse_tag(cuda.tag)["build"])
+    monkeypatch.setenv("FASTKD_BUILD_CUDA", "0")
+    cpu = plan_for(ROOT / "csrc")
+    assert all(Path(p).parent.name != "cuda" for p in cpu.sources) and "-DFASTKD_WITH_CUDA" not in cpu.cxx
+    assert parse_tag(cpu.tag)["variant"] == "cpu" and cpu.mismatch(cuda.tag) is None  # the variant is not compared
+
+
 def seeded_cache(where: Path) -> Path:
     """A build cache holding this process's native library as the build for this torch; its library's path."""
     target = where / "native" / _native.current_plan().key / cache.LIBRARY

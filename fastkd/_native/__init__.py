@@ -32,7 +32,7 @@ from fastkd._native.jit import Unavailable
 from fastkd._native.plan import Plan, plan_for, read_tag, source_root
 
 PACKAGE = Path(__file__).resolve().parents[1]
-_state: dict[str, object] = {}  # "loaded": bool once settled, "path", "error", "plan"
+_state: dict[str, object] = {}  # "loaded": bool once settled, "path", "error", "plan", "looked"
 _told: set[str] = set()
 _lock = threading.RLock()
 
@@ -148,7 +148,8 @@ def _settle(compile_now: bool) -> None:
         try:
             path = _ready(current_plan(), quiet=not building)
             if path is None and not compile_now:
-                return  # decided at the first use
+                _state["looked"] = True  # decided at the first use
+                return
             if path is None and building:
                 path = build()
             if path is not None:
@@ -162,7 +163,7 @@ def _settle(compile_now: bool) -> None:
 
 def load() -> bool:
     """Load a finished build, if there is one (called when fastkd.ops is imported; compiles nothing)."""
-    if "loaded" not in _state:
+    if "loaded" not in _state and "looked" not in _state:  # each ops module calls this: look once
         _settle(compile_now=False)
     return bool(_state.get("loaded"))
 

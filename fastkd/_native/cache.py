@@ -14,13 +14,17 @@ dies, so a killed build blocks nobody; the next builder removes what it left.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; builders that meet may both build, but none sees a half-made build
+    fcntl = None
 
 LIBRARY = "_C.so"
 
@@ -57,15 +61,20 @@ def failed_log(build: Path) -> Path:
 
 
 @contextmanager
-def _locked(build: Path, waiting: Callable[[], None]) -> Iterator[None]:
-    """Hold ``<build>.lock``; ``waiting()`` is called first when another process holds it."""
+def _locked(build: Path, waiting: Callable[[], None]) -> Iterator[bool]:
+    """Hold ``<build>.lock``, calling ``waiting()`` first when another process holds it; yields whether the
+    lock is held (not where flock is missing, on Windows, or refused, on some network file systems)."""
     with open(build.with_name(build.name + ".lock"), "a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            waiting()
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                waiting()
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        except (AttributeError, OSError):  # fcntl is None, or no locks here
+            yield False
+        else:
+            yield True  # closing the file releases the lock
 
 
 def build_once(build: Path, make: Callable[[Path], None], *, waiting: Callable[[], None] = lambda: None,
@@ -80,11 +89,11 @@ def build_once(build: Path, make: Callable[[Path], None], *, waiting: Callable[[
         return library(build)
     _raise_if_failed(build, force)
     build.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(build, waiting):
+    with _locked(build, waiting) as alone:
         if not force and library(build):  # built by the process we waited for
             return library(build)
         _raise_if_failed(build, force)
-        for stale in build.parent.glob(f".{build.name}.tmp-*"):  # left by a killed build: no one else builds now
+        for stale in build.parent.glob(f".{build.name}.tmp-*") if alone else ():  # a killed build's leftovers
             shutil.rmtree(stale, ignore_errors=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{build.name}.tmp-", dir=build.parent))
         try:
@@ -98,9 +107,14 @@ def build_once(build: Path, make: Callable[[Path], None], *, waiting: Callable[[
             raise
         failed_log(build).unlink(missing_ok=True)
         os.chmod(temporary, 0o755)  # mkdtemp made it private; a shared cache serves other users too
-        if build.exists():  # force: the old build goes (a process that loaded it keeps its mapping)
+        if force and build.exists():  # the old build goes (a process that loaded it keeps its mapping)
             shutil.rmtree(build)
-        os.rename(temporary, build)
+        try:
+            os.rename(temporary, build)
+        except OSError:  # without a lock (no flock here), another builder got there first: use its build
+            shutil.rmtree(temporary, ignore_errors=True)
+            if library(build) is None:
+                raise
     return library(build)
 
 
