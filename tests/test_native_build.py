@@ -174,6 +174,23 @@ def test_a_library_that_does_not_load_is_reported(tmp_path):
     assert "fastkd build --force" in out.stderr
 
 
+@pytest.mark.skipif(jit.compiler() is None or jit.ninja() is None, reason="needs a C++ compiler and ninja")
+def test_a_compile_error_is_shown_with_its_first_lines_and_remembered(tmp_path):
+    package = package_copy(tmp_path / "pkg")
+    header = package / "csrc" / "cpu" / "ops.h"
+    header.write_text('#include "fastkd_missing_header.h"\n' + header.read_text())  # every file fails at once
+    out = run(PROBE, package, tmp_path / "cache")
+    assert probe_lines(out)[0] == "False torch torch None"
+    assert out.stderr.count("fastkd: compiling the native kernels for torch") == 1
+    assert out.stderr.count("fatal error: fastkd_missing_header.h: No such file or directory") == 1, out.stderr
+    assert "failed; the first lines of " in out.stderr and "`fastkd build --force` retries" in out.stderr
+    again = run(PROBE, package, tmp_path / "cache")  # remembered: told again without compiling again
+    assert probe_lines(again)[0] == "False torch torch None"
+    assert "fatal error: fastkd_missing_header.h" in again.stderr and "fastkd: compiling the native" not in again.stderr
+    forced = run("from fastkd.cli import main; raise SystemExit(main(['build', '--force']))", package, tmp_path / "cache")
+    assert forced.returncode == 1 and "fastkd: compiling the native kernels" in forced.stderr
+
+
 # ---------------------------------------------------------------- the cache's lock
 
 BUILDER = """

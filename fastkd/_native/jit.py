@@ -90,7 +90,7 @@ def compile_into(folder: Path, plan: Plan) -> None:
 
 
 def first_errors(log: str, count: int = 6) -> list[str]:
-    """The compiler's first error lines in a build log (else its last lines)."""
+    """The compiler's and linker's first error lines in a build log, each once (else the log's last lines)."""
     lines = [line.rstrip() for line in log.splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"\berror\b|Error", line)]
-    return (errors or lines[-count:])[:count]
+    errors = [line for line in lines if re.search(r"\berror\b:|undefined reference", line)]  # not Python's ...Error:
+    return list(dict.fromkeys(errors))[:count] or lines[-count:]
