@@ -52,13 +52,16 @@ def _native_section(missing: list[str]) -> None:
         _line("native", f"unavailable: {exc.reason}")
         missing.append(exc.fix)
         return
-    error, loaded_from = _native._state.get("error"), _native._state.get("path")
+    error, loaded_from = _native.error(), _native.path()
     if loaded_from:
         _line("native", f"loaded from {loaded_from}")
         _line("", f"built for {read_tag(loaded_from)}")
     elif error:
         _line("native", f"not available: {error.reason}")
-        (missing.append(error.fix) if tools else _line("", error.fix))
+        if tools:
+            missing.append(error.fix)
+        else:
+            _line("", error.fix)
     elif tools and building:
         _line("native", f"not built yet for torch {torch.__version__} (the first op call compiles it)")
         missing.append("Compile the native kernels now: `fastkd build`")
@@ -75,8 +78,9 @@ def _native_section(missing: list[str]) -> None:
         _line("  failed", f"{cache.failed_log(cache.folder(plan.key))} (`fastkd build --force` retries)")
     if (loaded_from and torch.cuda.is_available() and plan.cuda
             and not torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::crd_nce_cuda", "CUDA")):
-        missing.append("The native build has no CUDA kernels though this machine can build them: "
-                       "`fastkd build --force`")
+        # only the package's own build can lack them: the cache keeps CUDA builds under their own key
+        missing.append(f"{loaded_from} was built without CUDA kernels, which this machine can compile: delete it "
+                       "and run `fastkd build`")
 
 
 def _ops_section(missing: list[str]) -> None:
