@@ -12,6 +12,12 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
+#ifdef FASTKD_BUILD_TAG
+// What this library was built for and from ("fastkd-build:torch=...;build=..."; fastkd/_native/plan.py):
+// the loader reads it from the file's bytes before loading the library. `used` keeps it in the file.
+__attribute__((used)) static const char fastkd_build_tag[] = {FASTKD_BUILD_TAG, 0};
+#endif
+
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("crd_bank_update_", &fastkd::cpu::crd_bank_update_);
   m.impl("crd_nce", &fastkd::cpu::crd_nce);

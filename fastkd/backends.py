@@ -5,7 +5,8 @@ Three backends compute fastkd's ops:
 * ``torch``: the readable PyTorch reference in :mod:`fastkd.ops`; always available, the oracle
   of every test and the fallback for any op another backend does not implement.
 * ``native``: the C++ extension ``fastkd._C`` (CPU kernels, and CUDA kernels when it was built
-  with a CUDA toolkit); available when ``setup.py`` built it.
+  with a CUDA toolkit); available when it is built for the installed torch: ahead of time (``setup.py``,
+  ``fastkd build``) or on first use (:mod:`fastkd._native`).
 * ``triton``: Triton kernels for CUDA tensors; available when triton imports and a GPU (or the
   interpreter, ``TRITON_INTERPRET=1``) is there.
 

@@ -9,6 +9,8 @@
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
+    fastkd build [--force]               compile the native kernels for the installed torch (else done on first use)
+    fastkd doctor                        versions, backends, the native build, settings; exit 1 if something is missing
 
 A run writes to its own folder, runs/<recipe>/<student>[-from-<teacher>]-<id> (<id>: a hash of
 the resolved configuration), unless --output names one. Running the same command again resumes
@@ -216,6 +218,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--from", dest="which", choices=("last", "best"), default="last",
                     help="the run's last.pt (default) or best.pt")
     commands.add_parser("recipes", help="list the shipped recipes")
+    build = commands.add_parser("build", help="compile the native kernels for the installed torch")
+    build.add_argument("--force", action="store_true", help="compile again even when a build is there")
+    commands.add_parser("doctor", help="what fastkd can run here and what is missing")
     return parser
 
 
@@ -223,6 +228,10 @@ def _command(args, parser) -> int:
     if args.command == "recipes":
         print("\n".join(shipped()))
         return 0
+    if args.command in ("build", "doctor"):
+        from fastkd import _native, doctor
+
+        return _native.build_command(args.force) if args.command == "build" else doctor.main()
     if args.command == "export":
         from fastkd.train.export import export
 
