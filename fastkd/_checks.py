@@ -39,7 +39,7 @@ def values_checked() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _has_values(x: torch.Tensor) -> bool:
+def has_values(x: torch.Tensor) -> bool:
     """Whether ``x``'s values can be read: not a ``meta`` tensor, not a fake one (``FakeTensorMode``)."""
     return not (x.is_meta or is_fake(x))
 
@@ -63,7 +63,7 @@ def tensor(name: str, x, *, ndim: int | Sequence[int] | None = None, min_ndim: i
 
 def finite(name: str, x: torch.Tensor) -> None:
     """``x`` must hold no NaN or Inf (a value check)."""
-    if values_checked() and x.is_floating_point() and _has_values(x) and not bool(torch.isfinite(x).all()):
+    if values_checked() and x.is_floating_point() and has_values(x) and not bool(torch.isfinite(x).all()):
         bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
         raise ValueError(f"{name} contains {bad} values")
 
@@ -97,6 +97,15 @@ def min_batch(name: str, x: torch.Tensor, least: int, why: str, *, dim: int = 0)
                          f"least {least} ({why})")
 
 
+def width(name: str, x: torch.Tensor, expected: int, owner: str) -> None:
+    """``x`` flattened per sample ([B, ...] → [B, F]) has F = ``expected`` features, the width the
+    loss was built for (``owner`` names that constructor argument, e.g. ``"s_dim"``)."""
+    features = math.prod(x.shape[1:])
+    if features != expected:
+        raise ValueError(f"{name} has {features} features per sample (shape {tuple(x.shape)}) but {owner} = "
+                         f"{expected}; build the loss with {owner}={features} or pass the feature it was built for")
+
+
 def nonempty(name: str, x: torch.Tensor, *, dim: int = 0) -> None:
     """The batch (dimension ``dim`` of ``x``) holds at least one sample: the one rule by which every loss
     refuses B = 0 (its mean over the batch is 0/0), before it computes anything or touches any state."""
@@ -114,7 +123,7 @@ def index(name: str, idx, upper: int, *, shape: Sequence[int] | None = None,
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
     if device is not None and idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the inputs are on {device}")
-    if values_checked() and idx.numel() > 0 and _has_values(idx):
+    if values_checked() and idx.numel() > 0 and has_values(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= upper:
             bad = lo if lo < 0 else hi
