@@ -38,8 +38,8 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
     x_s[b,k] = exp(⟨memory_t[c[b,k]], v_s[b]⟩/T), x_t[b,k] = exp(⟨memory_s[c[b,k]], v_t[b]⟩/T),
     P = x / Z and, with K = c.shape[1] − 1, N = len(memory) and ε = 1e-7, each side is
     −(1/B)[Σ_b log(P_b0/(P_b0 + K/N + ε)) + Σ_b Σ_{k≥1} log((K/N)/(P_bk + K/N + ε))].
-    ``z_s``/``z_t`` are 0-dim tensors; ``None`` or a negative value means 'estimate from this
-    batch' (mean(x)·N, as RepDistiller does on its first step). P is computed as exp(s/T − log Z)
+    ``z_s``/``z_t`` are 0-dim tensors; ``None`` or a value ≤ 0 means 'estimate from this batch'
+    (mean(x)·N, as RepDistiller does on its first step). P is computed as exp(s/T − log Z)
     and the terms from log P (:func:`fastkd.ops.crd.nce_terms`), so the loss is finite at any T
     (x alone overflows fp32 once s/T > 88). The banks are not changed. An empty batch raises
     ``ValueError``.
@@ -62,7 +62,7 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
 
 
 def _log_z(name: str, z: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """log Z of a given Z (−∞, 'estimate', for ``None`` or Z < 0)."""
+    """log Z of a given Z (−∞, 'estimate', for ``None`` or Z ≤ 0)."""
     if z is None:
         return torch.full((), _crd.NOT_ESTIMATED, dtype=dtype, device=device)
     _checks.tensor(name, z)
