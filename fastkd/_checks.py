@@ -1,10 +1,10 @@
 """Input checks shared by every loss: clear errors that name the argument.
 
-Structural checks (type, dtype, rank, shape, device) cost nothing and always run. Value checks
-(NaN / Inf, index ranges) read the data, which is a host sync on a GPU: they run unless
-``fastkd.value_checks(False)`` (or ``FASTKD_VALUE_CHECKS=0``) turned them off, and they are
+Structural checks (type, dtype, rank, shape, device, an empty batch) cost nothing and always
+run. Value checks (NaN / Inf, index ranges) read the data, which is a host sync on a GPU: they run
+unless ``fastkd.value_checks(False)`` (or ``FASTKD_VALUE_CHECKS=0``) turned them off, and they are
 skipped by themselves while ``torch.compile`` traces or a CUDA graph captures, where a sync is
-not allowed.
+not allowed, and for tensors that hold no data (``meta`` tensors, fake tensors).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 from typing import Iterator, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 # The innermost ``value_checks`` block wins; the default is read once, when fastkd is imported.
 # (A plain list rather than a ContextVar: torch.compile traces through list reads.)
@@ -38,6 +39,11 @@ def values_checked() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def has_values(x: torch.Tensor) -> bool:
+    """Whether ``x``'s values can be read: not a ``meta`` tensor, not a fake one (``FakeTensorMode``)."""
+    return not (x.is_meta or is_fake(x))
+
+
 def tensor(name: str, x, *, ndim: int | Sequence[int] | None = None, min_ndim: int | None = None,
            floating: bool = True) -> torch.Tensor:
     """``x`` must be a tensor (floating point unless ``floating=False``) of the given rank."""
@@ -57,14 +63,18 @@ def tensor(name: str, x, *, ndim: int | Sequence[int] | None = None, min_ndim: i
 
 def finite(name: str, x: torch.Tensor) -> None:
     """``x`` must hold no NaN or Inf (a value check)."""
-    if values_checked() and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if values_checked() and x.is_floating_point() and has_values(x) and not bool(torch.isfinite(x).all()):
         bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
         raise ValueError(f"{name} contains {bad} values")
 
 
 def pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, same_shape: bool = True,
          same_batch: bool = True) -> None:
-    """Two inputs of one loss: same device and dtype, same shape (or batch size); both finite."""
+    """Two inputs of one loss: same device and dtype, same shape (or batch size); both finite.
+
+    With ``same_batch`` (dim 0 is the batch) the batch must also hold a sample: every loss refuses
+    an empty batch, whose mean is undefined, before computing anything (:func:`nonempty`).
+    """
     if not (a.is_cpu and b.is_cpu) and a.device != b.device:  # (two CPU tensors: no torch.device built)
         raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}; put both on one device")
     if a.dtype != b.dtype:
@@ -73,15 +83,33 @@ def pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, *, same_sha
         raise ValueError(f"{name_b} has shape {tuple(b.shape)} but {name_a} has {tuple(a.shape)}; they must match")
     if same_batch and a.shape[:1] != b.shape[:1]:
         raise ValueError(f"{name_b} has batch size {b.shape[0]} but {name_a} has {a.shape[0]}; they must match")
+    if same_batch and a.dim():
+        nonempty(name_a, a)
     if values_checked():
         finite(name_a, a)
         finite(name_b, b)
 
 
-def min_batch(name: str, x: torch.Tensor, least: int, why: str) -> None:
-    """The loss is defined only for batches of at least ``least`` samples."""
-    if x.shape[0] < least:
-        raise ValueError(f"{name} has batch size {x.shape[0]}; this loss needs at least {least} ({why})")
+def min_batch(name: str, x: torch.Tensor, least: int, why: str, *, dim: int = 0) -> None:
+    """The loss is defined only for batches (dimension ``dim`` of ``x``) of at least ``least`` samples."""
+    if x.shape[dim] < least:
+        raise ValueError(f"{name} has batch size {x.shape[dim]} (shape {tuple(x.shape)}); this loss needs at "
+                         f"least {least} ({why})")
+
+
+def width(name: str, x: torch.Tensor, expected: int, owner: str) -> None:
+    """``x`` flattened per sample ([B, ...] → [B, F]) has F = ``expected`` features, the width the
+    loss was built for (``owner`` names that constructor argument, e.g. ``"s_dim"``)."""
+    features = math.prod(x.shape[1:])
+    if features != expected:
+        raise ValueError(f"{name} has {features} features per sample (shape {tuple(x.shape)}) but {owner} = "
+                         f"{expected}; build the loss with {owner}={features} or pass the feature it was built for")
+
+
+def nonempty(name: str, x: torch.Tensor, *, dim: int = 0) -> None:
+    """The batch (dimension ``dim`` of ``x``) holds at least one sample: the one rule by which every loss
+    refuses B = 0 (its mean over the batch is 0/0), before it computes anything or touches any state."""
+    min_batch(name, x, 1, "an empty batch has no loss", dim=dim)
 
 
 def index(name: str, idx, upper: int, *, shape: Sequence[int] | None = None,
@@ -95,7 +123,7 @@ def index(name: str, idx, upper: int, *, shape: Sequence[int] | None = None,
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(idx.shape)}")
     if device is not None and idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the inputs are on {device}")
-    if values_checked() and idx.numel() > 0:
+    if values_checked() and idx.numel() > 0 and has_values(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= upper:
             bad = lo if lo < 0 else hi

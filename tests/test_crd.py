@@ -203,7 +203,7 @@ def test_state_dict_round_trip_continues_identically():
         f_s, f_t, idx, _ = make_step(4, seed=10 + s)
         a(f_s, f_t, idx)
     state = copy.deepcopy(a.state_dict())
-    assert {"memory_s", "memory_t", "z_s", "z_t", "rng_state"} <= set(state)
+    assert {"memory_s", "memory_t", "log_z_s", "log_z_t", "rng_state"} <= set(state)
     b = make_loss(seed=99)
     b.load_state_dict(state)
     for s in range(2, 4):
@@ -294,7 +294,7 @@ def test_nan_embedding_is_refused_before_the_banks_change():
     before = copy.deepcopy(loss_fn.state_dict())
     with pytest.raises(ValueError, match="f_s \\(embedded\\) contains NaN"):
         loss_fn(*make_step(4))
-    for key in ("memory_s", "memory_t", "z_s", "z_t"):
+    for key in ("memory_s", "memory_t", "log_z_s", "log_z_t"):
         assert torch.equal(loss_fn.state_dict()[key], before[key])
 
 

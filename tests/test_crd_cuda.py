@@ -5,6 +5,7 @@
 run in float64 (anchors upcast, bank rows upcast exactly), so the tolerances below bound the
 kernels' own error. Every test but the compile check needs a GPU and a CUDA build of fastkd._C.
 """
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,10 +72,10 @@ def make_inputs(B, K, N, D, bank_dtype=torch.float32, v_dtype=torch.float32, see
 
 
 def z_pair(mode, N):
-    """(z_s, z_t, z_momentum): unknown (estimate it), known and fixed, known with an EMA."""
+    """(log Z_s, log Z_t, z_momentum): unknown (−∞: estimate it), known and fixed, known with an EMA."""
     if mode == "unknown":
-        return torch.tensor(-1.0).cuda(), torch.tensor(-1.0).cuda(), 0.0
-    z_s, z_t = torch.tensor(2.0 * N).cuda(), torch.tensor(1.5 * N).cuda()
+        return torch.tensor(float("-inf")).cuda(), torch.tensor(float("-inf")).cuda(), 0.0
+    z_s, z_t = torch.tensor(math.log(2.0 * N)).cuda(), torch.tensor(math.log(1.5 * N)).cuda()
     return z_s, z_t, (0.5 if mode == "ema" else 0.0)
 
 
@@ -93,8 +94,10 @@ def check_nce(got, want, tol, v_s, v_t, z_s, z_t):
     assert zs.shape == z_s.shape and zs.dtype == z_s.dtype and zt.shape == z_t.shape and zt.dtype == z_t.dtype
     assert gs.shape == v_s.shape and gs.dtype == v_s.dtype and gt.shape == v_t.shape and gt.dtype == v_t.dtype
     assert torch.isfinite(loss) and torch.isfinite(gs).all() and torch.isfinite(gt).all()
-    errors = {name: rel_err(a, b) for name, a, b in
-              zip(("loss", "z_s", "z_t", "grad_v_s", "grad_v_t"), got, want)}
+    errors = {}
+    for name, a, b in zip(("loss", "log_z_s", "log_z_t", "grad_v_s", "grad_v_t"), got, want):
+        # log Z: its absolute error is Z's relative error
+        errors[name] = (a.double().cpu() - b.double().cpu()).abs().item() if name.startswith("log_z") else rel_err(a, b)
     assert max(errors.values()) <= tol, errors
 
 

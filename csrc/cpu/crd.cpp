@@ -93,7 +93,9 @@ void crd_bank_update_(at::Tensor bank, const at::Tensor& index, const at::Tensor
 }
 
 // ---------------------------------------------------------------------------------------------
-// crd_nce: both NCE directions with the anchors' gradients, in log space (P = exp(s/T - log Z)).
+// crd_nce: both NCE directions with the anchors' gradients, in log space: Z comes and goes as log Z
+// (-inf: not estimated yet) and every term is a function of log P = s/T - log Z, so nothing
+// overflows at any temperature (Z itself spans e^(+-1/T)).
 //
 // Two algorithms, chosen from the sizes (FASTKD_CRD_CPU_ALGO=dense|gather overrides):
 //  * dense, when the bank is not larger than the number of draws: S = anchors @ bank^T ([B, N],
@@ -110,6 +112,17 @@ void crd_bank_update_(at::Tensor bank, const at::Tensor& index, const at::Tensor
 namespace {
 
 constexpr double kNceEps = 1e-7;
+
+// softplus(x) = log(1 + e^x) and sigmoid(x) = 1 / (1 + e^-x) from one exponential, finite and
+// accurate for every x (log1p of e^-|x| <= 1).
+template <typename T>
+inline void softplus_sigmoid(T x, T& softplus, T& sigmoid) {
+  const T e = std::exp(-std::abs(x));
+  softplus = std::max(x, T(0)) + std::log1p(e);
+  sigmoid = x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+bool z_known(double log_z) { return log_z > -std::numeric_limits<double>::infinity(); }  // NaN: not known
 
 // Where anchor b's K+1 bank rows come from: the caller's [B, K+1] table, or its positive + Philox.
 struct ContrastRows {
@@ -195,23 +208,26 @@ bool use_dense(int64_t batch, int64_t cols, int64_t num_data) {
 template <typename acc_t, typename bank_t>
 class NcePasses {
  public:
+  // ``track_estimate``: also form this batch's estimate of log Z when every Z is known (a Z moving average).
   NcePasses(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, int64_t num_data,
-            double temperature)
+            double temperature, bool track_estimate)
       : sides_(sides), rows_(rows), batch_(batch), cols_(cols), num_data_(num_data),
         dim_(sides[0]->anchors.size(1)), temperature_(temperature), dense_(use_dense(batch, cols, num_data)),
-        loss_part_(sides.size() * batch), prob_part_(sides.size() * batch) {}
+        track_estimate_(track_estimate), loss_part_(sides.size() * batch), lse_top_(sides.size() * batch),
+        lse_sum_(sides.size() * batch) {}
 
-  void run(const std::vector<double>& z) {
+  void run(const std::vector<double>& log_z) {
     for (Side* side : sides_) {
       side->grad = at::zeros_like(side->anchors);
       if (dense_) side->dense = dense_scores(side->bank, side->anchors);
     }
-    const bool known = std::all_of(z.begin(), z.end(), [](double value) { return value >= 0; });
+    const bool known = std::all_of(log_z.begin(), log_z.end(), z_known);
     if (known) {
-      for (size_t s = 0; s < sides_.size(); ++s) sides_[s]->log_z = std::log(z[s]);
+      for (size_t s = 0; s < sides_.size(); ++s) sides_[s]->log_z = log_z[s];
     } else {
-      estimate_pass(z);  // the first step: Z comes from this batch's own scores
+      estimate_pass(log_z);  // the first step: Z comes from this batch's own scores
     }
+    const bool track = known && track_estimate_;
     at::parallel_for(0, batch_, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> idx(cols_);
       std::vector<acc_t> local(cols_);
@@ -221,6 +237,7 @@ class NcePasses {
           Side& side = *sides_[s];
           acc_t* row = known ? local.data() : side.logits.data_ptr<acc_t>() + b * cols_;
           if (known) gather_logits(side, b, idx.data(), row);
+          if (track) anchor_lse(s, b, row);
           score_anchor(side, s, b, row);
           scatter_anchor(side, b, idx.data(), row);
         }
@@ -228,14 +245,10 @@ class NcePasses {
     });
     for (size_t s = 0; s < sides_.size(); ++s) {
       Side& side = *sides_[s];
-      double loss = 0, probs = 0;
-      for (int64_t b = 0; b < batch_; ++b) {  // fixed order: deterministic
-        loss += loss_part_[s * batch_ + b];
-        probs += prob_part_[s * batch_ + b];
-      }
+      double loss = 0;
+      for (int64_t b = 0; b < batch_; ++b) loss += loss_part_[s * batch_ + b];  // fixed order: deterministic
       side.loss = -loss / batch_;
-      // mean(exp(s/T))·N = Z·mean(P)·N
-      if (known) side.log_estimate = side.log_z + std::log(probs * num_data_ / static_cast<double>(batch_ * cols_));
+      if (track) side.log_estimate = batch_log_estimate(s);
       if (dense_) side.grad = dense_gradient(side.dense, side.bank);
     }
   }
@@ -254,24 +267,43 @@ class NcePasses {
     }
   }
 
-  // Anchor b's NCE terms; turns its logits into d loss / d s in place.
+  // Anchor b's NCE terms from log P = s/T - log Z (c = K/N + eps): the positive's
+  // log(P / (P + c)) = -softplus(log c - log P), slope c / (P + c); a negative's
+  // log(noise / (P + c)) = -log1p(eps / noise) - softplus(log P - log c), slope -P / (P + c).
+  // Turns its logits into d loss / d s in place.
   void score_anchor(const Side& side, size_t s, int64_t b, acc_t* row) {
     const acc_t log_z = static_cast<acc_t>(side.log_z);
-    const acc_t noise = static_cast<acc_t>(static_cast<double>(cols_ - 1) / num_data_);
-    const acc_t c = noise + static_cast<acc_t>(kNceEps);
-    const acc_t inv_noise = acc_t(1) / noise, eps = static_cast<acc_t>(kNceEps);
+    const double noise = static_cast<double>(cols_ - 1) / num_data_;
+    const acc_t log_c = static_cast<acc_t>(std::log(noise + kNceEps));
     const acc_t scale = static_cast<acc_t>(-1.0 / (batch_ * temperature_));
-    const acc_t p0 = std::exp(row[0] - log_z);
-    double total = static_cast<double>((row[0] - log_z) - std::log(p0 + c)), probs = p0;
-    row[0] = c / (p0 + c) * scale;
+    acc_t softplus, sigmoid;
+    softplus_sigmoid<acc_t>(log_c - (row[0] - log_z), softplus, sigmoid);
+    double total = -static_cast<double>(softplus);
+    row[0] = sigmoid * scale;
     for (int64_t k = 1; k < cols_; ++k) {
-      const acc_t p = std::exp(row[k] - log_z);
-      total -= static_cast<double>(std::log1p((p + eps) * inv_noise));  // log(noise / (p + c)), exactly
-      probs += p;
-      row[k] = -p / (p + c) * scale;
+      softplus_sigmoid<acc_t>((row[k] - log_z) - log_c, softplus, sigmoid);
+      total -= static_cast<double>(softplus);
+      row[k] = -sigmoid * scale;
     }
-    loss_part_[s * batch_ + b] = total;
-    prob_part_[s * batch_ + b] = probs;
+    loss_part_[s * batch_ + b] = total - static_cast<double>(cols_ - 1) * std::log1p(kNceEps / noise);
+  }
+
+  // (max, sum exp(x - max)) of anchor b's logits x = s/T, for log Z's batch estimate.
+  void anchor_lse(size_t s, int64_t b, const acc_t* row) {
+    double high = -std::numeric_limits<double>::infinity(), total = 0;
+    for (int64_t k = 0; k < cols_; ++k) high = std::max(high, static_cast<double>(row[k]));
+    for (int64_t k = 0; k < cols_; ++k) total += std::exp(static_cast<double>(row[k]) - high);
+    lse_top_[s * batch_ + b] = high;
+    lse_sum_[s * batch_ + b] = total;
+  }
+
+  // log(mean(exp(s/T)) * N) over the batch, from the anchors' partials in a fixed order.
+  double batch_log_estimate(size_t s) const {
+    double high = -std::numeric_limits<double>::infinity(), total = 0;
+    for (int64_t b = 0; b < batch_; ++b) high = std::max(high, lse_top_[s * batch_ + b]);
+    for (int64_t b = 0; b < batch_; ++b) total += lse_sum_[s * batch_ + b] * std::exp(lse_top_[s * batch_ + b] - high);
+    return high + std::log(total) - std::log(static_cast<double>(batch_ * cols_)) +
+           std::log(static_cast<double>(num_data_));
   }
 
   // Anchor b's share of the gradient: dense, row b of S becomes row b of G (this thread's own
@@ -291,9 +323,8 @@ class NcePasses {
     }
   }
 
-  // Every anchor's logits into side.logits, and log Z = log of mean(exp(s/T))·N where z < 0.
-  void estimate_pass(const std::vector<double>& z) {
-    std::vector<double> top(sides_.size() * batch_), sum(sides_.size() * batch_);
+  // Every anchor's logits into side.logits, and log Z = log of mean(exp(s/T))·N where it is unknown.
+  void estimate_pass(const std::vector<double>& log_z) {
     for (Side* side : sides_) side->logits = at::empty({batch_, cols_}, side->anchors.options());
     at::parallel_for(0, batch_, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> idx(cols_);
@@ -302,22 +333,14 @@ class NcePasses {
         for (size_t s = 0; s < sides_.size(); ++s) {
           acc_t* row = sides_[s]->logits.data_ptr<acc_t>() + b * cols_;
           gather_logits(*sides_[s], b, idx.data(), row);
-          double high = -std::numeric_limits<double>::infinity(), total = 0;
-          for (int64_t k = 0; k < cols_; ++k) high = std::max(high, static_cast<double>(row[k]));
-          for (int64_t k = 0; k < cols_; ++k) total += std::exp(static_cast<double>(row[k]) - high);
-          top[s * batch_ + b] = high;
-          sum[s * batch_ + b] = total;
+          anchor_lse(s, b, row);
         }
       }
     });
     for (size_t s = 0; s < sides_.size(); ++s) {
-      double high = -std::numeric_limits<double>::infinity(), total = 0;
-      for (int64_t b = 0; b < batch_; ++b) high = std::max(high, top[s * batch_ + b]);
-      for (int64_t b = 0; b < batch_; ++b) total += sum[s * batch_ + b] * std::exp(top[s * batch_ + b] - high);
       Side& side = *sides_[s];
-      side.log_estimate = high + std::log(total) - std::log(static_cast<double>(batch_ * cols_)) +
-                          std::log(static_cast<double>(num_data_));
-      side.log_z = z[s] < 0 ? side.log_estimate : std::log(z[s]);
+      side.log_estimate = batch_log_estimate(s);
+      side.log_z = z_known(log_z[s]) ? log_z[s] : side.log_estimate;
     }
   }
 
@@ -325,8 +348,8 @@ class NcePasses {
   const ContrastRows& rows_;
   const int64_t batch_, cols_, num_data_, dim_;
   const double temperature_;
-  const bool dense_;
-  std::vector<double> loss_part_, prob_part_;
+  const bool dense_, track_estimate_;
+  std::vector<double> loss_part_, lse_top_, lse_sum_;
 };
 
 void check_index_table(const at::Tensor& table, int64_t num_data, const char* name) {
@@ -340,16 +363,21 @@ void check_index_table(const at::Tensor& table, int64_t num_data, const char* na
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
     const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
-    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& z_s,
-    const at::Tensor& z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
+    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& log_z_s,
+    const at::Tensor& log_z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
     double z_momentum, bool shared_negatives) {
   TORCH_CHECK(v_s.dim() == 2 && v_t.sizes() == v_s.sizes(), "crd_nce: v_s and v_t must both be [B, D]");
+  // before any value is read: an empty batch would estimate Z from no score at all (log 0)
+  TORCH_CHECK(v_s.size(0) >= 1, "crd_nce: v_s has 0 rows (shape ", v_s.sizes(),
+              "); the op needs an [B, D] batch with B >= 1");
   TORCH_CHECK(memory_s.dim() == 2 && memory_t.sizes() == memory_s.sizes() && memory_s.size(1) == v_s.size(1),
               "crd_nce: memory_s and memory_t must both be [N, D] with D = v_s.size(1)");
   TORCH_CHECK(memory_s.scalar_type() == memory_t.scalar_type(), "crd_nce: the two banks must share a dtype");
   TORCH_CHECK(v_s.scalar_type() == v_t.scalar_type(), "crd_nce: v_s and v_t must share a dtype");
   TORCH_CHECK(idx.dim() == 1 && idx.size(0) == v_s.size(0) && idx.scalar_type() == at::kLong, "crd_nce: idx must be int64 [B]");
   TORCH_CHECK(temperature > 0, "crd_nce: temperature must be > 0");
+  TORCH_CHECK(z_momentum >= 0 && z_momentum <= 1, "crd_nce: z_momentum must be in [0, 1], got ", z_momentum);
+  TORCH_CHECK(log_z_s.numel() == 1 && log_z_t.numel() == 1, "crd_nce: log_z_s and log_z_t must hold one value each");
   const int64_t batch = v_s.size(0), num_data = memory_s.size(0);
   const int64_t cols = contrast_idx.has_value() ? contrast_idx->size(1) : num_negatives + 1;
   TORCH_CHECK(cols >= 2, "crd_nce: at least one negative is needed");
@@ -382,22 +410,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
   teacher.anchors = v_t.to(acc).contiguous();
   teacher.bank = memory_s.contiguous();
   std::vector<Side*> sides = {&student, &teacher};
-  const std::vector<double> z = {z_s.item<double>(), z_t.item<double>()};
+  const std::vector<double> log_z = {log_z_s.item<double>(), log_z_t.item<double>()};
   AT_DISPATCH_FLOATING_TYPES(acc, "crd_nce", [&] {
     using acc_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_s.scalar_type(), "crd_nce_bank", [&] {
-      NcePasses<acc_t, scalar_t>(sides, rows, batch, cols, num_data, temperature).run(z);
+      NcePasses<acc_t, scalar_t>(sides, rows, batch, cols, num_data, temperature, z_momentum > 0).run(log_z);
     });
   });
 
-  auto new_z = [&](const Side& side, const at::Tensor& z_in, double z_value) {
-    const double estimate = std::exp(side.log_estimate);
-    const double value = z_value < 0 ? estimate : (z_momentum == 0 ? z_value : z_momentum * z_value + (1 - z_momentum) * estimate);
-    return at::full({}, value, z_in.options());
+  // log Z after the step: the estimate where unknown; else kept, or log(m Z + (1 - m) estimate).
+  auto new_log_z = [&](const Side& side, const at::Tensor& log_z_in, double value) {
+    if (!z_known(value)) {
+      value = side.log_estimate;
+    } else if (z_momentum > 0 && z_momentum < 1) {
+      const double a = std::log(z_momentum) + value, b = std::log1p(-z_momentum) + side.log_estimate;
+      value = std::max(a, b) + std::log1p(std::exp(-std::abs(a - b)));
+    }
+    return at::full({}, value, log_z_in.options());
   };
   at::Tensor loss = at::full({}, student.loss + teacher.loss, v_s.options().dtype(acc));
-  return {loss, new_z(student, z_s, z[0]), new_z(teacher, z_t, z[1]), student.grad.to(v_s.scalar_type()),
-          teacher.grad.to(v_t.scalar_type())};
+  return {loss, new_log_z(student, log_z_s, log_z[0]), new_log_z(teacher, log_z_t, log_z[1]),
+          student.grad.to(v_s.scalar_type()), teacher.grad.to(v_t.scalar_type())};
 }
 
 }  // namespace fastkd::cpu

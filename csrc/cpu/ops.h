@@ -28,11 +28,12 @@ inline bool is_unit_upstream(const at::Tensor& upstream) {
 void crd_bank_update_(at::Tensor bank, const at::Tensor& index, const at::Tensor& value, double momentum);
 
 // CRD's NCE loss for both directions with the anchors' gradients (the contract of the Python
-// reference fastkd.ops.crd.nce_with_grad_reference): returns (loss, z_s, z_t, grad_v_s, grad_v_t).
+// reference fastkd.ops.crd.nce_with_grad_reference), Z as log Z (-inf: not estimated yet):
+// returns (loss, log_z_s, log_z_t, grad_v_s, grad_v_t). Refuses an empty batch.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
     const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
-    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& z_s,
-    const at::Tensor& z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
+    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& log_z_s,
+    const at::Tensor& log_z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
     double z_momentum, bool shared_negatives);
 
 // Logit losses (the contract of fastkd.ops.logits): forward returns (loss, per-row statistics);

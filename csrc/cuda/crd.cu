@@ -7,12 +7,12 @@
 //           in registers (fp32) and gathers the rows with 16-byte loads, `lanes` threads per row,
 //           several rows in flight per thread; the dot products (fp32) give x = s/T. It writes
 //           the block's (max, sum exp(x - max)) partial of the batch log-sum-exp. When Z is
-//           already known (z >= 0, read on the device) it also finishes the step in the same
-//           pass: P = exp(x - log Z), the NCE terms and d loss/d s, and accumulates d·row into
+//           already known (log Z > -inf, read on the device) it also finishes the step in the same
+//           pass: log P = x - log Z, the NCE terms and d loss/d s, and accumulates d·row into
 //           the anchor gradient while the row is in registers (one gather per step). When Z is
 //           unknown it stores x in the [B, K+1] logits buffer instead.
-//   z       one block: log Z from the partials in a fixed order (fp64), Z's new value (batch
-//           estimate, or the EMA of a known Z), log Z for pass 2.
+//   z       one block: log Z from the partials in a fixed order (fp64), log Z's new value (batch
+//           estimate, or the EMA of a known Z, a log-add-exp), log Z for pass 2.
 //   pass 2  same grid; returns at once when Z was known. Otherwise reads x back, computes the
 //           NCE terms with the estimated log Z and gathers the rows a second time for the
 //           gradient (the first step only).
@@ -31,7 +31,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -166,17 +165,16 @@ struct PassParams {
   const int64_t* rng_state;
   bool shared_negatives;
   float temperature;  // T
-  float c;            // noise + eps, noise = K/N
-  float inv_noise;    // 1 / noise
-  float eps_noise;    // eps / noise
+  float log_c;        // log(noise + eps), noise = K/N
+  float kappa;        // log1p(eps / noise): the constant of every negative's term
   float d_scale;      // -1 / (B·T): d loss / d s = d_scale · d loss-term / d x
   int lanes;          // threads per bank row: a power of two <= 32
   int chunks;         // loads per bank row: dim / VEC
   const void* anchor;
   DType anchor_dtype;
   const void* bank;
-  const float* z;       // the Z this step uses, < 0: estimate it
-  const float* log_z;   // pass 2: log Z written by z_kernel
+  const float* log_z_in;  // log Z as given, -inf: estimate it
+  const float* log_z;     // pass 2: log Z written by z_kernel
   float* logits;        // [B, cols] x = s/T (only written when Z is unknown)
   float2* lse;          // [B * tiles] (max, sum exp(x - max))
   float* grad_part;     // [B * tiles, dim]
@@ -198,25 +196,36 @@ __device__ __forceinline__ int64_t column_row(const PassParams& p, int64_t b, in
   return philox_row(word, p.num_data);
 }
 
-// log Z of a known (non-negative) Z, as the reference: log(max(Z, smallest normal)).
-__device__ __forceinline__ float log_known_z(float z) { return logf(fmaxf(z, FLT_MIN)); }
+// Whether a given log Z is known: -inf (or NaN) asks for the batch estimate.
+__device__ __forceinline__ bool log_z_known(float log_z) { return log_z > -INFINITY; }
+
+// softplus(x) = log(1 + e^x) and sigmoid(x) = 1 / (1 + e^-x) from one exponential, finite and
+// accurate for every x.
+__device__ __forceinline__ void softplus_sigmoid(float x, float& softplus, float& sigmoid) {
+  const float e = expf(-fabsf(x));
+  softplus = fmaxf(x, 0.0f) + log1pf(e);
+  sigmoid = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
 
 struct NceTerm {
   float loss;     // the column's term inside -(1/B) Σ
   float d_score;  // d loss / d s of the column
 };
 
-// P = exp(x - log Z). Positive (column 0): log(P / (P + c)), d/dx = c / (P + c). Negative:
-// log(noise / (P + c)) = -log1p((P + eps) / noise), d/dx = -P / (P + c). The log1p form keeps
-// the negatives' terms (about -P/noise, ~1/K each) accurate in fp32; log(noise) - log(P + c)
-// loses them to cancellation (a bias of about 1e-4 of the loss at K = 16384, N = 50,000).
+// From log P = x - log Z (P itself is never formed: Z spans e^(+-1/T) and overflows fp32 at
+// small T), c = noise + eps. Positive (column 0): log(P / (P + c)) = -softplus(log c - log P),
+// d/dx = c / (P + c) = sigmoid(log c - log P). Negative: log(noise / (P + c)) =
+// -log1p(eps / noise) - softplus(log P - log c), d/dx = -sigmoid(log P - log c). The softplus
+// (log1p) form keeps the negatives' terms (about -P/noise, ~1/K each) accurate in fp32, where
+// log(noise) - log(P + c) loses them to cancellation (a bias of about 1e-4 of the loss at
+// K = 16384, N = 50,000).
 __device__ __forceinline__ NceTerm nce_term(float x, bool positive, float log_z, const PassParams& p) {
-  const float shifted = x - log_z;
-  const float prob = expf(shifted);
-  const float denom = prob + p.c;
+  const float log_p = x - log_z;
+  float softplus, sigmoid;
+  softplus_sigmoid(positive ? p.log_c - log_p : log_p - p.log_c, softplus, sigmoid);
   NceTerm t;
-  t.loss = positive ? shifted - logf(denom) : -log1pf(fmaf(prob, p.inv_noise, p.eps_noise));
-  t.d_score = (positive ? p.c / denom : -prob / denom) * p.d_scale;
+  t.loss = positive ? -softplus : -p.kappa - softplus;
+  t.d_score = (positive ? sigmoid : -sigmoid) * p.d_scale;
   return t;
 }
 
@@ -269,8 +278,8 @@ __global__ void __launch_bounds__(kThreads) nce_pass_kernel(const PassParams p, 
   using Raw = typename std::conditional<VEC == 1, Bits, uint4>::type;
   constexpr int kRowsInFlight = MAXC >= 4 ? 1 : 4 / MAXC;  // rows each thread loads before using them
 
-  const float z = __ldg(p.z);
-  const bool z_known = !(z < 0.0f);
+  const float log_z_in = __ldg(p.log_z_in);
+  const bool z_known = log_z_known(log_z_in);
   if (pass == 2 && z_known) return;  // pass 1 already produced the loss and gradient partials
   const bool with_grad = z_known || pass == 2;
 
@@ -309,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) nce_pass_kernel(const PassParams p, 
                          : 0.0f;
     }
   }
-  const float log_z = pass == 1 ? log_known_z(z) : *p.log_z;  // pass 1 uses it only when Z is known
+  const float log_z = pass == 1 ? log_z_in : *p.log_z;  // pass 1 uses it only when Z is known
   Lse lse{-INFINITY, 0.0f};
   float loss = 0.0f;
   const Bits* bank = static_cast<const Bits*>(p.bank);
@@ -418,11 +427,12 @@ __global__ void __launch_bounds__(kThreads) nce_pass_kernel(const PassParams p, 
   }
 }
 
-// log of the batch estimate mean(exp(x))·N from the partials, then Z's new value and the log Z
-// pass 2 uses. One block.
+// log of the batch estimate mean(exp(x))·N from the partials, then log Z's new value and the
+// log Z pass 2 uses. With `moving`, a known Z becomes m·Z + (1 - m)·estimate: log_m = log m and
+// log_1m = log(1 - m). One block.
 __global__ void __launch_bounds__(kThreads)
-    z_kernel(const float2* lse, int64_t count, double log_scale, const float* z, float* z_new, float* log_z,
-             float z_momentum, float z_complement) {
+    z_kernel(const float2* lse, int64_t count, double log_scale, const float* log_z_in, float* log_z_new,
+             float* log_z, bool moving, double log_m, double log_1m) {
   __shared__ float max_s[kWarps];
   __shared__ double sum_s[kThreads];
   float m = -INFINITY;
@@ -445,14 +455,14 @@ __global__ void __launch_bounds__(kThreads)
   }
   if (threadIdx.x == 0) {
     const double log_estimate = static_cast<double>(top) + log(sum_s[0]) + log_scale;
-    const float estimate = static_cast<float>(exp(log_estimate));
-    const float current = *z;
-    if (current < 0.0f) {
+    const float current = *log_z_in;
+    if (!log_z_known(current)) {
       *log_z = static_cast<float>(log_estimate);
-      *z_new = estimate;
+      *log_z_new = static_cast<float>(log_estimate);
     } else {
-      *log_z = log_known_z(current);
-      *z_new = z_momentum == 0.0f ? current : __fadd_rn(__fmul_rn(z_momentum, current), __fmul_rn(z_complement, estimate));
+      *log_z = current;
+      const double a = log_m + current, b = log_1m + log_estimate;  // log(m Z + (1 - m) estimate)
+      *log_z_new = moving ? static_cast<float>(fmax(a, b) + log1p(exp(-fabs(a - b)))) : current;
     }
   }
 }
@@ -602,7 +612,7 @@ cudaError_t run_side(PassParams p, const NceSide& side, const NceProblem& proble
   p.anchor = side.anchor;
   p.anchor_dtype = side.anchor_dtype;
   p.bank = side.bank;
-  p.z = side.z;
+  p.log_z_in = side.log_z;
   p.log_z = ws.log_z;
   p.loss_part = loss_part;
   const int64_t blocks = problem.batch * p.tiles;
@@ -613,9 +623,10 @@ cudaError_t run_side(PassParams p, const NceSide& side, const NceProblem& proble
                                        : launch_pass<T, 1, 1>(p, loads, pass, blocks, stream);
     if (err != cudaSuccess) return err;
     if (pass == 1) {
-      z_kernel<<<1, kThreads, 0, stream>>>(ws.lse, blocks, log_scale, side.z, side.z_new, ws.log_z,
-                                           static_cast<float>(problem.z_momentum),
-                                           static_cast<float>(1.0 - problem.z_momentum));
+      const bool moving = problem.z_momentum > 0.0 && problem.z_momentum < 1.0;  // m = 1 keeps Z
+      z_kernel<<<1, kThreads, 0, stream>>>(ws.lse, blocks, log_scale, side.log_z, side.log_z_new, ws.log_z,
+                                           moving, moving ? std::log(problem.z_momentum) : 0.0,
+                                           moving ? std::log1p(-problem.z_momentum) : 0.0);
       const cudaError_t z_err = cudaGetLastError();
       if (z_err != cudaSuccess) return z_err;
     }
@@ -641,8 +652,8 @@ bool valid_dtype(DType dtype) {
 }
 
 bool valid_side(const NceSide& side) {
-  return side.anchor != nullptr && side.bank != nullptr && side.z != nullptr && side.z_new != nullptr &&
-         side.grad != nullptr && side.z_new != side.z && side.dim >= 1 && side.dim <= kNceMaxDim &&
+  return side.anchor != nullptr && side.bank != nullptr && side.log_z != nullptr && side.log_z_new != nullptr &&
+         side.grad != nullptr && side.log_z_new != side.log_z && side.dim >= 1 && side.dim <= kNceMaxDim &&
          valid_dtype(side.anchor_dtype) && valid_dtype(side.bank_dtype);
 }
 
@@ -704,9 +715,8 @@ cudaError_t nce_forward(const NceProblem& problem, const NceSide& student, const
   p.rng_state = problem.rng_state;
   p.shared_negatives = problem.shared_negatives;
   p.temperature = static_cast<float>(problem.temperature);
-  p.c = static_cast<float>(noise + kNceEps);
-  p.inv_noise = static_cast<float>(1.0 / noise);
-  p.eps_noise = static_cast<float>(kNceEps / noise);
+  p.log_c = static_cast<float>(std::log(noise + kNceEps));
+  p.kappa = static_cast<float>(std::log1p(kNceEps / noise));
   p.d_scale = static_cast<float>(-1.0 / (static_cast<double>(problem.batch) * problem.temperature));
   p.logits = ws.logits;
   p.lse = ws.lse;

@@ -2,13 +2,14 @@
 //
 // Contracts (the torch references in fastkd/ops/crd.py and fastkd/ops/philox.py):
 //   nce_forward   fastkd::crd_nce = nce_with_grad_reference: both NCE directions in log space,
-//                 P = exp(s/T - log Z), Z estimated from the batch where z < 0, the anchors'
+//                 Z given and returned as log Z (-inf: estimate it from the batch), every term a
+//                 function of log P = s/T - log Z (nothing overflows at any T), the anchors'
 //                 gradients produced in the same call;
 //   bank_update   fastkd::crd_bank_update_ = bank_update_reference: momentum update and L2
 //                 renormalisation from the rows before the call, last occurrence of an index wins.
 //
 // Every launcher only enqueues kernels on `stream`: no allocation, no host synchronisation and
-// no host read of a device value, so a CUDA graph can capture it. The scalars Z, the RNG state
+// no host read of a device value, so a CUDA graph can capture it. The scalars log Z, the RNG state
 // and the indices are read on the device. Results are deterministic (fixed-order reductions, no
 // floating-point atomics). Launchers return cudaErrorInvalidValue for arguments outside what is
 // documented here and otherwise the launch status.
@@ -54,8 +55,8 @@ struct NceSide {
   const void* bank = nullptr;
   DType bank_dtype = DType::kFloat32;
   int64_t dim = 0;              // 1 <= dim <= kNceMaxDim
-  const float* z = nullptr;     // [1] fp32: the normalisation constant; < 0 means "estimate it"
-  float* z_new = nullptr;       // [1] fp32 out: Z after this step (must not alias z)
+  const float* log_z = nullptr;  // [1] fp32: log of the normalisation constant; -inf means "estimate it"
+  float* log_z_new = nullptr;    // [1] fp32 out: log Z after this step (must not alias log_z)
   void* grad = nullptr;         // [B, dim] out, anchor_dtype: d loss / d anchor
 };
 
@@ -65,8 +66,8 @@ struct NceSide {
 // 256-byte aligned; tiles = ceil(cols / kNceTile).
 size_t nce_workspace_bytes(int64_t batch, int64_t cols, int64_t max_dim);
 
-// loss[0] = NCE(student side) + NCE(teacher side), fp32; each side also writes z_new and grad.
-// `student` is (v_s, memory_t, z_s), `teacher` is (v_t, memory_s, z_t). workspace must hold
+// loss[0] = NCE(student side) + NCE(teacher side), fp32; each side also writes log_z_new and grad.
+// `student` is (v_s, memory_t, log_z_s), `teacher` is (v_t, memory_s, log_z_t). workspace must hold
 // nce_workspace_bytes(...) bytes (256-byte aligned) and is reused by both sides in stream order.
 cudaError_t nce_forward(const NceProblem& problem, const NceSide& student, const NceSide& teacher, float* loss,
                         void* workspace, size_t workspace_bytes, cudaStream_t stream);

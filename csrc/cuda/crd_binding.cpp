@@ -2,9 +2,10 @@
 // by torch on the current stream, and the registrations for the schemas that fastkd/ops defines
 // in Python:
 //   crd_nce_cuda(Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx,
-//                Tensor? contrast_idx, Tensor z_s, Tensor z_t, Tensor rng_state, int num_negatives,
+//                Tensor? contrast_idx, Tensor log_z_s, Tensor log_z_t, Tensor rng_state, int num_negatives,
 //                float temperature, float z_momentum, bool shared_negatives)
-//       -> (loss, z_s_new, z_t_new, grad_v_s, grad_v_t)          (= nce_with_grad_reference)
+//       -> (loss, log_z_s_new, log_z_t_new, grad_v_s, grad_v_t)  (= nce_with_grad_reference)
+//     log Z = -inf: estimate Z from the batch. An empty batch is refused before anything runs.
 //   crd_bank_update_cuda_(Tensor(a!) bank, Tensor index, Tensor value, float momentum) -> ()
 //                                                               (= bank_update_reference)
 // Nothing here reads a device value on the host, so both can be captured in a CUDA graph. Index
@@ -50,8 +51,8 @@ void check_ok(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// A one-element fp32 view of Z (a copy on the stream when Z is stored in another type).
-at::Tensor z_as_float(const at::Tensor& z, const at::Device& device, const char* name) {
+// A one-element fp32 view of log Z (a copy on the stream when it is stored in another type).
+at::Tensor log_z_as_float(const at::Tensor& z, const at::Device& device, const char* name) {
   const char* op = "crd_nce_cuda";
   check_cuda(z, device, op, name);
   TORCH_CHECK(z.numel() == 1, op, ": ", name, " must hold one value, got shape ", z.sizes());
@@ -61,8 +62,8 @@ at::Tensor z_as_float(const at::Tensor& z, const at::Device& device, const char*
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_cuda(
     const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
-    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& z_s,
-    const at::Tensor& z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
+    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& log_z_s,
+    const at::Tensor& log_z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
     double z_momentum, bool shared_negatives) {
   const char* op = "crd_nce_cuda";
   TORCH_CHECK(v_s.is_cuda(), op, ": v_s must be a CUDA tensor, got one on ", v_s.device());
@@ -73,6 +74,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_c
 
   TORCH_CHECK(v_s.dim() == 2 && v_t.dim() == 2, op, ": v_s and v_t must be [B, D], got ", v_s.sizes(), " and ",
               v_t.sizes());
+  // an empty batch would estimate Z from no score at all (log 0): refused before anything is enqueued
+  TORCH_CHECK(v_s.size(0) >= 1, op, ": v_s has 0 rows (shape ", v_s.sizes(),
+              "); the op needs an [B, D] batch with B >= 1");
   TORCH_CHECK(memory_s.dim() == 2 && memory_t.dim() == 2, op, ": memory_s and memory_t must be [N, D], got ",
               memory_s.sizes(), " and ", memory_t.sizes());
   TORCH_CHECK(memory_s.is_contiguous() && memory_t.is_contiguous(), op,
@@ -132,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_c
   }
 
   const c10::cuda::CUDAGuard guard(device);
-  const at::Tensor zs = z_as_float(z_s, device, "z_s"), zt = z_as_float(z_t, device, "z_t");
+  const at::Tensor zs = log_z_as_float(log_z_s, device, "log_z_s"), zt = log_z_as_float(log_z_t, device, "log_z_t");
   const at::Tensor a_s = v_s.contiguous(), a_t = v_t.contiguous();
   const auto f32 = v_s.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({}, f32);
@@ -149,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_c
   student.bank = memory_t.data_ptr();
   student.bank_dtype = mem_t_type;
   student.dim = a_s.size(1);
-  student.z = zs.data_ptr<float>();
-  student.z_new = z_s_new.data_ptr<float>();
+  student.log_z = zs.data_ptr<float>();
+  student.log_z_new = z_s_new.data_ptr<float>();
   student.grad = grad_s.data_ptr();
   NceSide teacher;  // teacher anchors against the student bank
   teacher.anchor = a_t.data_ptr();
@@ -158,16 +162,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_c
   teacher.bank = memory_s.data_ptr();
   teacher.bank_dtype = mem_s_type;
   teacher.dim = a_t.size(1);
-  teacher.z = zt.data_ptr<float>();
-  teacher.z_new = z_t_new.data_ptr<float>();
+  teacher.log_z = zt.data_ptr<float>();
+  teacher.log_z_new = z_t_new.data_ptr<float>();
   teacher.grad = grad_t.data_ptr();
 
   check_ok(nce_forward(problem, student, teacher, loss.data_ptr<float>(), workspace.data_ptr(), bytes,
                        c10::cuda::getCurrentCUDAStream()),
            op);
-  // Z comes back in Z's own dtype and shape (a stream-ordered cast, no sync)
-  return {loss, z_s_new.view(z_s.sizes()).to(z_s.scalar_type()), z_t_new.view(z_t.sizes()).to(z_t.scalar_type()),
-          grad_s, grad_t};
+  // log Z comes back in its own dtype and shape (a stream-ordered cast, no sync)
+  return {loss, z_s_new.view(log_z_s.sizes()).to(log_z_s.scalar_type()),
+          z_t_new.view(log_z_t.sizes()).to(log_z_t.scalar_type()), grad_s, grad_t};
 }
 
 void crd_bank_update_cuda_(at::Tensor bank, const at::Tensor& index, const at::Tensor& value, double momentum) {

@@ -33,13 +33,16 @@ def _check_banks(memory_s, memory_t, v_s, v_t) -> None:
 def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor,
              contrast_idx: torch.Tensor, z_s: torch.Tensor | None = None, z_t: torch.Tensor | None = None,
              temperature: float = 0.07) -> torch.Tensor:
-    """CRD's two NCE terms for L2-normalised embeddings ``v_s``, ``v_t`` ([B, D]).
+    """CRD's two NCE terms for L2-normalised embeddings ``v_s``, ``v_t`` ([B, D], B ≥ 1).
 
     x_s[b,k] = exp(⟨memory_t[c[b,k]], v_s[b]⟩/T), x_t[b,k] = exp(⟨memory_s[c[b,k]], v_t[b]⟩/T),
     P = x / Z and, with K = c.shape[1] − 1, N = len(memory) and ε = 1e-7, each side is
     −(1/B)[Σ_b log(P_b0/(P_b0 + K/N + ε)) + Σ_b Σ_{k≥1} log((K/N)/(P_bk + K/N + ε))].
-    ``z_s``/``z_t`` are 0-dim tensors; ``None`` or a negative value means 'estimate from this
-    batch' (mean(x)·N, as RepDistiller does on its first step). The banks are not changed.
+    ``z_s``/``z_t`` are 0-dim tensors; ``None`` or a value ≤ 0 means 'estimate from this batch'
+    (mean(x)·N, as RepDistiller does on its first step). P is computed as exp(s/T − log Z)
+    and the terms from log P (:func:`fastkd.ops.crd.nce_terms`), so the loss is finite at any T
+    (x alone overflows fp32 once s/T > 88). The banks are not changed. An empty batch raises
+    ``ValueError``.
     """
     _checks.tensor("v_s", v_s, ndim=2)
     _checks.tensor("v_t", v_t, ndim=2)
@@ -51,18 +54,30 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
     if contrast_idx.dim() != 2 or contrast_idx.shape[0] != v_s.shape[0] or contrast_idx.shape[1] < 2:
         raise ValueError(f"contrast_idx must be [B, K+1] with B = {v_s.shape[0]} and K >= 1, "
                          f"got {tuple(contrast_idx.shape)}")
-    unset = torch.full((), -1.0, dtype=torch.promote_types(v_s.dtype, torch.float32), device=v_s.device)
-    z_s = unset if z_s is None else z_s
-    z_t = unset if z_t is None else z_t
-    loss, _, _ = _crd.nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, z_s, z_t, temperature, num_data)
+    acc = torch.promote_types(v_s.dtype, torch.float32)
+    log_z_s, log_z_t = (_log_z(name, z, acc, v_s.device) for name, z in (("z_s", z_s), ("z_t", z_t)))
+    loss, _, _ = _crd.nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, log_z_s, log_z_t, temperature,
+                                    num_data)
     return loss
+
+
+def _log_z(name: str, z: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """log Z of a given Z (−∞, 'estimate', for ``None`` or Z ≤ 0)."""
+    if z is None:
+        return torch.full((), _crd.NOT_ESTIMATED, dtype=dtype, device=device)
+    _checks.tensor(name, z)
+    if z.numel() != 1:
+        raise ValueError(f"{name} must hold one value, got shape {tuple(z.shape)}")
+    z = z.reshape(()).to(device=device, dtype=dtype)
+    return torch.where(z < 0, torch.full_like(z, _crd.NOT_ESTIMATED), z.log())
 
 
 def crd_bank_update_(memory: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, momentum: float = 0.5) -> None:
     """memory[idx] ← rownorm(momentum·memory[idx] + (1 − momentum)·v), in place, no gradient.
 
     Every new row comes from the bank as it was before the call; a repeated index takes the row
-    of its last occurrence. All indices are checked before any row is written.
+    of its last occurrence. All indices are checked before any row is written. An empty batch
+    (B = 0) is well defined here and writes nothing, as the torch reference does, on every backend.
     """
     _checks.tensor("memory", memory, ndim=2)
     _checks.tensor("v", v, ndim=2)

@@ -6,6 +6,7 @@ VID) the larger one is adaptive-average-pooled to the smaller one's (H, W) first
 as the other in both H and W. AT, NST and AB take one pair of tensors or two equal-length
 sequences of them; a sequence gives the sum of the per-pair losses (RepDistiller returns the list
 and its training script sums it). Losses are computed in the dtype of their inputs (NST: in fp32).
+An empty batch (B = 0, where the published means are 0/0) raises ``ValueError`` naming the map.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ Branch logits come stacked as ``[m, B, K]`` (m branches, batch B, K classes), as
 - OKDDip (Chen, Mei, Wang, Feng, Chen, AAAI 2020): :func:`peer_attention` and :func:`okddip_loss`,
   with :func:`sigmoid_rampup` for its KD weight.
 
-Precision: as :mod:`fastkd.functional.logits`, fp16 / bf16 inputs are upcast to fp32.
+Precision: as :mod:`fastkd.functional.logits`, fp16 / bf16 inputs are upcast to fp32. An empty
+batch (B = 0) raises ``ValueError`` naming the logits, before anything is computed.
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ __all__ = ["branch_cross_entropy", "online_kd_loss", "classifier_diversity_loss"
 
 
 def _check_branches(name: str, logits: torch.Tensor, least: int = 1) -> None:
+    """[m ≥ ``least`` branches, B ≥ 1, K] logits, finite."""
     _checks.tensor(name, logits, ndim=3)
-    if logits.shape[0] < least or logits.shape[1] < 1:
-        raise ValueError(f"{name} must be [branches ≥ {least}, batch ≥ 1, classes], got shape {tuple(logits.shape)}")
+    if logits.shape[0] < least:
+        raise ValueError(f"{name} must be [branches ≥ {least}, batch, classes], got shape {tuple(logits.shape)}")
+    _checks.nonempty(name, logits, dim=1)
     _checks.finite(name, logits)
 
 
@@ -70,13 +73,13 @@ def classifier_diversity_loss(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     ``weights``: m ≥ 2 matrices [K, D] (``nn.Linear.weight`` of each branch's classifier) of one
     shape, dtype and device. The gradient reaches every W_i (a public re-implementation detaches
     them, which silently zeroes it; this one does not). ‖A‖_F is computed as sqrt(Σ a²) with
-    torch's norm, whose gradient at A = 0 is 0.
+    torch's norm, whose gradient at A = 0 is 0. No batch is involved (K = 0 rows give 0, as torch does).
     """
     if not isinstance(weights, (list, tuple)) or len(weights) < 2:
         raise ValueError(f"weights must be a list of at least 2 classifier weight matrices, got {weights!r:.80}")
     for i, w in enumerate(weights):
         _checks.tensor(f"weights[{i}]", w, ndim=2)
-        _checks.pair("weights[0]", weights[0], f"weights[{i}]", w)
+        _checks.pair("weights[0]", weights[0], f"weights[{i}]", w, same_batch=False)  # [K, D]: no batch
     ws = [upcast(w) for w in weights]
     terms = [torch.linalg.matrix_norm(ws[i].transpose(0, 1) @ ws[j])
              for i in range(len(ws)) for j in range(i + 1, len(ws))]

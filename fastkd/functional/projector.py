@@ -2,7 +2,8 @@
 Projector in Knowledge Distillation", AAAI 2024, arXiv:2303.11098, 2023).
 
 Values match the authors' code (roymiles/Simple-Recipe-Distillation); METHODS.md gives the
-formula. fp16 / bf16 inputs are computed in fp32, and the loss comes back in fp32.
+formula. fp16 / bf16 inputs are computed in fp32, and the loss comes back in fp32. Fewer than two
+samples (an empty batch included) raise ``ValueError``: batch statistics need two.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ row 3b + r − 1 belongs to image b, rotation r, and its true column is b):
   logits over the rows where the teacher ranks the label first plus (keep_ratio 1.0) all others.
 
 STKD (Zhao et al. 2021): :func:`stkd_loss`, a reconstruction (see its docstring).
+
+Every loss here refuses an empty batch (B = 0: ``ValueError`` naming the argument) before computing.
 """
 from __future__ import annotations
 
@@ -59,7 +61,8 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _split_views(name: str, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.tensor(name, embeddings, ndim=2)
-    if embeddings.shape[0] == 0 or embeddings.shape[0] % 4:
+    _checks.nonempty(name, embeddings)
+    if embeddings.shape[0] % 4:
         raise ValueError(f"{name} must hold 4 rotated views per image ([4B, D], see rotations), "
                          f"got shape {tuple(embeddings.shape)}")
     views = embeddings.unflatten(0, (-1, 4))

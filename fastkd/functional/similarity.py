@@ -4,7 +4,8 @@ student's relations are pulled towards the teacher's.
 Values match RepDistiller (SP, CC, RKD, PKT) and the CCKD paper (Peng et al. 2019); METHODS.md
 gives each formula. Inputs in fp16 / bf16 are computed in fp32, and the loss comes back in fp32.
 None of the math reads tensor values on the host; the only data-reading is the NaN / Inf check
-of :mod:`fastkd._checks`, which ``fastkd.value_checks(False)`` turns off.
+of :mod:`fastkd._checks`, which ``fastkd.value_checks(False)`` turns off. An empty batch (B = 0,
+where every mean is 0/0) raises ``ValueError`` naming the student's input, on every backend.
 
 SP, CCKD, PKT and RKD's distance and angle terms run on the fused ops of :mod:`fastkd.ops.similarity`
 (native C++ on CPU, Triton on CUDA) unless the ``torch`` backend is selected; the eager code below is

@@ -1,9 +1,10 @@
 """Triton kernels of CRD's fused ops (Tian, Krishnan & Isola, ICLR 2020): memory-bank NCE and bank update.
 
 One NCE side scores anchors v[b] ([B, D]) against K+1 rows j[b, k] of a bank ([N, D]):
-s[b, k] = <bank[j[b, k]], v[b]>, P = exp(s/T − log Z), column 0 the positive, noise probability K/N. Its loss
-is −(1/B)·Σ_b [log(P_b0 / (P_b0 + c)) + Σ_{k≥1} log((K/N) / (P_bk + c))], c = K/N + ε. Z is fixed within the
-step, so every term depends on one score only and d loss/d v[b] = Σ_k (d loss/d s[b, k])·bank[j[b, k]] is
+s[b, k] = <bank[j[b, k]], v[b]>, log P = s/T − log Z, column 0 the positive, noise probability K/N. Its loss
+is −(1/B)·Σ_b [log(P_b0 / (P_b0 + c)) + Σ_{k≥1} log((K/N) / (P_bk + c))], c = K/N + ε, each term computed from
+log P (no P is formed: Z spans e^(±1/T)). Z comes and goes as log Z, −∞ while not estimated. Z is fixed within
+the step, so every term depends on one score only and d loss/d v[b] = Σ_k (d loss/d s[b, k])·bank[j[b, k]] is
 accumulated while the row is in registers: each pass reads each sampled row once, and nothing of size
 B×(K+1) is stored (the indices are regenerated, not kept).
 
@@ -76,18 +77,30 @@ def _log1p(u):
 
 
 @triton.jit
-def _nce_terms(logits, is_positive, valid, log_z, c, inv_noise, eps):
-    """Per-score NCE term and its derivative by the logit s/T (0 where not ``valid``).
+def _softplus_sigmoid(x):
+    """(log(1 + eˣ), 1 / (1 + e⁻ˣ)) from one exponential, finite and accurate for every x."""
+    e = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + _log1p(e), tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
-    Positive: log(P / (P + c)) = −log1p(c / P); negative: log(noise / (P + c)) = −log1p((P + ε) / noise), in
-    that form so that no fp32 constant log(noise) is subtracted K times. d/d(s/T): c / (P + c) and −P / (P + c).
+
+@triton.jit
+def _z_unknown(log_z_ptr):
+    """Whether the stored log Z is not estimated yet (−∞, or NaN)."""
+    return ~(tl.load(log_z_ptr).to(tl.float32) > float("-inf"))
+
+
+@triton.jit
+def _nce_terms(logits, is_positive, valid, log_z, log_c, kappa):
+    """Per-score NCE term and its derivative by the logit s/T (0 where not ``valid``), from log P = s/T − log Z.
+
+    Positive: log(P / (P + c)) = −softplus(log c − log P), slope c / (P + c) = σ(log c − log P); negative:
+    log(noise / (P + c)) = −κ − softplus(log P − log c) with κ = log1p(ε / noise), slope −σ(log P − log c).
     """
     log_p = logits - log_z
-    p = tl.exp(log_p)
-    positive = tl.where(p >= c, -_log1p(c / p), log_p - tl.log(p + c))
-    negative = -_log1p((p + eps) * inv_noise)
-    term = tl.where(valid, tl.where(is_positive, positive, negative), 0.0)
-    slope = tl.where(valid, tl.where(is_positive, c / (p + c), -p / (p + c)), 0.0)
+    x = tl.where(is_positive, log_c - log_p, log_p - log_c)
+    softplus, sigmoid = _softplus_sigmoid(x)
+    term = tl.where(valid, tl.where(is_positive, -softplus, -kappa - softplus), 0.0)
+    slope = tl.where(valid, tl.where(is_positive, sigmoid, -sigmoid), 0.0)
     return term, slope
 
 
@@ -161,16 +174,16 @@ def crd_lse_kernel(v_s_ptr, v_t_ptr, mem_s_ptr, mem_t_ptr, idx_ptr, cidx_ptr, rn
                    HAS_CIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (b, split), both sides: (max, Σ exp(s/T − max)) over its columns → lse[side, b, split, 0:2].
 
-    Only for a side whose Z is still unknown (< 0); the other side's partials are (0, 0) and, when both
-    Z are known, the program reads no row at all. Each drawn index serves the two banks.
+    Only for a side whose Z is still unknown (log Z = −∞); the other side's partials are (0, 0) and, when
+    both Z are known, the program reads no row at all. Each drawn index serves the two banks.
     """
     b = tl.program_id(0)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
     out_s = lse_ptr + (b * n_split + split) * 2
     out_t = out_s + tl.num_programs(0) * n_split * 2
-    need_s = tl.load(z_s_ptr).to(tl.float32) < 0
-    need_t = tl.load(z_t_ptr).to(tl.float32) < 0
+    need_s = _z_unknown(z_s_ptr)
+    need_t = _z_unknown(z_t_ptr)
     if need_s | need_t:
         seed, offset = _rng(rng_ptr, HAS_CIDX)
         offs_d = tl.arange(0, BLOCK_D)
@@ -209,13 +222,13 @@ def crd_lse_kernel(v_s_ptr, v_t_ptr, mem_s_ptr, mem_t_ptr, idx_ptr, cidx_ptr, rn
 def crd_nce_kernel(v_s_ptr, v_t_ptr, mem_s_ptr, mem_t_ptr, idx_ptr, cidx_ptr, rng_ptr, z_s_ptr, z_t_ptr, log_z_ptr,
                    loss_ptr, grad_s_ptr, grad_t_ptr, lse_ptr,
                    stride_sb, stride_sd, stride_tb, stride_td, stride_msn, stride_msd, stride_mtn, stride_mtd,
-                   stride_cb, stride_ck, COLS, K, N, D_S, D_T, inv_t, c, inv_noise, eps, grad_scale,
+                   stride_cb, stride_ck, COLS, K, N, D_S, D_T, inv_t, log_c, kappa, grad_scale,
                    blocks_per_split,
                    HAS_CIDX: tl.constexpr, ESTIMATE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (b, split), both sides: Σ NCE terms → loss[b, split]; Σ_k (d loss/d s)·row → grad_*[b, split].
 
     ``log_z_ptr`` holds log Z of both sides. With ESTIMATE (Z moving average) a side whose Z is known also
-    gets this batch's log-sum-exp partials in lse (where Z < 0, crd_lse_kernel wrote them).
+    gets this batch's log-sum-exp partials in lse (where Z is unknown, crd_lse_kernel wrote them).
     """
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -243,10 +256,10 @@ def crd_nce_kernel(v_s_ptr, v_t_ptr, mem_s_ptr, mem_t_ptr, idx_ptr, cidx_ptr, rn
                             HAS_CIDX)
         valid = col_mask & (rows >= 0) & (rows < N)
         tile_s, x_s = _scores(mem_t_ptr, rows, valid, stride_mtn, stride_mtd, offs_d, D_S, a_s, inv_t)
-        term_s, slope_s = _nce_terms(x_s, cols == 0, col_mask, log_z_s, c, inv_noise, eps)
+        term_s, slope_s = _nce_terms(x_s, cols == 0, col_mask, log_z_s, log_c, kappa)
         grad_s += tl.sum((slope_s * grad_scale)[:, None] * tile_s, axis=0)
         tile_t, x_t = _scores(mem_s_ptr, rows, valid, stride_msn, stride_msd, offs_d, D_T, a_t, inv_t)
-        term_t, slope_t = _nce_terms(x_t, cols == 0, col_mask, log_z_t, c, inv_noise, eps)
+        term_t, slope_t = _nce_terms(x_t, cols == 0, col_mask, log_z_t, log_c, kappa)
         grad_t += tl.sum((slope_t * grad_scale)[:, None] * tile_t, axis=0)
         loss_acc += term_s + term_t
         if ESTIMATE:
@@ -256,8 +269,8 @@ def crd_nce_kernel(v_s_ptr, v_t_ptr, mem_s_ptr, mem_t_ptr, idx_ptr, cidx_ptr, rn
     tl.store(grad_s_ptr + slot * D_S + offs_d, grad_s, mask=offs_d < D_S)
     tl.store(grad_t_ptr + slot * D_T + offs_d, grad_t, mask=offs_d < D_T)
     if ESTIMATE:
-        known_s = tl.load(z_s_ptr).to(tl.float32) >= 0
-        known_t = tl.load(z_t_ptr).to(tl.float32) >= 0
+        known_s = ~_z_unknown(z_s_ptr)
+        known_t = ~_z_unknown(z_t_ptr)
         tl.store(lse_ptr + slot * 2, m_s, mask=known_s)
         tl.store(lse_ptr + slot * 2 + 1, e_s, mask=known_s)
         tl.store(lse_ptr + (count + slot) * 2, m_t, mask=known_t)
@@ -291,8 +304,7 @@ def crd_shared_lse_kernel(anchor_ptr, bank_ptr, idx_ptr, rng_ptr, z_ptr, lse_ptr
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     out = lse_ptr + (offs_b * n_split + split) * 2
-    z = tl.load(z_ptr).to(tl.float32)
-    if z < 0:
+    if _z_unknown(z_ptr):
         seed = tl.load(rng_ptr)
         offset = tl.load(rng_ptr + 1)
         offs_d = tl.arange(0, BLOCK_D)
@@ -325,7 +337,7 @@ def crd_shared_lse_kernel(anchor_ptr, bank_ptr, idx_ptr, rng_ptr, z_ptr, lse_ptr
 def crd_shared_nce_kernel(anchor_ptr, bank_ptr, idx_ptr, rng_ptr, z_ptr, log_z_ptr,
                           loss_ptr, grad_ptr, lse_ptr,
                           stride_ab, stride_ad, stride_bn, stride_bd,
-                          B, K, N, D, inv_t, c, inv_noise, eps, grad_scale, blocks_per_split,
+                          B, K, N, D, inv_t, log_c, kappa, grad_scale, blocks_per_split,
                           ESTIMATE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     """Shared negatives, program (anchor block, split): as crd_nce_kernel, scores and gradients as products.
@@ -350,7 +362,7 @@ def crd_shared_nce_kernel(anchor_ptr, bank_ptr, idx_ptr, rng_ptr, z_ptr, log_z_p
     pos_tile = _gather(bank_ptr, pos_rows, pos_mask & (pos_rows >= 0) & (pos_rows < N), stride_bn, stride_bd,
                        offs_d, d_mask)
     pos_logits = tl.sum(pos_tile * anchors, axis=1) * inv_t
-    loss_acc, pos_slope = _nce_terms(pos_logits, True, pos_mask, log_z, c, inv_noise, eps)
+    loss_acc, pos_slope = _nce_terms(pos_logits, True, pos_mask, log_z, log_c, kappa)
     grad_acc = (pos_slope * grad_scale)[:, None] * pos_tile
     m_run = tl.where(pos_mask, pos_logits, float("-inf"))
     s_run = tl.where(pos_mask, 1.0, 0.0)
@@ -363,7 +375,7 @@ def crd_shared_nce_kernel(anchor_ptr, bank_ptr, idx_ptr, rng_ptr, z_ptr, log_z_p
                        offs_d, d_mask)
         logits = tl.dot(anchors, tl.trans(tile), input_precision="ieee") * inv_t
         valid = b_mask[:, None] & q_mask[None, :]
-        term, slope = _nce_terms(logits, False, valid, log_z, c, inv_noise, eps)
+        term, slope = _nce_terms(logits, False, valid, log_z, log_c, kappa)
         loss_acc += tl.sum(term, axis=1)
         grad_acc += tl.dot(slope * grad_scale, tile, input_precision="ieee")
         if ESTIMATE:
@@ -372,7 +384,7 @@ def crd_shared_nce_kernel(anchor_ptr, bank_ptr, idx_ptr, rng_ptr, z_ptr, log_z_p
     tl.store(loss_ptr + slot, loss_acc, mask=b_mask)
     tl.store(grad_ptr + slot[:, None] * D + offs_d[None, :], grad_acc, mask=b_mask[:, None] & d_mask[None, :])
     if ESTIMATE:
-        known = tl.load(z_ptr).to(tl.float32) >= 0
+        known = ~_z_unknown(z_ptr)
         tl.store(lse_ptr + slot * 2, m_run, mask=tl.where(known, b_mask, False))
         tl.store(lse_ptr + slot * 2 + 1, s_run, mask=tl.where(known, b_mask, False))
 
@@ -393,14 +405,13 @@ def _lse_total(lse_ptr, count, BLOCK: tl.constexpr):
 
 @triton.jit
 def _log_z_side(z_ptr, lse_ptr, out_ptr, count, log_scale, BLOCK: tl.constexpr):
-    z = tl.load(z_ptr).to(tl.float32)
     log_estimate = _lse_total(lse_ptr, count, BLOCK) + log_scale
-    tl.store(out_ptr, tl.where(z < 0, log_estimate, tl.log(tl.maximum(z, 1.1754943508222875e-38))))
+    tl.store(out_ptr, tl.where(_z_unknown(z_ptr), log_estimate, tl.load(z_ptr).to(tl.float32)))
 
 
 @triton.jit
 def crd_log_z_kernel(z_s_ptr, z_t_ptr, lse_ptr, log_z_ptr, count, log_scale, BLOCK: tl.constexpr):
-    """One program: log Z of both sides → log_z[0:2]; the batch estimate log(mean(exp(s/T))·N) where Z < 0.
+    """One program: log Z of both sides → log_z[0:2]; the batch estimate log(mean(exp(s/T))·N) where unknown.
 
     ``lse_ptr`` is [2, count, 2]; ``log_scale`` = log N − log(B·(K+1)).
     """
@@ -418,25 +429,28 @@ def _sum(ptr, count, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _z_new_side(z_ptr, lse_ptr, out_ptr, count, log_scale, z_momentum, BLOCK: tl.constexpr,
+def _z_new_side(z_ptr, lse_ptr, out_ptr, count, log_scale, log_m, log_1m, BLOCK: tl.constexpr,
                 MOVING: tl.constexpr):
-    z = tl.load(z_ptr).to(tl.float32)
-    estimate = tl.exp(_lse_total(lse_ptr, count, BLOCK) + log_scale)
-    if MOVING:
-        known = z_momentum * z + (1.0 - z_momentum) * estimate
+    log_z = tl.load(z_ptr).to(tl.float32)
+    estimate = _lse_total(lse_ptr, count, BLOCK) + log_scale
+    if MOVING:  # log(m·Z + (1 − m)·estimate), a log-add-exp
+        a = log_m + log_z
+        b = log_1m + estimate
+        known = tl.maximum(a, b) + _log1p(tl.exp(-tl.abs(a - b)))
     else:
-        known = z
-    tl.store(out_ptr, tl.where(z < 0, estimate, known))
+        known = log_z
+    tl.store(out_ptr, tl.where(_z_unknown(z_ptr), estimate, known))
 
 
 @triton.jit
 def crd_finish_kernel(z_s_ptr, z_t_ptr, lse_ptr, loss_part_ptr, loss_ptr, z_s_out_ptr, z_t_out_ptr,
-                      count, loss_count, log_scale, z_momentum, neg_inv_batch,
+                      count, loss_count, log_scale, log_m, log_1m, neg_inv_batch,
                       BLOCK: tl.constexpr, MOVING: tl.constexpr):
-    """One program: loss = −(1/B)·Σ terms of both sides; new Z of both sides (estimate, kept or moved)."""
+    """One program: loss = −(1/B)·Σ terms of both sides; new log Z of both sides (estimate, kept or moved:
+    ``log_m``, ``log_1m`` = log m, log(1 − m) of the Z momentum m)."""
     tl.store(loss_ptr, _sum(loss_part_ptr, loss_count, BLOCK) * neg_inv_batch)
-    _z_new_side(z_s_ptr, lse_ptr, z_s_out_ptr, count, log_scale, z_momentum, BLOCK, MOVING)
-    _z_new_side(z_t_ptr, lse_ptr + count * 2, z_t_out_ptr, count, log_scale, z_momentum, BLOCK, MOVING)
+    _z_new_side(z_s_ptr, lse_ptr, z_s_out_ptr, count, log_scale, log_m, log_1m, BLOCK, MOVING)
+    _z_new_side(z_t_ptr, lse_ptr + count * 2, z_t_out_ptr, count, log_scale, log_m, log_1m, BLOCK, MOVING)
 
 
 @triton.jit

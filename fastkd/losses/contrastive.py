@@ -20,11 +20,25 @@ class CRDLoss(nn.Module):
     student). Two memory banks of the whole dataset, ``memory_s`` and ``memory_t`` ([N, D],
     initialised uniform in ±1/sqrt(D/3)), hold past embeddings. Each sample b is scored against
     K+1 bank rows ``contrast_idx[b]`` (its positive in column 0, K negatives):
-    x_s = exp(⟨memory_t[c], v_s⟩/T) and x_t = exp(⟨memory_s[c], v_t⟩/T), divided by Z (``z_s``,
-    ``z_t``: mean(x)·N on the first batch, then fixed), and the loss is the sum of the two NCE
-    terms with noise probability 1/N (see :func:`fastkd.functional.crd_loss`). After the scores,
-    the batch's rows are updated: memory[idx] ← rownorm(m·memory[idx] + (1−m)·v), so backward
-    sees the banks as they were before the step.
+    x_s = exp(⟨memory_t[c], v_s⟩/T) and x_t = exp(⟨memory_s[c], v_t⟩/T), divided by Z (mean(x)·N
+    on the first batch, then fixed), and the loss is the sum of the two NCE terms with noise
+    probability 1/N (see :func:`fastkd.functional.crd_loss`). After the scores, the batch's rows
+    are updated: memory[idx] ← rownorm(m·memory[idx] + (1−m)·v), so backward sees the banks as
+    they were before the step.
+
+    Z is kept as log Z, in the buffers ``log_z_s`` and ``log_z_t`` (−∞ until the first step
+    estimates it): Z grows like e^(1/T) as scores approach 1 (past fp16 at T = 0.07 for N = 50,000,
+    past fp32 below T ≈ 0.011, past fp64 below T ≈ 0.0014), log Z does not, and the loss is computed
+    from log P = s/T − log Z, so it stays finite for any T and equals the published exp(s/T)/Z form
+    wherever that is finite. The buffers stay in fp32 whatever dtype the module is cast to
+    (``.half()``, ``.to(torch.bfloat16)``; fp64 for a float64 module): a half-precision log Z would
+    round Z (by up to 0.4% in fp16 at log Z ≈ 14, by far more at small T). ``z_s`` / ``z_t`` read
+    Z itself (float64, −1 before the first step). A checkpoint saved with the former buffers
+    ``z_s`` / ``z_t`` (Z itself) loads: Z becomes log Z; a Z that overflowed (inf / NaN) is refused.
+
+    Refused with ``ValueError`` before any bank row, Z or the RNG state changes: an empty batch
+    (B = 0), features whose width (flattened per sample) is not ``s_dim`` / ``t_dim``, indices
+    outside [0, N), NaN / Inf features (the last two while value checks are on).
 
     ``forward(f_s, f_t, idx, contrast_idx=None)``: ``idx`` [B] int64 holds the samples' dataset
     indices; when ``contrast_idx`` is ``None`` the loss draws K negatives per sample uniformly
@@ -71,6 +85,9 @@ class CRDLoss(nn.Module):
                             ("num_negatives", num_negatives)):
             _checks.integer(name, value, 1)
         temperature = _checks.number("temperature", temperature, positive=True)
+        if 1.0 / temperature > torch.finfo(torch.float32).max:
+            raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.1e} (s/T must be "
+                             f"finite in fp32), got {temperature}")
         momentum = _checks.number("momentum", momentum, nonnegative=True)
         z_momentum = _checks.number("z_momentum", z_momentum, nonnegative=True)
         if num_data >= 2**31:
@@ -101,8 +118,8 @@ class CRDLoss(nn.Module):
             self.register_buffer("memory_s", torch.rand(num_data, feat_dim).mul_(2 * bound).add_(-bound).to(bank_dtype))
             self.register_buffer("memory_t", torch.rand(num_data, feat_dim).mul_(2 * bound).add_(-bound).to(bank_dtype))
         self._z_known = False  # False until a step (after construction or a reload) has formed Z
-        self.register_buffer("z_s", torch.tensor(-1.0))
-        self.register_buffer("z_t", torch.tensor(-1.0))
+        self.register_buffer("log_z_s", torch.tensor(_crd.NOT_ESTIMATED))
+        self.register_buffer("log_z_t", torch.tensor(_crd.NOT_ESTIMATED))
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.register_buffer("rng_state", torch.tensor([int(seed), 0], dtype=torch.int64))
@@ -113,8 +130,41 @@ class CRDLoss(nn.Module):
                 f"z_momentum={self.z_momentum}, shared_negatives={self.shared_negatives}"
                 + (f", shard=[{self.shard_start}, {self.shard_start + self.shard_rows})" if self.sharded else ""))
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    @property
+    def z_s(self) -> torch.Tensor:
+        """Z of the student-anchored scores, exp(``log_z_s``) in float64; −1 before it is estimated."""
+        return _z_of(self.log_z_s)
+
+    @property
+    def z_t(self) -> torch.Tensor:
+        """Z of the teacher-anchored scores, exp(``log_z_t``) in float64; −1 before it is estimated."""
+        return _z_of(self.log_z_t)
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``.to``, ``.half()``, ``.cuda()``, ...), except that log Z is never
+        cast below fp32: a cast to fp16 / bf16 moves it (device) and keeps it in fp32, unrounded."""
+        before = {name: self._buffers[name] for name in _LOG_Z}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype not in (torch.float32, torch.float64):
+                self._buffers[name] = new.float() if old.is_meta else old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for side in ("s", "t"):
+            key, old_key = f"{prefix}log_z_{side}", f"{prefix}z_{side}"
+            if old_key in state_dict and key not in state_dict:  # a checkpoint from before log Z: Z itself
+                z = state_dict.pop(old_key).double()
+                if _checks.has_values(z) and not bool(torch.isfinite(z).all()):
+                    raise ValueError(f"{old_key} in the checkpoint is {z.item()} (a Z that overflowed its dtype); "
+                                     f"set it to -1 to estimate Z again on the next step")
+                state_dict[key] = torch.where(z < 0, torch.full_like(z, _crd.NOT_ESTIMATED), z.log())
+            log_z = state_dict.get(key)
+            if log_z is not None and _checks.has_values(log_z) and bool((log_z.isnan() | (log_z == math.inf)).any()):
+                raise ValueError(f"{key} in the checkpoint is {log_z.item()}; log Z must be finite "
+                                 "(or -inf: not estimated yet)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._z_known = False
 
     def sample_contrast_idx(self, idx: torch.Tensor) -> torch.Tensor:
@@ -127,6 +177,8 @@ class CRDLoss(nn.Module):
         _checks.tensor("f_t", f_t, min_ndim=2)
         _checks.pair("f_s", f_s, "f_t", f_t, same_shape=False)
         _checks.module_device("f_s", f_s, self.embed_s)
+        _checks.width("f_s", f_s, self.embed_s.in_features, "s_dim")
+        _checks.width("f_t", f_t, self.embed_t.in_features, "t_dim")
         batch = f_s.shape[0]
         _checks.index("idx", idx, self.num_data, shape=(batch,), device=f_s.device)
         if contrast_idx is not None:
@@ -139,12 +191,12 @@ class CRDLoss(nn.Module):
         _checks.finite("f_t (embedded)", v_t)
         if _dist.active():
             return self._forward_distributed(v_s, v_t, idx, contrast_idx)
-        loss, z_s, z_t = _crd.nce(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx, self.z_s, self.z_t,
-                                  self.rng_state, self.num_negatives, self.temperature, self.z_momentum,
-                                  self.shared_negatives)
+        loss, log_z_s, log_z_t = _crd.nce(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx, self.log_z_s,
+                                          self.log_z_t, self.rng_state, self.num_negatives, self.temperature,
+                                          self.z_momentum, self.shared_negatives)
         with torch.no_grad():
-            self.z_s.copy_(z_s)
-            self.z_t.copy_(z_t)
+            self.log_z_s.copy_(log_z_s)
+            self.log_z_t.copy_(log_z_t)
             if contrast_idx is None:
                 self.rng_state[1] += 1  # on the device: the next step draws new negatives
             _crd.bank_update_(self.memory_s, idx, v_s, self.momentum)
@@ -162,9 +214,9 @@ class CRDLoss(nn.Module):
             all_idx = gathered[:, 2 * dim:].detach().contiguous().view(torch.int64).reshape(-1)
             all_cidx = philox.contrast_indices(all_idx, self.rng_state, self.num_negatives, self.num_data,
                                                self.shared_negatives) if sampled else _dist.gather_rows(contrast_idx)
-            loss, z_s, z_t = crd_shard.nce_sharded(
+            loss, log_z_s, log_z_t = crd_shard.nce_sharded(
                 gathered[:, :dim], gathered[:, dim:2 * dim], self.memory_s, self.memory_t, all_cidx,
-                self.shard_start, self.shard_rows, self.z_s, self.z_t, self.temperature, self.num_data,
+                self.shard_start, self.shard_rows, self.log_z_s, self.log_z_t, self.temperature, self.num_data,
                 self.z_momentum, self._z_known)
         else:
             if sampled and not self.shared_negatives:  # this rank's rows of the global batch's draw
@@ -173,21 +225,26 @@ class CRDLoss(nn.Module):
             if not self._z_known:  # the first step after construction or a reload: Z of the global batch
                 cidx = contrast_idx if contrast_idx is not None else self.sample_contrast_idx(idx)
                 with torch.no_grad():
-                    for z, anchor, bank in ((self.z_s, v_s, self.memory_t), (self.z_t, v_t, self.memory_s)):
-                        estimate = crd_shard.global_z_estimate(anchor, bank, cidx, self.temperature, self.num_data)
-                        z.copy_(torch.where(z < 0, estimate.to(z.dtype), z))
-            loss, z_s, z_t = _crd.nce(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx, self.z_s,
-                                      self.z_t, self.rng_state, self.num_negatives, self.temperature,
-                                      self.z_momentum, self.shared_negatives)
+                    for log_z, anchor, bank in ((self.log_z_s, v_s, self.memory_t),
+                                                (self.log_z_t, v_t, self.memory_s)):
+                        estimate = crd_shard.global_log_z_estimate(anchor, bank, cidx, self.temperature,
+                                                                   self.num_data)
+                        log_z.copy_(_crd.used_log_z(log_z, estimate))
+            loss, log_z_s, log_z_t = _crd.nce(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx,
+                                              self.log_z_s, self.log_z_t, self.rng_state, self.num_negatives,
+                                              self.temperature, self.z_momentum, self.shared_negatives)
             if self.z_momentum > 0:  # mean over ranks of m·Z + (1 − m)·local estimate = the global update
-                z_s, z_t = _dist.all_reduce_(torch.stack([z_s, z_t]).float(), "mean").to(z_s.dtype).unbind(0)
+                with torch.no_grad():  # log of the mean of the ranks' Z: a log-sum-exp of the [W, 2] log Z's
+                    ranks = _dist.gather_rows(torch.stack([log_z_s, log_z_t]).float().reshape(1, 2))
+                    mean = ranks.logsumexp(0) - math.log(ranks.shape[0])
+                log_z_s, log_z_t = mean.to(log_z_s.dtype).unbind(0)
             with torch.no_grad():
                 gathered = _dist.gather_rows(packed.detach())
                 all_idx = gathered[:, 2 * dim:].contiguous().view(torch.int64).reshape(-1)
         self._z_known = True
         with torch.no_grad():
-            self.z_s.copy_(z_s)
-            self.z_t.copy_(z_t)
+            self.log_z_s.copy_(log_z_s)
+            self.log_z_t.copy_(log_z_t)
             if sampled:
                 self.rng_state[1] += 1
             local = all_idx - self.shard_start
@@ -198,6 +255,14 @@ class CRDLoss(nn.Module):
             _crd.bank_update_(self.memory_s, local, values[:, :dim], self.momentum)
             _crd.bank_update_(self.memory_t, local, values[:, dim:], self.momentum)
         return loss
+
+
+_LOG_Z = ("log_z_s", "log_z_t")
+
+
+def _z_of(log_z: torch.Tensor) -> torch.Tensor:
+    """Z = exp(log Z) in float64 (inf where Z exceeds float64), −1 where Z is not estimated yet."""
+    return torch.where(_crd.z_known(log_z), log_z.double().exp(), -1.0)
 
 
 def _bank_rows(num_data: int, feat_dim: int, bound: float, start: int, rows: int) -> torch.Tensor:

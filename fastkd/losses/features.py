@@ -31,8 +31,10 @@ def _shape(name: str, shape) -> tuple[int, int, int, int]:
 
 
 def _check_input(name: str, x, channels: int, module: nn.Module) -> None:
-    """A [B, C, H, W] input with the channel count the module was built for, on its device and dtype."""
+    """A [B ≥ 1, C, H, W] input with the channel count the module was built for, on its device and dtype
+    (checked before the module's layers run, so an empty batch never reaches a BatchNorm's statistics)."""
     _checks.tensor(name, x, ndim=4)
+    _checks.nonempty(name, x)
     if x.shape[1] != channels:
         raise ValueError(f"{name} has {x.shape[1]} channels but this {type(module).__name__} expects {channels}")
     _checks.module_device(name, x, module)

@@ -43,7 +43,8 @@ class ClassifierDiversityLoss(nn.Module):
     """Classifier Diversification (Li et al., ACCV 2020): Σ_{i<j} ‖W_iᵀ W_j‖_F, weight 5e-8 in the recipes.
 
     ``forward(weights)`` takes the branch classifiers' weight matrices (or the ``nn.Linear``
-    classifiers themselves); the gradient reaches every one of them.
+    classifiers themselves); the gradient reaches every one of them. It reads no batch, so the
+    empty-batch rule of the other losses does not apply to it.
     """
 
     def forward(self, weights: Sequence[torch.Tensor | nn.Linear]) -> torch.Tensor:
@@ -84,6 +85,7 @@ class OKDDipLoss(nn.Module):
         if branch_logits.shape[0] < 3:
             raise ValueError(f"branch_logits must stack at least 3 branches (2 peers and a leader), "
                              f"got shape {tuple(branch_logits.shape)}")
+        _checks.nonempty("branch_logits", branch_logits, dim=1)  # before the attention is computed
         loss = okddip_loss(branch_logits[:-1], branch_logits[-1], self.attention(pooled[:-1]), self.temperature)
         return loss if epoch is None else sigmoid_rampup(epoch, self.ramp_epochs) * loss
 

@@ -40,6 +40,7 @@ class RotationContrastLoss(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         _checks.tensor("features", features, ndim=2)
+        _checks.nonempty("features", features)  # before the head runs
         _checks.module_device("features", features, self)
         return rotation_contrast_loss(self.head(features), self.temperature)
 

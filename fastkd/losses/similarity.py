@@ -46,15 +46,9 @@ class _EmbeddedPair(nn.Module):
             return e_s, e_t
         _checks.pair_of("e_s", e_s, "e_t", e_t, min_ndim=2)
         _checks.module_device("e_s", e_s, self)
-        return _linear("e_s", e_s, self.embed_s), _linear("e_t", e_t, self.embed_t)
-
-
-def _linear(name: str, x: torch.Tensor, embed: nn.Linear) -> torch.Tensor:
-    flat = x.reshape(x.shape[0], -1)
-    if flat.shape[1] != embed.in_features:
-        raise ValueError(f"{name} has {flat.shape[1]} features per sample (shape {tuple(x.shape)}) "
-                         f"but its embed expects {embed.in_features}")
-    return embed(flat)
+        _checks.width("e_s", e_s, self.embed_s.in_features, "s_dim")
+        _checks.width("e_t", e_t, self.embed_t.in_features, "t_dim")
+        return self.embed_s(e_s.flatten(1)), self.embed_t(e_t.flatten(1))
 
 
 class CCLoss(_EmbeddedPair):

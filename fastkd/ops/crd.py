@@ -2,19 +2,27 @@
 
 Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020.
 
+The normaliser Z travels as log Z. Z = mean(exp(s/T))·N spans e^(±1/T): at T = 1e-3 it is far
+beyond fp32 (and fp64), so every op takes and returns log Z (−∞, Z = 0, means "not estimated yet":
+the op then uses this batch's estimate log(mean(exp(s/T))·N), a log-sum-exp, and returns it).
+Every NCE term is a function of log P = s/T − log Z (:func:`nce_terms`), so no exponential
+overflows whatever T and the dtype, and where the published exp(s/T)/Z is finite the value is the
+published one.
+
 Two torch references live here:
 
 * :func:`nce_reference` follows RepDistiller's ``ContrastMemory`` + ``ContrastLoss`` step for
-  step (gather the K+1 rows of each anchor, ``bmm``, ``exp(s / T)``, divide by Z, NCE with noise
-  probability 1/N) and takes its gradient by autograd: the oracle, and the ``torch`` backend.
+  step (gather the K+1 rows of each anchor, ``bmm``, divide by T and by Z, NCE with noise
+  probability 1/N) in log space and takes its gradient by autograd: the oracle, and the
+  ``torch`` backend.
 * :func:`nce_with_grad_reference` is the contract of the fused op ``fastkd::crd_nce`` that the
-  native, Triton and CUDA kernels implement: the same loss, computed in log space
-  (P = exp(s/T − log Z), so no exponential overflows whatever the dtype), with the anchors'
-  gradients produced in the same pass, so backward only scales them and never gathers a row.
+  native, Triton and CUDA kernels implement: the same loss, with the anchors' gradients produced
+  in the same pass, so backward only scales them and never gathers a row.
 
 ``fastkd::crd_bank_update_`` is the fused momentum update + renormalisation of the batch rows.
 Both ops are registered with torch.library; the references are their default kernels and the
-native extension registers CPU kernels over them.
+native extension registers CPU kernels over them. Both ops refuse an empty batch (B = 0) before
+they read or write anything; an empty bank update writes nothing.
 """
 from __future__ import annotations
 
@@ -27,59 +35,99 @@ from fastkd.backends import choose_for, dispatch, register
 from fastkd.ops import philox
 
 NCE_EPS = 1e-7
+NOT_ESTIMATED = float("-inf")  # log Z of a loss whose Z is not estimated yet (Z = 0)
 
 
-def scores_reference(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor,
+def check_batch(v_s: torch.Tensor) -> None:
+    """``crd_nce`` needs at least one anchor: an empty batch would estimate Z from no score (log 0)."""
+    if v_s.dim() != 2 or v_s.shape[0] < 1:
+        raise ValueError(f"crd_nce: v_s has {v_s.shape[0] if v_s.dim() else 0} rows (shape {tuple(v_s.shape)}); "
+                         "the op needs an [B, D] batch with B >= 1")
+
+
+def logits_reference(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor,
                      temperature: float) -> torch.Tensor:
-    """x[b, k] = exp(<bank[contrast_idx[b, k]], anchor[b]> / T), [B, K+1], fp32 (or fp64)."""
+    """s[b, k] / T = <bank[contrast_idx[b, k]], anchor[b]> / T, [B, K+1], fp32 (or fp64)."""
     dtype = torch.promote_types(anchor.dtype, torch.float32)
     batch, cols = contrast_idx.shape
     rows = bank.index_select(0, contrast_idx.reshape(-1)).detach().to(dtype).view(batch, cols, -1)
-    dots = torch.bmm(rows, anchor.to(dtype).unsqueeze(2)).squeeze(2)
-    return torch.exp(dots / temperature)
+    return torch.bmm(rows, anchor.to(dtype).unsqueeze(2)).squeeze(2) / temperature
 
 
-def estimate_z(scores: torch.Tensor, z: torch.Tensor, num_data: int, z_momentum: float = 0.0) -> torch.Tensor:
-    """Z = mean(scores)·N where ``z`` is still negative (not estimated), else ``z`` — or, with
-    ``z_momentum`` m > 0, m·z + (1 − m)·mean(scores)·N (a moving average); no host sync."""
-    estimate = (scores.detach().mean() * num_data).to(z.dtype)
-    known = z if z_momentum == 0 else z_momentum * z + (1 - z_momentum) * estimate
-    return torch.where(z < 0, estimate, known)
+def z_known(log_z: torch.Tensor) -> torch.Tensor:
+    """Where Z has been estimated: log Z > −∞ (a NaN counts as not estimated)."""
+    return log_z > NOT_ESTIMATED
 
 
-def nce_loss_reference(probs: torch.Tensor, num_data: int) -> torch.Tensor:
-    """RepDistiller's ContrastLoss on P = x / Z, [B, K+1] with the positive in column 0.
+def log_z_estimate(logits: torch.Tensor, num_data: int) -> torch.Tensor:
+    """log(mean(exp(s/T))·N) over all B·(K+1) entries, by log-sum-exp: RepDistiller's Z, in log space."""
+    return logits.detach().logsumexp(dim=(0, 1)) - math.log(logits.numel()) + math.log(num_data)
+
+
+def used_log_z(log_z: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
+    """The log Z a step divides by: the stored one, or this batch's estimate on the first step."""
+    return torch.where(z_known(log_z), log_z.to(estimate.dtype), estimate)
+
+
+def updated_log_z(log_z: torch.Tensor, estimate: torch.Tensor, z_momentum: float = 0.0) -> torch.Tensor:
+    """log Z after the step, in ``log_z``'s dtype: the estimate where Z was unknown; else Z kept, or with
+    ``z_momentum`` m > 0 moved, Z ← m·Z + (1 − m)·estimate (a log-add-exp, no overflow); no host sync."""
+    acc = log_z.to(estimate.dtype)
+    if z_momentum > 0:
+        acc = torch.logaddexp(acc + math.log(z_momentum), estimate + math.log1p(-z_momentum)) \
+            if z_momentum < 1 else acc
+    return torch.where(z_known(log_z), acc, estimate).to(log_z.dtype)
+
+
+def nce_terms(log_p: torch.Tensor, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RepDistiller's NCE terms from log P, [B, K+1] with the positive in column 0, and their slopes.
+
+    With c = K/N + ε and softplus(x) = log(1 + eˣ):
+    positive log(P / (P + c)) = −softplus(log c − log P), slope d/d log P = c / (P + c);
+    negative log((K/N) / (P + c)) = −log1p(ε·N/K) − softplus(log P − log c), slope −P / (P + c).
+    Each is finite for any finite log P (no P is ever formed), and accurate: log1p, no cancellation.
+    """
+    log_c = math.log(noise + NCE_EPS)
+    zero = log_p.new_zeros(())
+    positive = -torch.logaddexp(log_c - log_p[:, :1], zero)
+    negative = -torch.logaddexp(log_p[:, 1:] - log_c, zero) - math.log1p(NCE_EPS / noise)
+    slopes = torch.cat([torch.sigmoid(log_c - log_p[:, :1]), -torch.sigmoid(log_p[:, 1:] - log_c)], dim=1)
+    return torch.cat([positive, negative], dim=1), slopes
+
+
+def nce_loss_reference(log_probs: torch.Tensor, num_data: int) -> torch.Tensor:
+    """RepDistiller's ContrastLoss on log P = log(x / Z), [B, K+1] with the positive in column 0.
 
     −(1/B)[Σ_b log(P_b0 / (P_b0 + K/N + ε)) + Σ_b Σ_{k≥1} log((K/N) / (P_bk + K/N + ε))].
     """
-    batch, cols = probs.shape
-    noise = (cols - 1) / num_data
-    positive = torch.log(probs[:, 0] / (probs[:, 0] + noise + NCE_EPS))
-    negative = torch.log(noise / (probs[:, 1:] + noise + NCE_EPS))
-    return -(positive.sum() + negative.sum()) / batch
+    batch, cols = log_probs.shape
+    terms, _ = nce_terms(log_probs, (cols - 1) / num_data)
+    return -terms.sum() / batch
 
 
 def nce_reference(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor,
-                  contrast_idx: torch.Tensor, z_s: torch.Tensor, z_t: torch.Tensor, temperature: float,
+                  contrast_idx: torch.Tensor, log_z_s: torch.Tensor, log_z_t: torch.Tensor, temperature: float,
                   num_data: int, z_momentum: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both NCE sides of one CRD step; returns (loss, Z_s, Z_t) with Z estimated where negative.
+    """Both NCE sides of one CRD step; returns (loss, log Z_s, log Z_t), Z estimated where unknown.
 
     Student anchors score against the teacher bank and teacher anchors against the student bank.
     The step's scores are divided by Z as it was before this step (by the estimate on the first).
     """
-    x_s = scores_reference(v_s, memory_t, contrast_idx, temperature)
-    x_t = scores_reference(v_t, memory_s, contrast_idx, temperature)
-    used_s, used_t = estimate_z(x_s, z_s, num_data), estimate_z(x_t, z_t, num_data)
-    loss = nce_loss_reference(x_s / used_s.to(x_s.dtype), num_data) + \
-        nce_loss_reference(x_t / used_t.to(x_t.dtype), num_data)
-    return loss, estimate_z(x_s, z_s, num_data, z_momentum), estimate_z(x_t, z_t, num_data, z_momentum)
+    check_batch(v_s)
+    loss, new = 0, []
+    for anchor, bank, log_z in ((v_s, memory_t, log_z_s), (v_t, memory_s, log_z_t)):
+        logits = logits_reference(anchor, bank, contrast_idx, temperature)
+        estimate = log_z_estimate(logits, num_data)
+        loss = loss + nce_loss_reference(logits - used_log_z(log_z, estimate), num_data)
+        new.append(updated_log_z(log_z, estimate, z_momentum))
+    return loss, new[0], new[1]
 
 
 def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
     """bank[y] ← rownorm(m·bank[y] + (1 − m)·value), in place, from the rows before the call.
 
     When an index repeats inside the batch its last occurrence wins (deterministic, unlike
-    ``index_copy_`` on CUDA).
+    ``index_copy_`` on CUDA). An empty ``index`` writes nothing.
     """
     old = bank.index_select(0, index).to(torch.promote_types(bank.dtype, torch.float32))
     mixed = old * momentum + value.to(old.dtype) * (1.0 - momentum)
@@ -92,51 +140,42 @@ def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.
     bank.index_copy_(0, index, final.to(bank.dtype))
 
 
-def _side_with_grad(anchor: torch.Tensor, bank: torch.Tensor, cidx: torch.Tensor, z: torch.Tensor,
+def _side_with_grad(anchor: torch.Tensor, bank: torch.Tensor, cidx: torch.Tensor, log_z: torch.Tensor,
                     temperature: float, num_data: int, z_momentum: float):
-    """One NCE side in log space: (loss, new Z, d loss / d anchor) for [B, D] anchors."""
+    """One NCE side: (loss, new log Z, d loss / d anchor) for [B, D] anchors, the gradient formed with the loss."""
     acc = torch.promote_types(anchor.dtype, torch.float32)
     batch, cols = cidx.shape
     rows = bank.index_select(0, cidx.reshape(-1)).to(acc).view(batch, cols, -1)
     logits = torch.bmm(rows, anchor.to(acc).unsqueeze(2)).squeeze(2) / temperature  # s / T
-    z_acc = z.to(acc)
-    # log of this batch's estimate mean(exp(s/T))·N, through log-sum-exp
-    log_estimate = logits.logsumexp(dim=(0, 1)) - math.log(batch * cols) + math.log(num_data)
-    log_z = torch.where(z_acc < 0, log_estimate, z_acc.clamp_min(torch.finfo(acc).tiny).log())
-    probs = torch.exp(logits - log_z)
-    noise = (cols - 1) / num_data
-    c = noise + NCE_EPS
-    positive = (logits[:, 0] - log_z) - torch.log(probs[:, 0] + c)
-    negative = -torch.log1p((probs[:, 1:] + NCE_EPS) / noise)  # log(noise / (P + c)) without cancellation
-    loss = -(positive.sum() + negative.sum()) / batch
-    d_logits = torch.cat([c / (probs[:, :1] + c), -probs[:, 1:] / (probs[:, 1:] + c)], dim=1)
-    d_scores = d_logits * (-1.0 / (batch * temperature))  # d loss / d s
+    estimate = log_z_estimate(logits, num_data)
+    terms, slopes = nce_terms(logits - used_log_z(log_z, estimate), (cols - 1) / num_data)
+    loss = -terms.sum() / batch
+    d_scores = slopes * (-1.0 / (batch * temperature))  # d loss / d s
     grad = torch.bmm(d_scores.unsqueeze(1), rows).squeeze(1).to(anchor.dtype)
-    estimate = log_estimate.exp()
-    z_new = torch.where(z_acc < 0, estimate, z_acc if z_momentum == 0 else z_momentum * z_acc + (1 - z_momentum) * estimate)
-    return loss, z_new.to(z.dtype), grad
+    return loss, updated_log_z(log_z, estimate, z_momentum), grad
 
 
-def nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state,
+def nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state,
                             num_negatives: int, temperature: float, z_momentum: float, shared_negatives: bool):
-    """The contract of ``fastkd::crd_nce``: (loss, Z_s, Z_t, d loss/d v_s, d loss/d v_t).
+    """The contract of ``fastkd::crd_nce``: (loss, log Z_s, log Z_t, d loss/d v_s, d loss/d v_t).
 
     ``contrast_idx`` [B, K+1] or ``None``: then column 0 is ``idx`` and the K negatives come from
     :mod:`fastkd.ops.philox` with ``rng_state`` = (seed, offset) (the same K rows for every anchor
-    when ``shared_negatives``). Z is estimated where it is negative; with ``z_momentum`` > 0 a
-    known Z moves towards each batch's estimate (Z ← m·Z + (1 − m)·mean(x)·N) after being used.
+    when ``shared_negatives``). Z is estimated where log Z is −∞; with ``z_momentum`` > 0 a known Z
+    moves towards each batch's estimate (Z ← m·Z + (1 − m)·mean(x)·N) after being used. B ≥ 1.
     """
+    check_batch(v_s)
     num_data = memory_s.shape[0]
     cidx = contrast_idx if contrast_idx is not None else philox.contrast_indices(
         idx, rng_state, num_negatives, num_data, shared_negatives)
-    loss_s, z_s_new, grad_s = _side_with_grad(v_s, memory_t, cidx, z_s, temperature, num_data, z_momentum)
-    loss_t, z_t_new, grad_t = _side_with_grad(v_t, memory_s, cidx, z_t, temperature, num_data, z_momentum)
+    loss_s, z_s_new, grad_s = _side_with_grad(v_s, memory_t, cidx, log_z_s, temperature, num_data, z_momentum)
+    loss_t, z_t_new, grad_t = _side_with_grad(v_t, memory_s, cidx, log_z_t, temperature, num_data, z_momentum)
     return loss_s + loss_t, z_s_new, z_t_new, grad_s, grad_t
 
 
 _NCE_ARGS = ("Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx, Tensor? contrast_idx, "
-             "Tensor z_s, Tensor z_t, Tensor rng_state, int num_negatives, float temperature, float z_momentum, "
-             "bool shared_negatives")
+             "Tensor log_z_s, Tensor log_z_t, Tensor rng_state, int num_negatives, float temperature, "
+             "float z_momentum, bool shared_negatives")
 _NCE_OUT = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
 _UPDATE_ARGS = "Tensor(a!) bank, Tensor index, Tensor value, float momentum"
 
@@ -179,10 +218,11 @@ def _nce_cuda_fake(*args):
 
 
 @torch.library.register_fake("fastkd::crd_nce")
-def _nce_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, num_negatives, temperature,
-              z_momentum, shared_negatives):
+def _nce_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives,
+              temperature, z_momentum, shared_negatives):
+    check_batch(v_s)
     loss = v_s.new_empty((), dtype=torch.promote_types(v_s.dtype, torch.float32))
-    return loss, torch.empty_like(z_s), torch.empty_like(z_t), torch.empty_like(v_s), torch.empty_like(v_t)
+    return loss, torch.empty_like(log_z_s), torch.empty_like(log_z_t), torch.empty_like(v_s), torch.empty_like(v_t)
 
 
 def _nce_setup_context(ctx, inputs, output):
@@ -241,10 +281,10 @@ _native.load()
 
 
 def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor, idx: torch.Tensor,
-        contrast_idx: torch.Tensor | None, z_s: torch.Tensor, z_t: torch.Tensor, rng_state: torch.Tensor,
+        contrast_idx: torch.Tensor | None, log_z_s: torch.Tensor, log_z_t: torch.Tensor, rng_state: torch.Tensor,
         num_negatives: int, temperature: float, z_momentum: float = 0.0,
         shared_negatives: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One CRD step's loss and new Z's on the chosen backend: (loss, Z_s, Z_t).
+    """One CRD step's loss and new log Z's on the chosen backend: (loss, log Z_s, log Z_t).
 
     The ``torch`` backend is the published computation (:func:`nce_reference`, gradients by
     autograd); every other backend runs the fused op ``fastkd::crd_nce``.
@@ -252,11 +292,12 @@ def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: 
     if choose_for("crd_nce", v_s) == "torch":
         if contrast_idx is None:
             contrast_idx = philox.contrast_indices(idx, rng_state, num_negatives, memory_s.shape[0], shared_negatives)
-        return nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, z_s, z_t, temperature, memory_s.shape[0],
-                             z_momentum)
-    loss, z_s, z_t, _, _ = torch.ops.fastkd.crd_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state,
-                                                    num_negatives, temperature, z_momentum, shared_negatives)
-    return loss, z_s, z_t
+        return nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, log_z_s, log_z_t, temperature,
+                             memory_s.shape[0], z_momentum)
+    loss, log_z_s, log_z_t, _, _ = torch.ops.fastkd.crd_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s,
+                                                            log_z_t, rng_state, num_negatives, temperature,
+                                                            z_momentum, shared_negatives)
+    return loss, log_z_s, log_z_t
 
 
 def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:

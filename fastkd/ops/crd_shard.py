@@ -7,9 +7,9 @@ term per (anchor b, column k) entry that depends only on that entry's logit s_bk
 (:func:`fastkd.ops.crd.nce_reference`):
 
     L = −(1/B) [Σ_b log(P_b0 / (P_b0 + c)) + Σ_b Σ_{k≥1} log((K/N) / (P_bk + c))],
-    P = exp(s/T − log Z),  c = K/N + ε,
+    log P = s/T − log Z,  c = K/N + ε   (the terms: :func:`fastkd.ops.crd.nce_terms`),
 
-so it splits over the shards with nothing but Z to agree on. The exchange, per step:
+so it splits over the shards with nothing but log Z to agree on. The exchange, per step:
 
 1. all-gather the global batch's anchors (both sides) and indices, [G, 2D] + [G] (this is also
    the bank synchronisation: each rank updates the rows of its shard from it);
@@ -31,7 +31,7 @@ import math
 import torch
 
 from fastkd import _dist
-from fastkd.ops.crd import NCE_EPS
+from fastkd.ops.crd import nce_terms, updated_log_z, used_log_z
 
 CHUNK_ELEMENTS = 1 << 24  # rows gathered at once: ≤ 16M floats (64 MB) per anchor chunk
 
@@ -65,47 +65,42 @@ def shard_anchor_grad(d_logits: torch.Tensor, shard: torch.Tensor, local: torch.
     return torch.cat(out)
 
 
-def _side(anchor, shard, local, inside, z, temperature, num_data, z_momentum, z_known):
-    """One NCE side on this shard: (W·partial loss, new Z, d(W·partial loss)/d anchor [G, D])."""
+def _global_log_estimate(logits: torch.Tensor, inside: torch.Tensor, entries: int, num_data: int) -> torch.Tensor:
+    """log(mean(exp(s/T))·N) over the global batch's ``entries`` scores, of which this rank holds the
+    ones ``inside``: the ranks' log-sum-exps are all-gathered ([W] floats) and combined in log space."""
+    local_lse = logits.masked_fill(~inside, float("-inf")).logsumexp(dim=(0, 1))
+    all_lse = _dist.gather_rows(local_lse.reshape(1))
+    return all_lse.logsumexp(0) - math.log(entries) + math.log(num_data)
+
+
+def _side(anchor, shard, local, inside, log_z, temperature, num_data, z_momentum, z_known):
+    """One NCE side on this shard: (W·partial loss, new log Z, d(W·partial loss)/d anchor [G, D])."""
     cols = local.shape[1]
-    total_entries = anchor.shape[0] * cols
     logits = shard_logits(anchor, shard, local, inside, temperature)
-    z = z.to(logits.dtype)
     if z_momentum > 0 or not z_known:  # every rank takes the same branch: no host read of Z
-        local_lse = logits.masked_fill(~inside, float("-inf")).logsumexp(dim=(0, 1))
-        all_lse = _dist.gather_rows(local_lse.reshape(1))
-        log_estimate = all_lse.logsumexp(0) - math.log(total_entries) + math.log(num_data)
-        estimate = log_estimate.exp()
+        estimate = _global_log_estimate(logits, inside, anchor.shape[0] * cols, num_data)
     else:
-        log_estimate = estimate = z
-    log_z = torch.where(z < 0, log_estimate, z.clamp_min(torch.finfo(z.dtype).tiny).log())
-    probs = torch.exp(logits - log_z)
-    noise = (cols - 1) / num_data
-    c = noise + NCE_EPS
-    positive = (logits[:, 0] - log_z) - torch.log(probs[:, 0] + c)
-    negative = -torch.log1p((probs[:, 1:] + NCE_EPS) / noise)
+        estimate = log_z.to(logits.dtype)
+    terms, slopes = nce_terms(logits - used_log_z(log_z, estimate), (cols - 1) / num_data)
     world = _dist.world_size()
     scale = world / anchor.shape[0]  # −(1/B) with B = G / W the per-rank batch
-    terms = torch.cat([positive.unsqueeze(1), negative], dim=1).masked_fill(~inside, 0.0)
-    loss = -terms.sum() * scale
-    d_logits = torch.cat([c / (probs[:, :1] + c), -probs[:, 1:] / (probs[:, 1:] + c)], dim=1)
-    d_logits = d_logits.masked_fill_(~inside, 0.0) * (-scale / temperature)
+    loss = -terms.masked_fill(~inside, 0.0).sum() * scale
+    d_logits = slopes.masked_fill(~inside, 0.0) * (-scale / temperature)
     grad = shard_anchor_grad(d_logits, shard, local)
-    z_new = torch.where(z < 0, estimate, z if z_momentum == 0 else z_momentum * z + (1 - z_momentum) * estimate)
-    return loss, z_new, grad
+    return loss, updated_log_z(log_z, estimate, z_momentum), grad
 
 
 class _ShardNCE(torch.autograd.Function):
     """Loss of the sharded step; its anchors' gradients were formed in forward and are scaled here."""
 
     @staticmethod
-    def forward(ctx, anchors, memory_s, memory_t, local, inside, z_s, z_t, temperature, num_data, z_momentum,
+    def forward(ctx, anchors, memory_s, memory_t, local, inside, log_z_s, log_z_t, temperature, num_data, z_momentum,
                 z_known):
         dim = anchors.shape[1] // 2
         v_s, v_t = anchors[:, :dim], anchors[:, dim:]
-        loss_s, z_s_new, grad_s = _side(v_s, memory_t, local, inside, z_s, temperature, num_data, z_momentum,
+        loss_s, z_s_new, grad_s = _side(v_s, memory_t, local, inside, log_z_s, temperature, num_data, z_momentum,
                                         z_known)
-        loss_t, z_t_new, grad_t = _side(v_t, memory_s, local, inside, z_t, temperature, num_data, z_momentum,
+        loss_t, z_t_new, grad_t = _side(v_t, memory_s, local, inside, log_z_t, temperature, num_data, z_momentum,
                                         z_known)
         ctx.save_for_backward(torch.cat([grad_s, grad_t], dim=1).to(anchors.dtype))
         ctx.mark_non_differentiable(z_s_new, z_t_new)
@@ -118,31 +113,29 @@ class _ShardNCE(torch.autograd.Function):
 
 
 def nce_sharded(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor,
-                contrast_idx: torch.Tensor, shard_start: int, shard_rows: int, z_s: torch.Tensor, z_t: torch.Tensor,
-                temperature: float, num_data: int, z_momentum: float = 0.0, z_known: bool = False):
-    """This rank's part of one sharded CRD step: (W·partial loss, Z_s, Z_t).
+                contrast_idx: torch.Tensor, shard_start: int, shard_rows: int, log_z_s: torch.Tensor,
+                log_z_t: torch.Tensor, temperature: float, num_data: int, z_momentum: float = 0.0,
+                z_known: bool = False):
+    """This rank's part of one sharded CRD step: (W·partial loss, log Z_s, log Z_t).
 
     ``v_s``, ``v_t`` [G, D] are the global batch's anchors (all-gathered, with autograd),
     ``contrast_idx`` [G, K+1] the global batch's rows, ``memory_*`` this rank's shard, whose
     row i is bank row ``shard_start + i`` for i < ``shard_rows``. ``z_known`` False (the first
     step after construction or a reload) makes every rank form the global estimate, used where
-    Z is still negative; then Z is never read on the host.
+    log Z is still −∞ (not estimated); then Z is never read on the host.
     """
     local = contrast_idx - shard_start
     inside = (local >= 0) & (local < shard_rows)
     local = torch.where(inside, local, torch.zeros_like(local))  # one row, read from cache, masked out
-    return _ShardNCE.apply(torch.cat([v_s, v_t], dim=1), memory_s, memory_t, local, inside, z_s, z_t,
+    return _ShardNCE.apply(torch.cat([v_s, v_t], dim=1), memory_s, memory_t, local, inside, log_z_s, log_z_t,
                            float(temperature), int(num_data), float(z_momentum), bool(z_known))
 
 
-def global_z_estimate(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor, temperature: float,
-                      num_data: int) -> torch.Tensor:
-    """Z = mean(exp(s/T))·N over the whole global batch, each rank holding its B anchors and a
-    full (replicated) bank: the local log-sum-exp of the [B, K+1] logits is all-gathered
-    ([W] floats) and combined in log space, so nothing overflows and every rank gets the value
-    one process would compute for the global batch."""
+def global_log_z_estimate(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor, temperature: float,
+                          num_data: int) -> torch.Tensor:
+    """log Z = log(mean(exp(s/T))·N) over the whole global batch, each rank holding its B anchors and
+    a full (replicated) bank: every rank gets the value one process would compute for the global
+    batch, in log space (nothing overflows)."""
     inside = torch.ones_like(contrast_idx, dtype=torch.bool)
     logits = shard_logits(anchor.detach(), bank, contrast_idx, inside, temperature)
-    all_lse = _dist.gather_rows(logits.logsumexp(dim=(0, 1)).reshape(1))
-    entries = logits.numel() * _dist.world_size()
-    return (all_lse.logsumexp(0) - math.log(entries) + math.log(num_data)).exp()
+    return _global_log_estimate(logits, inside, logits.numel() * _dist.world_size(), num_data)

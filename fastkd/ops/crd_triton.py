@@ -6,15 +6,15 @@ of :func:`fastkd.ops.crd.bank_update_reference`. The kernels are in :mod:`fastkd
 Both NCE sides (student anchors v_s against memory_t, teacher anchors v_t against memory_s) run in the same
 programs, so each drawn index serves the two banks. With S splits of each anchor's K+1 columns:
 
-1. ``crd_lse_kernel``, grid (B, S): for a side whose Z is unknown (< 0, read on the device), gather the
+1. ``crd_lse_kernel``, grid (B, S): for a side whose Z is unknown (log Z = −∞, read on the device), gather the
    rows and write log-sum-exp partials of s/T; where both Z are known the programs read nothing.
 2. ``crd_log_z_kernel`` (one program): log Z per side, the batch estimate
-   logsumexp(s/T) − log(B(K+1)) + log N where Z < 0, else log Z.
+   logsumexp(s/T) − log(B(K+1)) + log N where Z is unknown, else the given log Z.
 3. ``crd_nce_kernel``, grid (B, S): gather the rows again (indices regenerated from Philox, never stored),
    NCE terms and the anchor-gradient partials Σ_k (d loss/d s)·row, in fp32; with a Z moving average
    also this batch's log-sum-exp partials.
 4. ``crd_grad_reduce_kernel`` (grid B) and ``crd_finish_kernel`` (one program): the gradients in the
-   anchors' dtype, the loss, the new Z.
+   anchors' dtype, the loss, the new log Z.
 
 With shared negatives (and no explicit ``contrast_idx``) steps 1 and 3 are ``crd_shared_lse_kernel`` and
 ``crd_shared_nce_kernel``, one launch per side over (block of 16 anchors, split), scoring with ``tl.dot``.
@@ -44,15 +44,17 @@ _NUM_WARPS = 4
 _SHARED_NUM_WARPS = 8  # the fp32 FMA products keep whole rows per thread: more threads, fewer registers each
 
 
-def _check_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, num_negatives):
+def _check_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives,
+               z_momentum):
     for name, t in (("v_s", v_s), ("v_t", v_t), ("memory_s", memory_s), ("memory_t", memory_t)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"crd_nce: {name} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
         if t.dtype not in _FLOATS + (torch.float64,):
             raise TypeError(f"crd_nce: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    crd_ops.check_batch(v_s)
+    if not 0 <= z_momentum <= 1:
+        raise ValueError(f"crd_nce: z_momentum must be in [0, 1], got {z_momentum}")
     batch, num_data = v_s.shape[0], memory_s.shape[0]
-    if batch == 0:
-        raise ValueError("crd_nce: the batch is empty (v_s has no rows)")
     if v_t.shape[0] != batch:
         raise ValueError(f"crd_nce: v_t must have {batch} rows like v_s, got {v_t.shape[0]}")
     if memory_t.shape[0] != num_data:
@@ -75,10 +77,10 @@ def _check_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_st
             or contrast_idx.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"crd_nce: contrast_idx must be an int64 tensor [{batch}, K+1] with K >= 1, got "
                          f"{contrast_idx.dtype} {tuple(contrast_idx.shape)}")
-    for name, z in (("z_s", z_s), ("z_t", z_t)):
+    for name, z in (("log_z_s", log_z_s), ("log_z_t", log_z_t)):
         if z.numel() != 1:
             raise ValueError(f"crd_nce: {name} must hold one value, got shape {tuple(z.shape)}")
-    devices = {t.device for t in (v_s, v_t, memory_s, memory_t, idx, z_s, z_t, rng_state)}
+    devices = {t.device for t in (v_s, v_t, memory_s, memory_t, idx, log_z_s, log_z_t, rng_state)}
     if contrast_idx is not None:
         devices.add(contrast_idx.device)
     if len(devices) != 1:
@@ -98,18 +100,21 @@ def _splits(units: int, blocks: int, target: int, splits: int | None) -> tuple[i
     return triton.cdiv(blocks, per_split), per_split
 
 
-def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, num_negatives, temperature,
+def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives, temperature,
         z_momentum, shared_negatives, *, block_k=None, splits=None):
-    """``fastkd::crd_nce`` in Triton: (loss, Z_s, Z_t, d loss/d v_s, d loss/d v_t), no host sync.
+    """``fastkd::crd_nce`` in Triton: (loss, log Z_s, log Z_t, d loss/d v_s, d loss/d v_t), no host sync.
+
+    ``log_z_s`` / ``log_z_t``: log Z (−∞: estimate it from this batch).
 
     ``block_k`` (columns per tile) and ``splits`` (programs per anchor, or per anchor block with shared
     negatives) override the launch heuristics; for tests and tuning.
     """
-    _check_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, num_negatives)
+    _check_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives,
+               z_momentum)
     if torch.float64 in (v_s.dtype, v_t.dtype, memory_s.dtype, memory_t.dtype):
         # the kernels compute in fp32; float64 keeps the exact reference
-        return crd_ops.nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state,
-                                               num_negatives, temperature, z_momentum, shared_negatives)
+        return crd_ops.nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t,
+                                               rng_state, num_negatives, temperature, z_momentum, shared_negatives)
     device = v_s.device
     idx, rng_state = idx.contiguous(), rng_state.contiguous()  # read as flat arrays (no copy when contiguous)
     batch, num_data = v_s.shape[0], memory_s.shape[0]
@@ -129,7 +134,8 @@ def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, nu
         n_split, per_split = _splits(batch, triton.cdiv(cols, block_k), _PROGRAMS, splits)
         grid = (batch, n_split)
     count = batch * n_split
-    moving = float(z_momentum) > 0
+    z_momentum = float(z_momentum)
+    moving = 0 < z_momentum < 1  # m = 1 keeps Z as it is
 
     f32 = dict(dtype=torch.float32, device=device)
     lse = torch.empty(2, count, 2, **f32)
@@ -137,21 +143,23 @@ def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, nu
     grad_part = torch.empty(count * (d_s + d_t), **f32)
     log_z = torch.empty(2, **f32)
     loss = torch.empty((), **f32)
-    z_s_new, z_t_new = torch.empty_like(z_s), torch.empty_like(z_t)
+    z_s_new, z_t_new = torch.empty_like(log_z_s), torch.empty_like(log_z_t)
     grad_s, grad_t = torch.empty_like(v_s), torch.empty_like(v_t)
 
     part_s, part_t = grad_part[:count * d_s], grad_part[count * d_s:]
     inv_t = 1.0 / temperature
     log_scale = math.log(num_data) - math.log(batch * cols)
-    nce_args = (inv_t, noise + crd_ops.NCE_EPS, 1.0 / noise, crd_ops.NCE_EPS, -1.0 / (batch * temperature), per_split)
+    nce_args = (inv_t, math.log(noise + crd_ops.NCE_EPS), math.log1p(crd_ops.NCE_EPS / noise),
+                -1.0 / (batch * temperature), per_split)
+    log_m, log_1m = (math.log(z_momentum), math.log1p(-z_momentum)) if moving else (0.0, 0.0)
     if shared:
-        sides = ((v_s, memory_t, z_s, part_s, d_s), (v_t, memory_s, z_t, part_t, d_t))
+        sides = ((v_s, memory_t, log_z_s, part_s, d_s), (v_t, memory_s, log_z_t, part_t, d_t))
         blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_SHARED_NUM_WARPS)
         for side, (anchor, bank, z, _, dim) in enumerate(sides):
             kernels.crd_shared_lse_kernel[grid](
                 anchor, bank, idx, rng_state, z, lse[side], *anchor.stride(), *bank.stride(),
                 batch, k, num_data, dim, inv_t, per_split, **blocks)
-        kernels.crd_log_z_kernel[(1,)](z_s, z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
+        kernels.crd_log_z_kernel[(1,)](log_z_s, log_z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
         for side, (anchor, bank, z, part, dim) in enumerate(sides):
             kernels.crd_shared_nce_kernel[grid](
                 anchor, bank, idx, rng_state, z, log_z[side:], loss_part[side], part, lse[side],
@@ -161,12 +169,12 @@ def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, nu
         has_cidx = contrast_idx is not None
         # with explicit contrast_idx the RNG state is never read, without it contrast_idx is not
         rng, cidx = (idx, contrast_idx) if has_cidx else (rng_state, idx)
-        common = (v_s, v_t, memory_s, memory_t, idx, cidx, rng, z_s, z_t)
+        common = (v_s, v_t, memory_s, memory_t, idx, cidx, rng, log_z_s, log_z_t)
         strides = (*v_s.stride(), *v_t.stride(), *memory_s.stride(), *memory_t.stride(),
                    *(contrast_idx.stride() if has_cidx else (0, 0)), cols, k, num_data, d_s, d_t)
         blocks = dict(HAS_CIDX=has_cidx, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_NUM_WARPS)
         kernels.crd_lse_kernel[grid](*common, lse, *strides, inv_t, per_split, **blocks)
-        kernels.crd_log_z_kernel[(1,)](z_s, z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
+        kernels.crd_log_z_kernel[(1,)](log_z_s, log_z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
         kernels.crd_nce_kernel[grid](*common, log_z, loss_part, part_s, part_t, lse, *strides, *nce_args,
                                      ESTIMATE=moving, **blocks)
         loss_count = count
@@ -174,7 +182,7 @@ def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, z_s, z_t, rng_state, nu
         part_s, part_t, grad_s, grad_t, n_split, d_s, d_t, *grad_s.stride(), *grad_t.stride(),
         BLOCK_S=16, BLOCK_D=block_d)
     kernels.crd_finish_kernel[(1,)](
-        z_s, z_t, lse, loss_part, loss, z_s_new, z_t_new, count, loss_count, log_scale, float(z_momentum),
+        log_z_s, log_z_t, lse, loss_part, loss, z_s_new, z_t_new, count, loss_count, log_scale, log_m, log_1m,
         -1.0 / batch, BLOCK=_REDUCE_BLOCK, MOVING=moving)
     return loss, z_s_new, z_t_new, grad_s, grad_t
 

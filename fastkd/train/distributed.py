@@ -105,8 +105,8 @@ def wrap(distiller: nn.Module, device: torch.device, sync_bn: bool = False) -> n
     ignored = []
     for name, crd in _crd_losses(distiller):
         if not crd.sharded:  # replicated banks start equal on every rank: rank 0's, once
-            for bank in (crd.memory_s, crd.memory_t, crd.z_s, crd.z_t, crd.rng_state):
-                dist.broadcast(bank, 0)
+            for buffer in crd.buffers():  # the banks, log Z and the RNG state
+                dist.broadcast(buffer, 0)
         ignored += [f"{name}.{buffer}" for buffer, _ in crd.named_buffers()]
     if getattr(distiller, "teacher", None) is not None:  # frozen and equal everywhere: no per-step broadcast
         ignored += [f"teacher.{buffer}" for buffer, _ in distiller.teacher.named_buffers()]
