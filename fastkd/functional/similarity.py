@@ -94,12 +94,13 @@ def cc_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
 # --- CCKD (paper form) ------------------------------------------------------------------------
 
 def _taylor_rbf(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
-    """Σ_{p=0..P} e^{−2γ}(2γ)^p/p! · g^p with g = ê êᵀ, evaluated by Horner's rule."""
+    """Σ_{p=0..P} e^{−2γ}(2γ)^p/p! · g^p with g = ê êᵀ, evaluated by Horner's rule from 0 (so that k is a
+    function of g for every P: at P = 0, a constant with a zero gradient, as the fused op gives)."""
     unit = F.normalize(upcast(e), dim=1)
     g = unit @ unit.T
     coef = [math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
-    k = torch.full_like(g, coef[order])
-    for c in reversed(coef[:order]):
+    k = torch.zeros_like(g)
+    for c in reversed(coef):
         k = k * g + c
     return k
 
@@ -117,7 +118,8 @@ def cckd_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float = 0.4, order: i
         e_s: student embeddings ``[B, D_s]``.
         e_t: teacher embeddings ``[B, D_t]`` (D_t may differ from D_s).
         gamma: the RBF's γ > 0 (paper: 0.4).
-        order: the Taylor order P ≥ 0 (paper: 2).
+        order: the Taylor order P ≥ 0 (paper: 2). At P = 0 k is the constant e^{−2γ}: the loss is 0, with
+            a graph and a zero gradient on every backend.
 
     Returns:
         0-dim tensor; defined for B = 1 (then 0).
@@ -168,8 +170,10 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
     Args:
         f_s, f_t: student and teacher features ``[B, ...]`` (flattened per sample; their widths
             may differ), B ≥ 2.
-        w_dist, w_angle: the weights of the distance and angle terms (RepDistiller: 25, 50).
+        w_dist, w_angle: the weights of the distance and angle terms, finite and ≥ 0 (RepDistiller: 25, 50).
     """
+    w_dist = _checks.number("w_dist", w_dist, nonnegative=True)
+    w_angle = _checks.number("w_angle", w_angle, nonnegative=True)
     _checks.pair_of("f_s", f_s, "f_t", f_t, min_ndim=2)
     _checks.min_batch("f_s", f_s, 2, "distances need two samples")
     student = upcast(f_s).reshape(f_s.shape[0], -1)
