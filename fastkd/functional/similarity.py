@@ -70,6 +70,15 @@ def _flat(f: torch.Tensor) -> torch.Tensor:
     return f.reshape(f.shape[0], -1)
 
 
+def _fused(op: str, f_s: torch.Tensor, f_t: torch.Tensor) -> bool:
+    """Whether ``op`` runs as the fused op here: not on the ``torch`` backend, and not where a side has one
+    feature per sample. Then every pair of samples is parallel or antiparallel: the fused ops' Gram route
+    (cosines and distances from G = XXᵀ, RKD's angles by the law of cosines) rounds where the published
+    computation, which forms the differences, is exact (RKD's angles: ±1) or no worse (PKT's (1 + cos)/2 of
+    antiparallel pairs, of the order of its eps), so those inputs run the published computation."""
+    return choose_for(op, f_s) != "torch" and math.prod(f_s.shape[1:]) > 1 and math.prod(f_t.shape[1:]) > 1
+
+
 # --- CC (RepDistiller form) -------------------------------------------------------------------
 
 def cc_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +178,8 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
 
     Args:
         f_s, f_t: student and teacher features ``[B, ...]`` (flattened per sample; their widths
-            may differ), B ≥ 2.
+            may differ), B ≥ 2. One feature per sample runs the published computation on every
+            backend (the fused ops' Gram route rounds its angles, which are ±1 there).
         w_dist, w_angle: the weights of the distance and angle terms, finite and ≥ 0 (RepDistiller: 25, 50).
     """
     w_dist = _checks.number("w_dist", w_dist, nonnegative=True)
@@ -184,7 +194,7 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
 
 def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """smooth_l1(d_s / μ_s, d_t / μ_t) on the chosen backend (the fused op takes the inputs' dtype)."""
-    if choose_for("rkd_distance_loss", f_s) != "torch":
+    if _fused("rkd_distance_loss", f_s, f_t):
         return torch.ops.fastkd.rkd_distance_loss.default(_flat(f_s), _flat(f_t).detach())[0]
     with torch.no_grad():
         d_t = _normalized_distances(teacher)
@@ -194,7 +204,7 @@ def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, t
 def _rkd_angle(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """smooth_l1(a_s, a_t) on the chosen backend (the fused op takes the inputs' dtype and never forms the
     [B, B, D] differences; see fastkd.ops.similarity for how it treats (near-)duplicated rows)."""
-    if choose_for("rkd_angle_loss", f_s) != "torch":
+    if _fused("rkd_angle_loss", f_s, f_t):
         return torch.ops.fastkd.rkd_angle_loss.default(_flat(f_s), _flat(f_t).detach())[0]
     with torch.no_grad():
         a_t = _angles(teacher)
@@ -220,7 +230,9 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
 
     Args:
         f_s: student features ``[B, D_s]``.
-        f_t: teacher features ``[B, D_t]`` (D_t may differ from D_s).
+        f_t: teacher features ``[B, D_t]`` (D_t may differ from D_s). D = 1 runs the published
+            computation on every backend: (1 + cos)/2 of antiparallel pairs is then of the order of eps,
+            at fp32's rounding in any Gram-based form.
         eps: the stabiliser ≥ 0 (RepDistiller: 1e-7).
 
     Returns:
@@ -228,7 +240,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     """
     eps = _checks.number("eps", eps, nonnegative=True)
     _checks.pair_of("f_s", f_s, "f_t", f_t, ndim=2)
-    if choose_for("pkt_loss", f_s) != "torch":
+    if _fused("pkt_loss", f_s, f_t):
         return torch.ops.fastkd.pkt_loss.default(f_s, f_t, eps)[0]
     p_s = _cosine_probabilities(f_s, eps)
     p_t = _cosine_probabilities(f_t, eps)
