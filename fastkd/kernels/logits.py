@@ -94,9 +94,11 @@ def _load(row_ptr, cols, mask, other: tl.constexpr = 0.0):
 
 @triton.jit
 def _online(m, total, x, inv_t):
-    """One chunk of the online Σ exp((x − M)/T): (running max, running sum); masked x are −inf."""
+    """One chunk of the online Σ exp((x − M)/T): (running max, running sum); masked x are −inf. While m is
+    still the starting _LOWEST the sum is 0 (and (m − m')/T could overflow)."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
-    total = total * tl.exp((m - m_new) * inv_t) + tl.sum(tl.exp((x - m_new) * inv_t), axis=0)
+    total = total * tl.exp(tl.where(m == _LOWEST, 0.0, m - m_new) * inv_t)
+    total = total + tl.sum(tl.exp((x - m_new) * inv_t), axis=0)
     return m_new, total
 
 
