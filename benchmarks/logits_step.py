@@ -3,7 +3,8 @@
 Used by benchmarks/test_logits.py, and as a script to measure one provider's peak extra memory in a fresh
 process (``python benchmarks/logits_step.py PROVIDER LOSS ROWS CLASSES`` prints bytes): the peak resident
 memory of one full step beyond what the process held before it (Linux: VmHWM reset through clear_refs).
-Providers: ``torch`` (the published computation: log_softmax, KL, autograd), ``native`` (the C++ kernels),
+Providers: ``torch`` (the torch backend: the ops' contract in eager torch, differentiated by autograd; up to
+the issue-14 branch the published log_softmax form), ``native`` (the C++ kernels),
 ``triton``. The student's logits require a gradient, the teacher's do not (as in training).
 """
 from __future__ import annotations
