@@ -6,7 +6,6 @@ the same rounded inputs. Each backend must be accurate to its dtype's rounding w
 computation at that dtype (``fastkd.ops.logits.kd_reference`` / ``dkd_reference``, log_softmax and autograd)
 loses it: T ≥ 1e3 (where it turns negative), a student within 1e-3 of its teacher, logits of 1e4.
 """
-import math
 
 import pytest
 import torch
@@ -60,8 +59,8 @@ _EXACT = {}
 def exact(loss, logits_s, logits_t, target, temperature):
     """(loss, d/d logits_s, d/d logits_t) of the logits as given (their rounded values), to ~1e-30 (cached:
     the backends of a test share their inputs)."""
-    key = (loss, logits_s.double().numpy().tobytes(), logits_t.double().numpy().tobytes(), tuple(int(v) for v in target),
-           temperature)
+    key = (loss, logits_s.double().numpy().tobytes(), logits_t.double().numpy().tobytes(),
+           tuple(int(v) for v in target), temperature)
     if key not in _EXACT:
         _EXACT[key] = _exact(loss, logits_s, logits_t, target, temperature)
     return _EXACT[key]
@@ -104,7 +103,10 @@ def through(loss, backend, s, t, y, temperature):
 
 def published(loss, s, t, y, temperature):
     a, b = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
-    value = ops.kd_reference(a, b, temperature) if loss == "kd" else ops.dkd_reference(a, b, y, ALPHA, BETA, temperature)
+    if loss == "kd":
+        value = ops.kd_reference(a, b, temperature)
+    else:
+        value = ops.dkd_reference(a, b, y, ALPHA, BETA, temperature)
     return (value, *torch.autograd.grad(value, (a, b)))
 
 

@@ -4,13 +4,15 @@
 // derives them. In short, a row's KL(p_t ‖ p_s) is summed as Σ_c p_t ψ(w_c) with ψ(w) = e^{−w} − 1 + w ≥ 0 and
 // the log-ratios w_c = log p_t,c − log p_s,c formed from the logits' differences (LogRatio), so that no
 // first-order parts cancel (the published Σ p_t w is mostly rounding at T ≥ 1e3 or a student within 1e-3 of its
-// teacher), and ρ = ℓ_t − ℓ_s is corrected by one Newton step. Every exponential has the row's largest logit subtracted before the division by T.
+// teacher), and ρ = ℓ_t − ℓ_s is corrected by one Newton step. Every exponential has its row's largest logit
+// subtracted before the division by T. A wide row (KL ≥ 1/4: training at T ≈ 4) takes the plain sums, whose
+// rounding is small next to it (kl_pass, BackwardRow), and only the others the series.
 //
-// Rows are spread over threads with at::parallel_for. fp32 / fp64 logits are read in place; fp16 / bf16 rows
-// are converted into fp32 buffers once. A forward row is three passes that stay in cache: the two maxima, the
-// exponentials of both sides (stored, 2 per class), and the KL terms; backward is one pass (2 exponentials per
-// class). Nothing of size B×C is allocated besides the gradients. The per-row scalars (DKD's two-outcome
-// divergences, the Newton step) are computed in double.
+// Rows are spread over threads with at::parallel_for. fp32 / fp64 logits are read in place (DKD's target column
+// is skipped, not masked in a copy); fp16 / bf16 rows are converted into fp32 buffers once. A forward row is three
+// passes that stay in cache: the two maxima, the exponentials of both sides (2 per class, the teacher's stored),
+// and the KL terms (a fourth pass in a narrow row); backward is one pass (2 exponentials per class). Nothing of
+// size B×C is allocated besides the gradients. DKD's per-row two-outcome divergences are computed in double.
 //
 // The inner loops run on the packs of vec.h (a branch-free polynomial exponential), compiled for AVX2 + FMA
 // and for the baseline ISA and picked at run time.
@@ -103,8 +105,8 @@ FASTKD_INLINE KlClass<V> kl_class(V p_t, V p_s, V w) {
 }
 
 // p_s − p_t alone, as a gradient needs it: p_t·expm1(−w) by the shorter series of expm1(x)/x where |w| < 1/8 (fp32:
-// 5 terms, the first left out 8^−5/6! = 4e-8 relative; fp64: 10), the difference of the two elsewhere (its
-// rounding there is at most ~16 times the probabilities', as log_softmax's gradient has everywhere).
+// 5 terms, the first left out 8^−5/6! = 4e-8 relative; fp64: 10), the difference of the two elsewhere (whose
+// rounding, ε·(p_s + p_t), is then at most 17ε relative to it).
 constexpr double kDiffRadius = 0.125;
 
 template <typename T>
@@ -119,8 +121,6 @@ FASTKD_INLINE pack<T> prob_difference(pack<T> p_t, pack<T> p_s, pack<T> w) {
 
 // ---- one row's softmax and KL -------------------------------------------------------------------------------
 
-// body(c, count) over the packs of a row of n, without column ``skip`` (−1: none): the columns before it, then
-// those after it.
 // body(std::true_type) or body(std::false_type) as ``flag`` says: a row's loop compiled for both values of a flag
 // that holds for the whole row.
 template <typename Body>
@@ -131,6 +131,8 @@ FASTKD_INLINE void for_flag(bool flag, Body&& body) {
     body(std::false_type{});
 }
 
+// body(c, count) over the packs of a row of n, without column ``skip`` (−1: none): the columns before it, then
+// those after it.
 template <typename T, typename Body>
 FASTKD_INLINE void for_packs_except(int64_t n, int64_t skip, Body&& body) {
   if (skip < 0) {
@@ -138,7 +140,8 @@ FASTKD_INLINE void for_packs_except(int64_t n, int64_t skip, Body&& body) {
     return;
   }
   for_packs<T>(skip, body);
-  for_packs<T>(n - skip - 1, [&](int64_t c, int64_t count) __attribute__((always_inline)) { body(skip + 1 + c, count); });
+  for_packs<T>(n - skip - 1,
+               [&](int64_t c, int64_t count) __attribute__((always_inline)) { body(skip + 1 + c, count); });
 }
 
 template <typename acc_t>
@@ -216,13 +219,14 @@ struct RowKl {
 // A row is wide when its KL is at least this: the plain sums serve it (kl_pass, BackwardRow).
 constexpr double kWideKl = 0.25;
 
-// The KL of a row given the teacher's exponentials (and the student's, es, unless it is null), with w₀ from ρ₀ =
-// log(Σe_t / Σe_s) (the log of the ratio: its rounding is relative to ρ₀, not to ℓ). First the plain sum Σ p_t w₀,
-// whose rounding is of order ε·(Σ p_t |w₀| + 1) against a value of order E[w²]: kept in a wide row, KL ≥ kWideKl, where Σ p_t |w| ≤ 7.4·KL (from ψ(w) ≥ 0.37|w| for |w| ≥ 1 and
-// ψ(w) ≥ 0.18 w² below), so that its rounding is below 16ε·KL (training at T ≈ 4: nearly every row). In a narrow
-// row (a large T, a student close to its teacher) a second pass sums Σ p_t ψ(w₀) by ψ's series and takes the Newton
-// step: h = Σ (p_s − p_t) / Σ p_t, y = log1p(h), KL = Σ p_t ψ(w₀) − Σp_t·ψ(−y), ρ = ρ₀ − y. With kDiff,
-// diff[c] = scale·(p_s − p_t) for w₀ (see KdForward for the correction by y).
+// The KL of a row given the teacher's exponentials (and the student's, es, unless it is null), with w₀ from
+// ρ₀ = log(Σe_t / Σe_s) (the log of the ratio: its rounding is relative to ρ₀, not to ℓ). First the plain sum
+// Σ p_t w₀, whose rounding, of order ε·(Σ p_t |w₀| + 1), is kept in a wide row, KL ≥ kWideKl: there
+// Σ p_t |w| ≤ 7.4·KL (ψ(w) ≥ 0.37|w| for |w| ≥ 1, ψ(w) ≥ 0.18 w² below), so the rounding is below 16ε·KL
+// (training at T ≈ 4: nearly every row). A narrow row (a large T, a student close to its teacher) takes a second
+// pass, Σ p_t ψ(w₀) by ψ's series, and the Newton step: h = Σ (p_s − p_t) / Σ p_t, y = log1p(h),
+// KL = Σ p_t ψ(w₀) − Σp_t·ψ(−y), ρ = ρ₀ − y. With kDiff, diff[c] = scale·(p_s − p_t) for w₀ (see KdForward for the
+// correction by y).
 template <bool kDiff, typename acc_t>
 FASTKD_INLINE RowKl kl_pass(const acc_t* xs, const acc_t* xt, const acc_t* es, const acc_t* et, int64_t n,
                             acc_t inv_t, Softmax<acc_t> s, Softmax<acc_t> t, acc_t scale, acc_t* diff) {
@@ -356,7 +360,8 @@ struct KdForward {
       } else {
         r = kl_pass<true>(xs, xt, e_s, e_t, classes, inv_t, s, t, k, e_s);  // e_s is read before it is overwritten
         if (r.y != 0) {
-          const acc_t scale = static_cast<acc_t>(std::exp(-r.y)), shift = static_cast<acc_t>(k * std::expm1(-r.y) / t.sum);
+          const acc_t scale = static_cast<acc_t>(std::exp(-r.y));
+          const acc_t shift = static_cast<acc_t>(k * std::expm1(-r.y) / t.sum);
           for_packs<acc_t>(classes, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
             store(e_s + c, load(e_s + c, count, acc_t(0)) * scale + load(e_t + c, count, acc_t(0)) * shift, count);
           });
@@ -423,7 +428,9 @@ struct Binary {
     out[0] = lam >= 0 ? big : small;
     out[1] = lam >= 0 ? small : big;
   }
-  double kl() const { return kl_class<double>(b_t[0], b_s[0], w[0]).term + kl_class<double>(b_t[1], b_s[1], w[1]).term; }
+  double kl() const {
+    return kl_class<double>(b_t[0], b_s[0], w[0]).term + kl_class<double>(b_t[1], b_s[1], w[1]).term;
+  }
   double target_diff() const { return kl_class<double>(b_t[0], b_s[0], w[0]).diff; }  // b_s,gt − b_t,gt
 };
 
@@ -480,7 +487,8 @@ struct DkdBackward {
                               beta * d.nc.b_t[0] * r_t * (d.nc.w[0] - d.nc.w[1] - inner);
       // per class: k·(β r_t − A)·(q_s − q_t) − k·A·q_t and q_t·(k β r_t·(w − K) − k G) (w − K first: both can be
       // large where the two disagree)
-      const acc_t diff_coef = static_cast<acc_t>(k * (beta * r_t - at_target)), q_coef = static_cast<acc_t>(k * at_target);
+      const acc_t diff_coef = static_cast<acc_t>(k * (beta * r_t - at_target));
+      const acc_t q_coef = static_cast<acc_t>(k * at_target);
       const acc_t w_coef = static_cast<acc_t>(k * beta * r_t), kl = static_cast<acc_t>(inner);
       const acc_t t_shift = static_cast<acc_t>(k * lam_grad);
       acc_t* out_s = gradient_row(gs + b * classes, buf + 2 * classes);
