@@ -144,14 +144,35 @@ FASTKD_INLINE void for_packs_except(int64_t n, int64_t skip, Body&& body) {
                [&](int64_t c, int64_t count) __attribute__((always_inline)) { body(skip + 1 + c, count); });
 }
 
+// max x[c] over [0, n): two packs a step into two running maxima (a compare and a blend each: one chain would
+// wait on the last), then the rest one pack at a time.
 template <typename acc_t>
-FASTKD_INLINE acc_t row_max(const acc_t* x, int64_t n, int64_t skip) {
+FASTKD_INLINE pack<acc_t> range_max(const acc_t* x, int64_t n, pack<acc_t> top) {
+  constexpr int64_t kStep = 2 * kWidth<acc_t>;
   const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
-  pack<acc_t> top = splat(lowest);
-  for_packs_except<acc_t>(n, skip, [&](int64_t c, int64_t count) __attribute__((always_inline)) {
-    const pack<acc_t> v = load(x + c, count, lowest);
+  pack<acc_t> other = top;
+  int64_t c = 0;
+  for (; c + kStep <= n; c += kStep) {
+    const pack<acc_t> u = load(x + c, kWidth<acc_t>, lowest), v = load(x + c + kWidth<acc_t>, kWidth<acc_t>, lowest);
+    top = top < u ? u : top;
+    other = other < v ? v : other;
+  }
+  top = top < other ? other : top;
+  for_packs<acc_t>(n - c, [&](int64_t d, int64_t count) __attribute__((always_inline)) {
+    const pack<acc_t> v = load(x + c + d, count, lowest);
     top = top < v ? v : top;
   });
+  return top;
+}
+
+template <typename acc_t>
+FASTKD_INLINE acc_t row_max(const acc_t* x, int64_t n, int64_t skip) {
+  pack<acc_t> top = splat(-std::numeric_limits<acc_t>::infinity());
+  if (skip < 0) {
+    top = range_max(x, n, top);
+  } else {
+    top = range_max(x + skip + 1, n - skip - 1, range_max(x, skip, top));
+  }
   acc_t best = top[0];
   for (int j = 1; j < kWidth<acc_t>; ++j) best = best < top[j] ? top[j] : best;
   return best;
