@@ -12,8 +12,8 @@ Two kinds of torch code live here:
 * :func:`kd_forward_reference`, :func:`kd_backward_reference` and their DKD twins are the
   contract that the native and Triton kernels implement: the forward pass returns the loss and a
   few statistics per row; the backward pass recomputes the gradient of the logits from the logits
-  and those statistics, so no B×C softmax is kept between the passes. The forward passes,
-  differentiated by autograd, are the ``torch`` backend. :func:`kd_with_grad_reference`
+  and those statistics, so no B×C softmax is kept between the passes. The two, as an autograd Function,
+  are the ``torch`` backend. :func:`kd_with_grad_reference`
   (``fastkd::kd_loss_with_grad``) is KD's forward pass that also returns the student's gradient: on
   CPU, where a step is bound by the exponentials, kd_loss's autograd runs it when only the student
   needs a gradient (one B×C gradient kept, half the exponentials).
@@ -462,19 +462,54 @@ for _name, _reference in _OPS.items():
 _native.load()
 
 
+class _KdContract(torch.autograd.Function):
+    """The ``torch`` backend's KD: the contract's forward pass and its closed-form backward (differentiating
+    through the ψ series by autograd would record ~60 B×C nodes; this keeps the stats, as the fused ops do)."""
+
+    @staticmethod
+    def forward(ctx, logits_s, logits_t, temperature):
+        loss, stats = kd_forward_reference(logits_s, logits_t, temperature)
+        ctx.temperature = temperature
+        ctx.save_for_backward(logits_s, logits_t, stats)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits_s, logits_t, stats = ctx.saved_tensors
+        teacher = ctx.needs_input_grad[1]
+        grad_s, grad_t = kd_backward_reference(grad, logits_s, logits_t, stats, ctx.temperature, teacher)
+        return grad_s, grad_t if teacher else None, None
+
+
+class _DkdContract(torch.autograd.Function):
+    """The ``torch`` backend's DKD, as :class:`_KdContract`."""
+
+    @staticmethod
+    def forward(ctx, logits_s, logits_t, target, alpha, beta, temperature):
+        loss, stats = dkd_forward_reference(logits_s, logits_t, target, alpha, beta, temperature)
+        ctx.constants = alpha, beta, temperature
+        ctx.save_for_backward(logits_s, logits_t, target, stats)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits_s, logits_t, target, stats = ctx.saved_tensors
+        teacher = ctx.needs_input_grad[1]
+        grad_s, grad_t = dkd_backward_reference(grad, logits_s, logits_t, target, stats, *ctx.constants, teacher)
+        return (grad_s, grad_t if teacher else None) + (None,) * 4
+
+
 def kd(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The KD loss on the chosen backend: for ``torch`` the op's contract differentiated by autograd (the
-    published computation's value, without its rounding at large T or a student close to its teacher), else
-    the fused op."""
+    """The KD loss on the chosen backend: for ``torch`` the op's contract in eager torch (the published
+    computation's value, without its rounding at large T or a student close to its teacher), else the fused op."""
     if choose_for("kd_loss", logits_s) == "torch":
-        return kd_forward_reference(logits_s, logits_t, temperature)[0]
+        return _KdContract.apply(logits_s, logits_t, temperature)
     return torch.ops.fastkd.kd_loss.default(logits_s, logits_t, temperature)[0]
 
 
 def dkd(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
         temperature: float) -> torch.Tensor:
-    """The DKD loss on the chosen backend: for ``torch`` the op's contract differentiated by autograd, else the
-    fused op."""
+    """The DKD loss on the chosen backend: for ``torch`` the op's contract in eager torch, else the fused op."""
     if choose_for("dkd_loss", logits_s) == "torch":
-        return dkd_forward_reference(logits_s, logits_t, target, alpha, beta, temperature)[0]
+        return _DkdContract.apply(logits_s, logits_t, target, alpha, beta, temperature)
     return torch.ops.fastkd.dkd_loss.default(logits_s, logits_t, target, alpha, beta, temperature)[0]
