@@ -77,7 +77,9 @@ def at_loss(f_s: _Maps, f_t: _Maps, p: float = 2) -> torch.Tensor:
 
     Per pair, after pooling to equal size: a(f) = rownorm(mean_c f^p flattened), loss =
     mean over B·H·W of (a(f_s) − a(f_t))². Channel counts may differ; sequences are summed.
+    ``p`` > 0 (RepDistiller: 2; a fractional p needs non-negative maps, as after a ReLU).
     """
+    p = _checks.number("p", p, positive=True)
     return _sum_over_pairs("f_s", f_s, "f_t", f_t, functools.partial(_at_pair, p=p))
 
 
@@ -114,8 +116,11 @@ def ft_loss(factor_s: torch.Tensor, factor_t: torch.Tensor, p1: float = 2, p2: f
 
     After pooling: F(x) = rownorm(mean_c x^p1 flattened); loss = mean |F(factor_s) − F(factor_t)|^p2.
     ``factor_s`` is the translator's output on the student map, ``factor_t`` the paraphraser's
-    factor of the teacher map (:class:`fastkd.Translator`, :class:`fastkd.Paraphraser`).
+    factor of the teacher map (:class:`fastkd.Translator`, :class:`fastkd.Paraphraser`). p1, p2 > 0
+    (RepDistiller: 2, 1).
     """
+    p1 = _checks.number("p1", p1, positive=True)
+    p2 = _checks.number("p2", p2, positive=True)
     _check_map_pair("factor_s", factor_s, "factor_t", factor_t)
     factor_s, factor_t = _pool_to_smaller("factor_s", factor_s, "factor_t", factor_t)
     return (_spatial_map(factor_s, p1) - _spatial_map(factor_t, p1)).abs().pow(p2).mean()
@@ -134,8 +139,9 @@ def ab_loss(g_s: _Maps, g_t: _Maps, margin: float = 1.0) -> torch.Tensor:
 
     For pair i of n (pre-activation maps of equal shape; the student's after its connector):
     loss = Σ_i 2^(i−n+1) · Σ [(s+m)²·[s > −m ∧ t ≤ 0] + (s−m)²·[s ≤ m ∧ t > 0]] / B · 3/1000.
-    One pair of tensors is n = 1.
+    One pair of tensors is n = 1. The margin m ≥ 0 (RepDistiller: 1).
     """
+    margin = _checks.number("margin", margin, nonnegative=True)
     pairs = _checks.named_pairs("g_s", g_s, "g_t", g_t)
     n = len(pairs)
     return sum(2.0 ** (i - n + 1) * _ab_pair(*pair, margin) / pair[1].shape[0] / 1000 * 3
@@ -186,8 +192,9 @@ def vid_loss(pred_mean: torch.Tensor, target: torch.Tensor, log_scale: torch.Ten
     σ²_c = softplus(log_scale_c) + eps;  loss = mean over B·C·H·W of ½((μ − t)²/σ²_c + log σ²_c).
     ``pred_mean`` is the regressed student map μ, of ``target``'s shape [B, C, H, W] (the module
     pools before regressing); ``log_scale`` is [C]. softplus is ``F.softplus``, which equals the
-    published log(1 + exp(ℓ)) to rounding and stays finite where that overflows.
+    published log(1 + exp(ℓ)) to rounding and stays finite where that overflows. ``eps`` > 0.
     """
+    eps = _checks.number("eps", eps, positive=True)
     _checks.tensor("pred_mean", pred_mean, ndim=4)
     _checks.tensor("target", target, ndim=4)
     _checks.pair("pred_mean", pred_mean, "target", target)

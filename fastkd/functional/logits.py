@@ -29,11 +29,15 @@ def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float =
 
     loss = T² · (1/B) Σ_b Σ_c p_t[b,c] (log p_t[b,c] − log p_s[b,c]),  p = softmax(z / T).
 
-    ``logits_s``, ``logits_t``: [B, C] of one dtype and device. Returns a 0-dim tensor, float32
-    for fp16 / bf16 logits (see the module docstring).
+    ``logits_s``, ``logits_t``: [B, C] of one dtype and device, C ≥ 1 (a softmax over no class is no
+    distribution: C = 0 is refused, on every backend). Returns a 0-dim tensor, float32 for fp16 / bf16
+    logits (see the module docstring). Accurate at any T > 0 (at T ≥ 1e3 and for a student close to its
+    teacher too, where the published form rounds to negative values): see :mod:`fastkd.ops.logits`.
     """
     temperature = _checks.number("temperature", temperature, positive=True)
     _check_logits(logits_s, logits_t)
+    if logits_s.shape[1] < 1:
+        raise ValueError(f"logits_s has 0 classes (shape {tuple(logits_s.shape)}); KD needs at least 1 class")
     return ops.kd(logits_s, logits_t, temperature)
 
 
@@ -46,11 +50,13 @@ def dkd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tenso
     loss = α·T²·(1/B) Σ_b KL(b_t ‖ b_s) + β·T²·(1/B) Σ_b KL(p̂_t ‖ p̂_s)    (TCKD + NCKD).
 
     log b comes from log-sum-exp, so a confident student (p_gt rounding to 1) gives a finite loss
-    where mdistiller's log(1 − p_gt) is −inf. ``target``: int64 [B] in [0, C), C ≥ 2. mdistiller's
+    where mdistiller's log(1 − p_gt) is −inf; accurate at any T > 0, for a student close to its teacher
+    and at logits of 1e4 (the teacher's gradient included). α, β ≥ 0. ``target``: int64 [B] in [0, C),
+    C ≥ 2. mdistiller's
     warm-up factor min(epoch / 20, 1) is applied by :class:`fastkd.DKDLoss`, not here.
     """
-    alpha = _checks.number("alpha", alpha)
-    beta = _checks.number("beta", beta)
+    alpha = _checks.number("alpha", alpha, nonnegative=True)
+    beta = _checks.number("beta", beta, nonnegative=True)
     temperature = _checks.number("temperature", temperature, positive=True)
     _check_logits(logits_s, logits_t)
     batch, num_classes = logits_s.shape

@@ -71,6 +71,24 @@ def _flat(f: torch.Tensor) -> torch.Tensor:
     return f.reshape(f.shape[0], -1)
 
 
+LEAST_FUSED_WIDTH = 3  # RKD and PKT with fewer features per sample run the published computation
+
+
+def _fused(op: str, f_s: torch.Tensor, f_t: torch.Tensor) -> bool:
+    """Whether ``op`` runs as the fused op here: not on the ``torch`` backend, and not where a side has fewer
+    than LEAST_FUSED_WIDTH features per sample. With one or two features pairs of samples are (nearly) parallel,
+    antiparallel or close together as a rule, where the fused ops' Gram route (distances and cosines from
+    G = XXᵀ, RKD's angles by the law of cosines, gradients as M·X) rounds and the published computation, which
+    forms the differences and normalises each row, does not: with one feature RKD's angles are exactly ±1; in the
+    plane the Gram route's RKD angle gradients were measured 30-3,000× and PKT's 10× further from float64 than the
+    published computation's (fp32, 8-33 samples). From 3 features on such pairs are the exception (RKD's angle
+    term rounds each angle to ε·max‖x‖² / (‖x_j − x_i‖·‖x_k − x_i‖), see fastkd.ops.similarity): measured within
+    the fuzz tests' bound but for one draw of 128 samples in 3 dimensions. The published computation is cheap at
+    these widths."""
+    return (choose_for(op, f_s) != "torch" and math.prod(f_s.shape[1:]) >= LEAST_FUSED_WIDTH
+            and math.prod(f_t.shape[1:]) >= LEAST_FUSED_WIDTH)
+
+
 # --- CC (RepDistiller form) -------------------------------------------------------------------
 
 def cc_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
@@ -95,12 +113,13 @@ def cc_loss(e_s: torch.Tensor, e_t: torch.Tensor) -> torch.Tensor:
 # --- CCKD (paper form) ------------------------------------------------------------------------
 
 def _taylor_rbf(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
-    """Σ_{p=0..P} e^{−2γ}(2γ)^p/p! · g^p with g = ê êᵀ, evaluated by Horner's rule."""
+    """Σ_{p=0..P} e^{−2γ}(2γ)^p/p! · g^p with g = ê êᵀ, evaluated by Horner's rule from 0 (so that k is a
+    function of g for every P: at P = 0, a constant with a zero gradient, as the fused op gives)."""
     unit = F.normalize(upcast(e), dim=1)
     g = unit @ unit.T
     coef = [math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) for p in range(order + 1)]
-    k = torch.full_like(g, coef[order])
-    for c in reversed(coef[:order]):
+    k = torch.zeros_like(g)
+    for c in reversed(coef):
         k = k * g + c
     return k
 
@@ -118,7 +137,8 @@ def cckd_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float = 0.4, order: i
         e_s: student embeddings ``[B, D_s]``.
         e_t: teacher embeddings ``[B, D_t]`` (D_t may differ from D_s).
         gamma: the RBF's γ > 0 (paper: 0.4).
-        order: the Taylor order P ≥ 0 (paper: 2).
+        order: the Taylor order P ≥ 0 (paper: 2). At P = 0 k is the constant e^{−2γ}: the loss is 0, with
+            a graph and a zero gradient on every backend.
 
     Returns:
         0-dim tensor; defined for B = 1 (then 0).
@@ -168,9 +188,12 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
 
     Args:
         f_s, f_t: student and teacher features ``[B, ...]`` (flattened per sample; their widths
-            may differ), B ≥ 2.
-        w_dist, w_angle: the weights of the distance and angle terms (RepDistiller: 25, 50).
+            may differ), B ≥ 2. One or two features per sample run the published computation on
+            every backend (the fused ops' Gram route rounds the angles of so few dimensions: ±1 with one).
+        w_dist, w_angle: the weights of the distance and angle terms, finite and ≥ 0 (RepDistiller: 25, 50).
     """
+    w_dist = _checks.number("w_dist", w_dist, nonnegative=True)
+    w_angle = _checks.number("w_angle", w_angle, nonnegative=True)
     _checks.pair_of("f_s", f_s, "f_t", f_t, min_ndim=2)
     _checks.min_batch("f_s", f_s, 2, "distances need two samples")
     student = upcast(f_s).reshape(f_s.shape[0], -1)
@@ -181,7 +204,7 @@ def rkd_loss(f_s: torch.Tensor, f_t: torch.Tensor, w_dist: float = 25.0, w_angle
 
 def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """smooth_l1(d_s / μ_s, d_t / μ_t) on the chosen backend (the fused op takes the inputs' dtype)."""
-    if choose_for("rkd_distance_loss", f_s) != "torch":
+    if _fused("rkd_distance_loss", f_s, f_t):
         return torch.ops.fastkd.rkd_distance_loss.default(_flat(f_s), _flat(f_t).detach())[0]
     with torch.no_grad():
         d_t = _normalized_distances(teacher)
@@ -191,7 +214,7 @@ def _rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, t
 def _rkd_angle(f_s: torch.Tensor, f_t: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """smooth_l1(a_s, a_t) on the chosen backend (the fused op takes the inputs' dtype and never forms the
     [B, B, D] differences; see fastkd.ops.similarity for how it treats (near-)duplicated rows)."""
-    if choose_for("rkd_angle_loss", f_s) != "torch":
+    if _fused("rkd_angle_loss", f_s, f_t):
         return torch.ops.fastkd.rkd_angle_loss.default(_flat(f_s), _flat(f_t).detach())[0]
     with torch.no_grad():
         a_t = _angles(teacher)
@@ -217,7 +240,9 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
 
     Args:
         f_s: student features ``[B, D_s]``.
-        f_t: teacher features ``[B, D_t]`` (D_t may differ from D_s).
+        f_t: teacher features ``[B, D_t]`` (D_t may differ from D_s). D ≤ 2 runs the published
+            computation on every backend: (1 + cos)/2 of (nearly) antiparallel pairs, common there, is of the
+            order of eps, where the fused op's Gram-based gradient cancels.
         eps: the stabiliser ≥ 0 (RepDistiller: 1e-7).
 
     Returns:
@@ -225,7 +250,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float = 1e-7) -> torch.T
     """
     eps = _checks.number("eps", eps, nonnegative=True)
     _checks.pair_of("f_s", f_s, "f_t", f_t, ndim=2)
-    if choose_for("pkt_loss", f_s) != "torch":
+    if _fused("pkt_loss", f_s, f_t):
         return torch.ops.fastkd.pkt_loss.default(f_s, f_t, eps)[0]
     p_s = _cosine_probabilities(f_s, eps)
     p_t = _cosine_probabilities(f_t, eps)

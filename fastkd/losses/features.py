@@ -111,7 +111,7 @@ class ATLoss(nn.Module):
 
     def __init__(self, p: float = 2) -> None:
         super().__init__()
-        self.p = p
+        self.p = _checks.number("p", p, positive=True)
 
     def forward(self, f_s: _Maps, f_t: _Maps) -> torch.Tensor:
         return at_loss(f_s, f_t, self.p)
@@ -138,8 +138,8 @@ class FTLoss(nn.Module):
 
     def __init__(self, p1: float = 2, p2: float = 1) -> None:
         super().__init__()
-        self.p1 = p1
-        self.p2 = p2
+        self.p1 = _checks.number("p1", p1, positive=True)
+        self.p2 = _checks.number("p2", p2, positive=True)
 
     def forward(self, factor_s: torch.Tensor, factor_t: torch.Tensor) -> torch.Tensor:
         return ft_loss(factor_s, factor_t, self.p1, self.p2)
@@ -150,7 +150,7 @@ class FTLoss(nn.Module):
 
 def _factor_channels(c_t: int, k: float) -> int:
     """int(C_t·k), FT's factor channels; at least 1."""
-    channels = int(c_t * k)
+    channels = int(c_t * _checks.number("k", k, positive=True))
     if channels < 1:
         raise ValueError(f"k = {k} gives int({c_t}·k) = {channels} factor channels; it must be at least 1")
     return channels
@@ -217,7 +217,7 @@ class ABLoss(nn.Module):
 
     def __init__(self, margin: float = 1.0) -> None:
         super().__init__()
-        self.margin = margin
+        self.margin = _checks.number("margin", margin, nonnegative=True)
 
     def forward(self, g_s: _Maps, g_t: _Maps) -> torch.Tensor:
         return ab_loss(g_s, g_t, self.margin)
@@ -248,7 +248,8 @@ class VIDLoss(nn.Module):
     def __init__(self, num_input_channels: int, num_mid_channel: int, num_target_channels: int,
                  init_pred_var: float = 5.0, eps: float = 1e-5) -> None:
         super().__init__()
-        if not init_pred_var > eps:
+        eps = _checks.number("eps", eps, positive=True)
+        if not _checks.number("init_pred_var", init_pred_var) > eps:
             raise ValueError(f"init_pred_var ({init_pred_var}) must exceed eps ({eps})")
         self.regressor = nn.Sequential(
             nn.Conv2d(num_input_channels, num_mid_channel, kernel_size=1, bias=False),

@@ -37,8 +37,8 @@ class DKDLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 20) -> None:
         super().__init__()
-        self.alpha = _checks.number("alpha", alpha)
-        self.beta = _checks.number("beta", beta)
+        self.alpha = _checks.number("alpha", alpha, nonnegative=True)
+        self.beta = _checks.number("beta", beta, nonnegative=True)
         self.temperature = _checks.number("temperature", temperature, positive=True)
         self.warmup = _checks.number("warmup", warmup, positive=True)
 

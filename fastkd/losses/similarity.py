@@ -103,8 +103,8 @@ class RKDLoss(nn.Module):
 
     def __init__(self, w_dist: float = 25.0, w_angle: float = 50.0) -> None:
         super().__init__()
-        self.w_dist = w_dist
-        self.w_angle = w_angle
+        self.w_dist = _checks.number("w_dist", w_dist, nonnegative=True)
+        self.w_angle = _checks.number("w_angle", w_angle, nonnegative=True)
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
         return rkd_loss(f_s, f_t, w_dist=self.w_dist, w_angle=self.w_angle)

@@ -8,37 +8,32 @@ Two kinds of torch code live here:
 
 * :func:`kd_reference` and :func:`dkd_reference` are the published computations (log-softmax of
   z/T, the KL summed over classes, the mean over the batch), differentiated by autograd: the
-  oracle of the tests and the ``torch`` backend.
+  yardstick of the tests ("plain PyTorch"), whose rounding at the edges the contract avoids.
 * :func:`kd_forward_reference`, :func:`kd_backward_reference` and their DKD twins are the
   contract that the native and Triton kernels implement: the forward pass returns the loss and a
-  few fp32 statistics per row (log-sum-exps and the row's KL terms); the backward pass recomputes
-  the gradient of the logits from the logits and those statistics, so no B×C softmax is kept
-  between the passes. :func:`kd_with_grad_reference` (``fastkd::kd_loss_with_grad``) is KD's forward
-  pass that also returns the student's gradient: on CPU, where a step is bound by the exponentials,
-  kd_loss's autograd runs it when only the student needs a gradient (one B×C gradient kept, half the
-  exponentials).
+  few statistics per row; the backward pass recomputes the gradient of the logits from the logits
+  and those statistics, so no B×C softmax is kept between the passes. The two, as an autograd Function,
+  are the ``torch`` backend. :func:`kd_with_grad_reference`
+  (``fastkd::kd_loss_with_grad``) is KD's forward pass that also returns the student's gradient: on
+  CPU, where a step is bound by the exponentials, kd_loss's autograd runs it when only the student
+  needs a gradient (one B×C gradient kept, half the exponentials).
 
-With z = x / T (fp32 at least), lse(z) = log Σ_c exp z_c and the target class g of a row:
+The formulas (the comment above the contract's section below derives them), with z = x / T in fp32 at
+least, p = softmax(z), u the upstream gradient and k = u·T/B:
 
-KD   loss = T²/B Σ_b KL_b,  KL_b = Σ_c p_t (log p_t − log p_s),  log p = z − lse(z);
-     stats [B, 3] = (lse(z_s), lse(z_t), KL_b);
-     d loss/d x_s = u·T/B·(p_s − p_t),  d loss/d x_t = u·T/B·p_t (log p_t − log p_s − KL_b)
-     (u: the upstream gradient).
+KD   loss = T²/B Σ_b KL(p_t ‖ p_s) = T²/B Σ_b Σ_c p_t ψ(w_c), ψ(w) = e^{−w} − 1 + w, w = log p_t − log p_s;
+     d loss/d x_s = k (p_s − p_t),  d loss/d x_t = k p_t (w − KL_b).
 
-DKD  O = lse(z over c ≠ g) (the non-target classes), L = logaddexp(O, z_g), L̂ = logaddexp(O, z_g − 1000)
-     (mdistiller masks the target by subtracting 1000 from it), log b = (z_g − L, O − L),
-     q_c = exp(z_c − O) for c ≠ g, r = exp(O − L̂), ĝ = exp(z_g − 1000 − L̂);
-     TCKD_b = Σ_i b_t,i (log b_t,i − log b_s,i),
-     NCKD_b = r_t (Σ_{c≠g} q_t,c (log q_t,c − log q_s,c) + log r_t − log r_s) + ĝ_t (log ĝ_t − log ĝ_s),
-     loss = T²/B Σ_b (α TCKD_b + β NCKD_b);  stats [B, 4] = (O_s, O_t, TCKD_b, NCKD_b).
-     With k = u·T/B, for c ≠ g:
-       d loss/d x_s,c = k [q_s,c (α (b_s,o − b_t,o) + β r_s) − β r_t q_t,c],
-       d loss/d x_t,c = k q_t,c [α b_t,o (D_o − TCKD_b)
-                                 + β r_t (log q_t,c − log q_s,c + log r_t − log r_s − NCKD_b)],
-     and at c = g:
-       d loss/d x_s,g = k [α (b_s,gt − b_t,gt) + β (ĝ_s − ĝ_t)],
-       d loss/d x_t,g = k [α b_t,gt (D_gt − TCKD_b) + β ĝ_t (log ĝ_t − log ĝ_s − NCKD_b)],
-     where D_i = log b_t,i − log b_s,i. Every exponential has a non-positive argument.
+DKD  with g the target, q = softmax over the classes c ≠ g, λ = z_g − lse(z_{c≠g}) the target's log-odds,
+     b = (σ(λ), σ(−λ)), b̂ = (σ(λ − 1000), σ(−λ + 1000)) (mdistiller's −1000 on the target):
+     loss = T²/B Σ_b (α TCKD_b + β NCKD_b),  TCKD = KL(b_t ‖ b_s),  NCKD = r_t KL(q_t ‖ q_s) + KL(b̂_t ‖ b̂_s)
+     (r = b̂_2, the mass of the non-target classes; the chain rule of KL over {g} ∪ {the rest}); the
+     gradients in the contract section.
+
+Edges: both losses are accurate to their dtype's rounding where the published computation is not: at
+T ≥ 1e3 (where it turns negative), a student within 1e-3 of its teacher, logits of 1e4 or any common
+offset (log-ratios against each row's own maximum), and one-hot rows; the teacher's gradient stays finite
+at logits of 1e4 in fp16. Zero classes are refused by :func:`fastkd.functional.kd_loss`.
 
 The loss is float32 for fp16 / bf16 logits (the policy of :mod:`fastkd.functional.logits`), the
 gradients have the logits' dtype. Gradients reach both the student and the teacher logits (the
@@ -49,6 +44,8 @@ in C++ for CPU tensors (dispatch key AutogradCPU), which spares a CPU step torch
 wrapper (most of the time of a 64 × 100 step).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -110,31 +107,158 @@ def dkd_reference(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.
 
 
 # ---------------------------------------------------------------- the contract of the fused ops
+#
+# Both losses are sums of KL divergences between two softmaxes, each a second-order quantity in the
+# log-ratios w_c = log p_t,c − log p_s,c, so Σ p_t w (the published form) cancels its first-order parts:
+# its error is ε·|log p| against a value of order Var(w), and at T ≥ 1e3 or a student within 1e-3 of its
+# teacher it is mostly rounding (negative at T = 1e6). The contract computes instead
+#
+#     KL = Σ_c p_t,c ψ(w_c),   ψ(w) = e^{−w} − 1 + w ≥ 0
+#
+# (Σ p_t e^{−w} = Σ p_s = 1 makes the two forms equal), a sum of non-negative terms, each accurate to its
+# dtype's rounding: ψ comes from its Taylor series for |w| < 1 (_psi_near_zero) and p_t ψ(w) = p_s − p_t + p_t w
+# elsewhere (kl_term). The log-ratios come from the logits and three numbers per row, the two rows' largest
+# logits M and ρ = ℓ_t − ℓ_s, ℓ = log Σ exp((x − M)/T) (log_ratio): w = (x_t − x_s)/T − Δ with
+# Δ = (M_t − M_s)/T + ρ = lse(z_t) − lse(z_s) where the maxima are close (the logits' difference then rounds
+# relative to itself), each logit against its own row's maximum where they are not. ρ₀ computed from the two
+# sums carries an error η of the order of their rounding, and the sum above is stationary in ρ: with w₀ from
+# ρ₀ it is KL + P·(e^η − 1 − η), P = Σ p_t. One Newton step recovers both: with h = Σ p_t (e^{−w₀} − 1) / P
+# (= e^η − 1) and y = log1p(h),
+#
+#     KL = Σ p_t ψ(w₀) − P·ψ(−y),   ρ = ρ₀ − y,
+#
+# the difference of two non-negative terms whose exact value is ≥ 0 (the minimum over ρ of a sum of
+# non-negative terms), so a negative result is rounding and is clamped to 0. (The native kernels take the
+# plain Σ p_t w₀ in a row whose KL is at least 1/4, where its rounding is below 16ε·KL, and this sum elsewhere.)
+# Every exponential has its row's largest logit subtracted before the division by T, as log_softmax does.
+# Gradients come from the same log-ratios: p_s − p_t = p_t (e^{−w} − 1) (prob_difference) without cancellation
+# where p_s ≈ p_t.
+#
+# KD   stats [B, 5] = (M_t, ℓ_t, KL_b, ρ, M_s), M in logit units (exact); loss = T²/B Σ_b KL_b;
+#      log p_t = (x_t − M_t)/T − ℓ_t, log p_s = (x_s − M_s)/T − (ℓ_t − ρ), w = log_ratio(...);
+#      d loss/d x_s = u·T/B·(p_s − p_t),  d loss/d x_t = u·T/B·p_t (w − KL_b).
+#
+# DKD  the same over the non-target classes (q = softmax over c ≠ g): stats [B, 7] = (M_t, ℓ_t, TCKD_b,
+#      NCKD_b, ρ, M_s, K_b) with M, ℓ, ρ of those classes and K_b = KL(q_t ‖ q_s). With λ = z_g − O the log-odds
+#      of the target (O = lse over c ≠ g; λ_t = (x_t,g − M_t)/T − ℓ_t) and δ = λ_t − λ_s, the target column's
+#      log-ratio:
+#        b = (σ(λ), σ(−λ)),  TCKD = KL(b_t ‖ b_s),
+#        b̂ = (ĝ, r) = (σ(λ̂), σ(−λ̂)) with λ̂ = λ − 1000 (mdistiller's mask),  NCKD = r_t K + KL(b̂_t ‖ b̂_s)
+#      (the chain rule of KL over {target} ∪ {the rest}), the binary log-ratios from softplus differences
+#      (softplus_difference). With k = u·T/B,
+#        A = α (b_s,gt − b_t,gt) + β (ĝ_s − ĝ_t),
+#        G = α b_t,gt b_t,o (w_gt − w_o) + β ĝ_t r_t (ŵ_gt − ŵ_o − K)     (∂ loss_b/∂λ_t),
+#        d/d x_s,g = k A,   d/d x_s,c = k [β r_t (q_s,c − q_t,c) − q_s,c A],
+#        d/d x_t,g = k G,   d/d x_t,c = k q_t,c [β r_t (w_c − K) − G].
+
+PSI_RADIUS = 1.0  # |w| below which ψ(w) comes from its Taylor series
+FAR_MAXIMA = 8.0  # |M_t − M_s|/T above which log-ratios are taken against each row's own maximum
+
+
+def _psi_near_zero(w: torch.Tensor) -> torch.Tensor:
+    """ψ(w) = e^{−w} − 1 + w = w² Σ_{n≥0} (−w)^n / (n + 2)! for |w| ≤ 1, by Horner's rule on the first 10
+    terms (fp32: truncation < 1/(12!·ψ(1)) = 6e-9 relative) or 17 (fp64: < 2e-17)."""
+    terms = 17 if w.dtype == torch.float64 else 10
+    u = -w
+    total = torch.full_like(w, 1.0 / math.factorial(terms + 1))
+    for n in range(terms - 2, -1, -1):
+        total = total * u + 1.0 / math.factorial(n + 2)
+    return w * w * total
+
+
+def psi(w: torch.Tensor) -> torch.Tensor:
+    """ψ(w) = e^{−w} − 1 + w ≥ 0, accurate to rounding for every w (the series near 0)."""
+    near = w.abs() < PSI_RADIUS
+    return torch.where(near, _psi_near_zero(w.clamp(-PSI_RADIUS, PSI_RADIUS)), torch.expm1(-w) + w)
+
+
+def kl_term(p_t: torch.Tensor, p_s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """p_t (log p_t − log p_s) + p_s − p_t = p_t ψ(w), w = log p_t − log p_s: a KL term plus a term whose
+    sum over a distribution's support is 0, ≥ 0 and without cancellation (the series for |w| < 1)."""
+    near = w.abs() < PSI_RADIUS
+    return torch.where(near, p_t * _psi_near_zero(w.clamp(-PSI_RADIUS, PSI_RADIUS)), p_s - p_t + p_t * w)
+
+
+def prob_difference(p_t: torch.Tensor, p_s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """p_s − p_t = p_t (e^{−w} − 1), w = log p_t − log p_s: relative accuracy where p_s ≈ p_t (the series)."""
+    near = w.abs() < PSI_RADIUS
+    w_near = w.clamp(-PSI_RADIUS, PSI_RADIUS)
+    return torch.where(near, p_t * (_psi_near_zero(w_near) - w_near), p_s - p_t)
+
+
+def _row_parts(x: torch.Tensor, temperature: float, skip: torch.Tensor | None):
+    """(M, ℓ, log p) of each row of z = x / T over the columns not in ``skip``: M the row's largest logit
+    (logit units), ℓ = log Σ exp((x − M)/T), log p = (x − M)/T − ℓ (−inf at skipped columns). M is detached:
+    nothing depends on it but the rounding."""
+    if skip is not None:
+        x = x.masked_fill(skip, float("-inf"))
+    top = x.amax(dim=1, keepdim=True).detach()
+    shifted = (x - top) / temperature
+    ell = shifted.logsumexp(dim=1, keepdim=True)
+    return top, ell, shifted - ell
+
+
+def log_ratio(x_s: torch.Tensor, x_t: torch.Tensor, top_s: torch.Tensor, top_t: torch.Tensor, rho: torch.Tensor,
+              temperature: float) -> torch.Tensor:
+    """w = log p_t − log p_s of every column from each row's maxima M and ρ = ℓ_t − ℓ_s: (x_t − x_s)/T − Δ
+    with Δ = (M_t − M_s)/T + ρ where the maxima are within FAR_MAXIMA·T (the difference of the logits is then
+    exact to its own rounding), else ((x_t − M_t) − (x_s − M_s))/T − ρ (each logit against its own row's
+    maximum, as log_softmax does)."""
+    gap = (top_t - top_s) / temperature
+    far = gap.abs() > FAR_MAXIMA
+    zero = torch.zeros_like(gap)
+    shift_t, shift_s = torch.where(far, top_t, zero), torch.where(far, top_s, zero)
+    return ((x_t - shift_t) - (x_s - shift_s)) / temperature - torch.where(far, rho, gap + rho)
+
+
+def _kl_rows(x_s: torch.Tensor, x_t: torch.Tensor, temperature: float, skip: torch.Tensor | None = None):
+    """Per row [B, 1]: (M_t, ℓ_t, KL(p_t ‖ p_s), ρ, M_s) for p = softmax(x / T) over the columns not in ``skip``,
+    ρ = ℓ_t − ℓ_s after the Newton step (the large-|w| terms take p_s = p_t e^{−w₀}, consistent with w₀)."""
+    top_s, ell_s, _ = _row_parts(x_s, temperature, skip)
+    top_t, ell_t, log_p_t = _row_parts(x_t, temperature, skip)
+    rho0 = ell_t - ell_s
+    w0 = log_ratio(x_s, x_t, top_s, top_t, rho0, temperature)
+    if skip is not None:
+        w0 = w0.masked_fill(skip, 0.0)
+    p_t = log_p_t.exp()
+    terms = kl_term(p_t, (log_p_t - w0).exp(), w0)
+    mass = p_t.sum(dim=1, keepdim=True)
+    y = torch.log1p((terms - p_t * w0).sum(dim=1, keepdim=True) / mass)
+    kl = (terms.sum(dim=1, keepdim=True) - mass * psi(-y)).clamp_min(0.0)
+    return top_t, ell_t, kl, rho0 - y, top_s
+
+
+def _log_probs(x_s: torch.Tensor, x_t: torch.Tensor, top_t: torch.Tensor, ell_t: torch.Tensor, rho: torch.Tensor,
+               top_s: torch.Tensor, temperature: float, skip: torch.Tensor | None = None):
+    """(log p_t, log p_s, w) of every column from a row's (M_t, ℓ_t, ρ, M_s); −inf, −inf, 0 at ``skip``."""
+    log_p_t = (x_t - top_t) / temperature - ell_t
+    log_p_s = (x_s - top_s) / temperature - (ell_t - rho)
+    w = log_ratio(x_s, x_t, top_s, top_t, rho, temperature)
+    if skip is not None:
+        log_p_t, log_p_s = log_p_t.masked_fill(skip, float("-inf")), log_p_s.masked_fill(skip, float("-inf"))
+        w = w.masked_fill(skip, 0.0)
+    return log_p_t, log_p_s, w
 
 
 def kd_forward_reference(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float):
-    """``fastkd::kd_loss``: (loss, stats [B, 3] = (lse_s, lse_t, KL_b)) in the accumulation dtype."""
-    z_s, z_t = _scaled(logits_s, temperature), _scaled(logits_t, temperature)
-    lse_s, lse_t = z_s.logsumexp(dim=1), z_t.logsumexp(dim=1)
-    log_p_s, log_p_t = z_s - lse_s.unsqueeze(1), z_t - lse_t.unsqueeze(1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)
+    """``fastkd::kd_loss``: (loss, stats [B, 5] = (M_t, ℓ_t, KL_b, ρ, M_s)) in the accumulation dtype."""
+    top_t, ell_t, kl, rho, top_s = _kl_rows(upcast(logits_s), upcast(logits_t), temperature)
     loss = kl.sum() * (temperature**2 / logits_s.shape[0])
-    return loss, torch.stack([lse_s, lse_t, kl], dim=1)
+    return loss, torch.cat([top_t, ell_t, kl, rho, top_s], dim=1)
 
 
 def kd_backward_reference(grad: torch.Tensor, logits_s: torch.Tensor, logits_t: torch.Tensor, stats: torch.Tensor,
                           temperature: float, teacher_grad: bool):
     """``fastkd::kd_loss_backward``: (d/d logits_s, d/d logits_t) times ``grad``; the second is
     empty ([0]) unless ``teacher_grad``."""
-    z_s, z_t = _scaled(logits_s, temperature), _scaled(logits_t, temperature)
-    scale = grad.to(stats.dtype) * (temperature / logits_s.shape[0])
-    log_p_s, log_p_t = z_s - stats[:, :1], z_t - stats[:, 1:2]
+    top_t, ell_t, kl, rho, top_s = stats.split(1, dim=1)
+    log_p_t, log_p_s, w = _log_probs(upcast(logits_s), upcast(logits_t), top_t, ell_t, rho, top_s, temperature)
     p_t = log_p_t.exp()
-    grad_s = (scale * (log_p_s.exp() - p_t)).to(logits_s.dtype)
+    scale = grad.to(stats.dtype) * (temperature / logits_s.shape[0])
+    grad_s = (scale * prob_difference(p_t, log_p_s.exp(), w)).to(logits_s.dtype)
     if not teacher_grad:
         return grad_s, logits_t.new_empty(0)
-    grad_t = scale * p_t * (log_p_t - log_p_s - stats[:, 2:3])
-    return grad_s, grad_t.to(logits_t.dtype)
+    return grad_s, (scale * p_t * (w - kl)).to(logits_t.dtype)
 
 
 def kd_with_grad_reference(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float):
@@ -147,58 +271,76 @@ def kd_with_grad_reference(logits_s: torch.Tensor, logits_t: torch.Tensor, tempe
     return loss, stats, kd_backward_reference(one, logits_s, logits_t, stats, temperature, False)[0]
 
 
-def _dkd_row_terms(z: torch.Tensor, target: torch.Tensor, other: torch.Tensor):
-    """Per row: (z_g, log b_gt, log b_o, log r, log ĝ) from the logits and O = lse(non-target)."""
-    z_g = z.gather(1, target.unsqueeze(1)).squeeze(1)
-    lse_all = torch.logaddexp(other, z_g)
-    lse_masked = torch.logaddexp(other, z_g - TARGET_SHIFT)
-    return z_g, z_g - lse_all, other - lse_all, other - lse_masked, z_g - TARGET_SHIFT - lse_masked
+def softplus_difference(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """sp(a + d) − sp(a), sp(x) = log(1 + e^x), without cancellation: log1p(σ(a)·expm1(d)) for |d| < 1, else
+    the parts max(x, 0) and log1p(e^{−|x|}) differenced apart (each exact or below log 2)."""
+    near = d.abs() < 1.0
+    d_near = d.clamp(-1.0, 1.0)
+    small = torch.log1p(torch.sigmoid(a) * torch.expm1(d_near))
+    far = (F.relu(a + d) - F.relu(a)) + (F.softplus(-(a + d).abs()) - F.softplus(-a.abs()))
+    return torch.where(near, small, far)
+
+
+def _binary(lam_t: torch.Tensor, gap: torch.Tensor):
+    """Two-outcome distributions (target, rest) with log-odds λ_t and λ_s = λ_t − δ ([B, 1] each): (b_t, b_s,
+    w = log b_t − log b_s), each [B, 2]; b = (σ(λ), σ(−λ)), log σ(λ) = −sp(−λ)."""
+    lam_s = lam_t - gap
+    b_t = torch.cat([torch.sigmoid(lam_t), torch.sigmoid(-lam_t)], dim=1)
+    b_s = torch.cat([torch.sigmoid(lam_s), torch.sigmoid(-lam_s)], dim=1)
+    w = torch.cat([softplus_difference(-lam_t, gap), softplus_difference(lam_t, -gap)], dim=1)
+    return b_t, b_s, w
+
+
+def _with_target(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor):
+    """(x_s, x_t) in the accumulation dtype and the [B, C] mask of the target columns."""
+    x_s, x_t = upcast(logits_s), upcast(logits_t)
+    return x_s, x_t, torch.zeros_like(x_s, dtype=torch.bool).scatter(1, target.unsqueeze(1), True)
+
+
+def _target_binaries(x_s: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor, top_t: torch.Tensor,
+                     ell_t: torch.Tensor, rho: torch.Tensor, top_s: torch.Tensor, temperature: float):
+    """(b_t, b_s, w) of TCKD's (target, rest) and of NCKD's (target − 1000, rest) from the target logits and
+    the non-target (M_t, ℓ_t, ρ, M_s): λ_t = (x_t,g − M_t)/T − ℓ_t, δ = λ_t − λ_s = the target column's log_ratio."""
+    xg_s, xg_t = x_s.gather(1, target.unsqueeze(1)), x_t.gather(1, target.unsqueeze(1))
+    lam_t = (xg_t - top_t) / temperature - ell_t
+    gap = log_ratio(xg_s, xg_t, top_s, top_t, rho, temperature)
+    return _binary(lam_t, gap), _binary(lam_t - TARGET_SHIFT, gap)
 
 
 def dkd_forward_reference(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, alpha: float,
                           beta: float, temperature: float):
-    """``fastkd::dkd_loss``: (loss, stats [B, 4] = (O_s, O_t, TCKD_b, NCKD_b)) in the accumulation dtype."""
-    z_s, z_t = _scaled(logits_s, temperature), _scaled(logits_t, temperature)
-    is_target = torch.zeros_like(z_s, dtype=torch.bool).scatter(1, target.unsqueeze(1), True)
-    other_s = z_s.masked_fill(is_target, float("-inf")).logsumexp(dim=1)
-    other_t = z_t.masked_fill(is_target, float("-inf")).logsumexp(dim=1)
-    _, lb_gt_s, lb_o_s, log_r_s, log_g_s = _dkd_row_terms(z_s, target, other_s)
-    _, lb_gt_t, lb_o_t, log_r_t, log_g_t = _dkd_row_terms(z_t, target, other_t)
-    tckd = lb_gt_t.exp() * (lb_gt_t - lb_gt_s) + lb_o_t.exp() * (lb_o_t - lb_o_s)
-    log_q_s, log_q_t = z_s - other_s.unsqueeze(1), z_t - other_t.unsqueeze(1)
-    inner = (log_q_t.exp() * (log_q_t - log_q_s)).masked_fill(is_target, 0.0).sum(dim=1)
-    nckd = log_r_t.exp() * (inner + log_r_t - log_r_s) + log_g_t.exp() * (log_g_t - log_g_s)
+    """``fastkd::dkd_loss``: (loss, stats [B, 7] = (M_t, ℓ_t, TCKD_b, NCKD_b, ρ, M_s, K_b)) in the accumulation
+    dtype (M, ℓ, ρ of the non-target classes)."""
+    x_s, x_t, is_target = _with_target(logits_s, logits_t, target)
+    top_t, ell_t, inner, rho, top_s = _kl_rows(x_s, x_t, temperature, skip=is_target)
+    binary, masked = _target_binaries(x_s, x_t, target, top_t, ell_t, rho, top_s, temperature)
+    tckd = kl_term(*binary).sum(dim=1, keepdim=True)
+    nckd = masked[0][:, 1:] * inner + kl_term(*masked).sum(dim=1, keepdim=True)
     loss = (alpha * tckd + beta * nckd).sum() * (temperature**2 / logits_s.shape[0])
-    return loss, torch.stack([other_s, other_t, tckd, nckd], dim=1)
+    return loss, torch.cat([top_t, ell_t, tckd, nckd, rho, top_s, inner], dim=1)
 
 
 def dkd_backward_reference(grad: torch.Tensor, logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor,
                            stats: torch.Tensor, alpha: float, beta: float, temperature: float, teacher_grad: bool):
-    """``fastkd::dkd_loss_backward``: (d/d logits_s, d/d logits_t) times ``grad`` (formulas in the module
-    docstring); the second is empty ([0]) unless ``teacher_grad``."""
-    z_s, z_t = _scaled(logits_s, temperature), _scaled(logits_t, temperature)
-    other_s, other_t, tckd, nckd = stats.unbind(1)
-    _, lb_gt_s, lb_o_s, log_r_s, log_g_s = _dkd_row_terms(z_s, target, other_s)
-    _, lb_gt_t, lb_o_t, log_r_t, log_g_t = _dkd_row_terms(z_t, target, other_t)
+    """``fastkd::dkd_loss_backward``: (d/d logits_s, d/d logits_t) times ``grad`` (formulas above); the second
+    is empty ([0]) unless ``teacher_grad``."""
+    top_t, ell_t, _, _, rho, top_s, inner = stats.split(1, dim=1)
+    x_s, x_t, is_target = _with_target(logits_s, logits_t, target)
+    (b_t, b_s, w), (h_t, h_s, w_h) = _target_binaries(x_s, x_t, target, top_t, ell_t, rho, top_s, temperature)
     k = grad.to(stats.dtype) * (temperature / logits_s.shape[0])
-    is_target = torch.zeros_like(z_s, dtype=torch.bool).scatter(1, target.unsqueeze(1), True)
-    col = lambda v: v.unsqueeze(1)  # noqa: E731  a per-row value against the row's columns
-    log_q_s, log_q_t = z_s - col(other_s), z_t - col(other_t)
-    q_s, q_t = log_q_s.exp(), log_q_t.exp()
-    r_s, r_t = log_r_s.exp(), log_r_t.exp()
-    g_s, g_t = log_g_s.exp(), log_g_t.exp()
-    b_gt_t, b_o_t = lb_gt_t.exp(), lb_o_t.exp()
-    non_target = q_s * col(alpha * (lb_o_s.exp() - b_o_t) + beta * r_s) - beta * col(r_t) * q_t
-    at_target = alpha * (lb_gt_s.exp() - b_gt_t) + beta * (g_s - g_t)
-    grad_s = (k * torch.where(is_target, col(at_target), non_target)).to(logits_s.dtype)
+    at_target = alpha * prob_difference(b_t[:, :1], b_s[:, :1], w[:, :1]) \
+        + beta * prob_difference(h_t[:, :1], h_s[:, :1], w_h[:, :1])
+    log_q_t, log_q_s, w_q = _log_probs(x_s, x_t, top_t, ell_t, rho, top_s, temperature, skip=is_target)
+    q_t = log_q_t.exp()
+    dq = prob_difference(q_t, log_q_s.exp(), w_q)
+    r_t = h_t[:, 1:]
+    grad_s = k * torch.where(is_target, at_target, beta * r_t * dq - (q_t + dq) * at_target)
     if not teacher_grad:
-        return grad_s, logits_t.new_empty(0)
-    d_o, d_gt = lb_o_t - lb_o_s, lb_gt_t - lb_gt_s
-    non_target = q_t * (col(alpha * b_o_t * (d_o - tckd))
-                        + beta * col(r_t) * (log_q_t - log_q_s + col(log_r_t - log_r_s - nckd)))
-    at_target = alpha * b_gt_t * (d_gt - tckd) + beta * g_t * (log_g_t - log_g_s - nckd)
-    grad_t = k * torch.where(is_target, col(at_target), non_target)
-    return grad_s, grad_t.to(logits_t.dtype)
+        return grad_s.to(logits_s.dtype), logits_t.new_empty(0)
+    lam_grad = alpha * b_t[:, :1] * b_t[:, 1:] * (w[:, :1] - w[:, 1:]) \
+        + beta * h_t[:, :1] * r_t * (w_h[:, :1] - w_h[:, 1:] - inner)
+    grad_t = k * torch.where(is_target, lam_grad, q_t * (beta * r_t * (w_q - inner) - lam_grad))
+    return grad_s.to(logits_s.dtype), grad_t.to(logits_t.dtype)
 
 
 # ---------------------------------------------------------------- registration
@@ -232,7 +374,7 @@ def _accumulation(x: torch.Tensor) -> torch.dtype:
 @torch.library.register_fake("fastkd::kd_loss")
 def _kd_fake(logits_s, logits_t, temperature):
     acc = _accumulation(logits_s)
-    return logits_s.new_empty((), dtype=acc), logits_s.new_empty((logits_s.shape[0], 3), dtype=acc)
+    return logits_s.new_empty((), dtype=acc), logits_s.new_empty((logits_s.shape[0], 5), dtype=acc)
 
 
 @torch.library.register_fake("fastkd::kd_loss_with_grad")
@@ -243,7 +385,7 @@ def _kd_with_grad_fake(logits_s, logits_t, temperature):
 @torch.library.register_fake("fastkd::dkd_loss")
 def _dkd_fake(logits_s, logits_t, target, alpha, beta, temperature):
     acc = _accumulation(logits_s)
-    return logits_s.new_empty((), dtype=acc), logits_s.new_empty((logits_s.shape[0], 4), dtype=acc)
+    return logits_s.new_empty((), dtype=acc), logits_s.new_empty((logits_s.shape[0], 7), dtype=acc)
 
 
 def _grads_fake(logits_s, logits_t, teacher_grad):
@@ -321,7 +463,8 @@ _native.load()
 
 
 def kd(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The KD loss on the chosen backend: the published computation for ``torch``, else the fused op."""
+    """The KD loss on the chosen backend: the published computation for ``torch`` (its value to the last bit,
+    its rounding at large T or a student close to its teacher included), else the fused op."""
     if choose_for("kd_loss", logits_s) == "torch":
         return kd_reference(logits_s, logits_t, temperature)
     return torch.ops.fastkd.kd_loss.default(logits_s, logits_t, temperature)[0]

@@ -2,7 +2,7 @@
 
 Each function has the semantics of the reference of the same role in :mod:`fastkd.ops.logits`; the kernels
 are in :mod:`fastkd.kernels.logits`. One program per row, BLOCK columns per chunk: the forward passes keep
-per-row statistics only ([B, 3] or [B, 4] fp32) and the backward passes write the gradients, so the extra
+per-row statistics only ([B, 5] or [B, 7] fp32) and the backward passes write the gradients, so the extra
 memory is the gradients themselves. No host sync: the upstream gradient is read by the kernels.
 float64 logits run the torch contract (the kernels compute in fp32).
 """
@@ -36,12 +36,12 @@ def _launch(classes: int, block: int | None) -> dict:
 
 
 def kd_loss(logits_s, logits_t, temperature, *, block=None):
-    """(loss, stats [B, 3] = (lse_s, lse_t, KL_b)), as :func:`fastkd.ops.logits.kd_forward_reference`."""
+    """(loss, stats [B, 5] = (M_t, ℓ_t, KL_b, ρ, M_s)), as :func:`fastkd.ops.logits.kd_forward_reference`."""
     if logits_s.dtype == torch.float64:
         return logits_ops.kd_forward_reference(logits_s, logits_t, temperature)
     xs, xt = _rows("kd_loss", logits_s, logits_t)
     batch, classes = xs.shape
-    stats = torch.empty(batch, 3, dtype=torch.float32, device=xs.device)
+    stats = torch.empty(batch, 5, dtype=torch.float32, device=xs.device)
     kernels.kd_forward_kernel[(batch,)](xs, xt, stats, classes, xs.stride(0), xt.stride(0), 1.0 / temperature,
                                         **_launch(classes, block))
     return stats[:, 2].sum() * (temperature**2 / batch), stats
@@ -72,7 +72,8 @@ def _check_target(op, target, batch, classes):
 
 
 def dkd_loss(logits_s, logits_t, target, alpha, beta, temperature, *, block=None):
-    """(loss, stats [B, 4] = (O_s, O_t, TCKD_b, NCKD_b)), as :func:`fastkd.ops.logits.dkd_forward_reference`.
+    """(loss, stats [B, 7] = (M_t, ℓ_t, TCKD_b, NCKD_b, ρ, M_s, K_b)), as
+    :func:`fastkd.ops.logits.dkd_forward_reference`.
 
     ``target`` must hold indices in [0, C) (the functional loss checks it; here it is not read on the host).
     """
@@ -81,7 +82,7 @@ def dkd_loss(logits_s, logits_t, target, alpha, beta, temperature, *, block=None
     xs, xt = _rows("dkd_loss", logits_s, logits_t)
     batch, classes = xs.shape
     y = _check_target("dkd_loss", target, batch, classes)
-    stats = torch.empty(batch, 4, dtype=torch.float32, device=xs.device)
+    stats = torch.empty(batch, 7, dtype=torch.float32, device=xs.device)
     kernels.dkd_forward_kernel[(batch,)](xs, xt, y, stats, classes, xs.stride(0), xt.stride(0), 1.0 / temperature,
                                          **_launch(classes, block))
     terms = stats[:, 2] * alpha + stats[:, 3] * beta
