@@ -3,10 +3,8 @@
 Used by benchmarks/test_logits.py, and as a script to measure one provider's peak extra memory in a fresh
 process (``python benchmarks/logits_step.py PROVIDER LOSS ROWS CLASSES`` prints bytes): the peak resident
 memory of one full step beyond what the process held before it (Linux: VmHWM reset through clear_refs).
-Providers: ``published`` (RepDistiller's / mdistiller's eager computation: log_softmax, KL, autograd),
-``torch`` (the torch backend: the ops' contract in eager torch with its closed-form backward, exact where the
-published form rounds; the published form up to the issue-14 branch), ``native`` (the C++ kernels), ``triton``.
-The student's logits require a gradient, the teacher's do not (as in training).
+Providers: ``torch`` (the published computation: log_softmax, KL, autograd), ``native`` (the C++ kernels),
+``triton``. The student's logits require a gradient, the teacher's do not (as in training).
 """
 from __future__ import annotations
 
@@ -18,7 +16,6 @@ from _memory import peak_extra_bytes  # benchmarks/ is on sys.path (run as a scr
 from _provider import selected
 
 from fastkd import functional as F
-from fastkd.ops.logits import dkd_reference, kd_reference
 
 CPU_SIZES = [(64, 100), (64, 1000), (64, 32768)]
 GPU_SIZES = [(8192, 32768)]
@@ -32,21 +29,18 @@ def make_inputs(rows: int, classes: int, device: str = "cpu", dtype=torch.float3
     return s, t, y
 
 
-def make_forward(loss: str, s, t, y, provider: str = ""):
-    """A zero-argument callable computing the loss (graph kept for backward) on the selected provider (the
-    published computation for ``published``), at the losses' defaults (T 4; DKD α 1, β 8)."""
+def make_forward(loss: str, s, t, y):
+    """A zero-argument callable computing the loss (graph kept for backward) on the selected provider."""
     def forward():
-        if provider == "published":
-            return kd_reference(s, t, 4.0) if loss == "kd" else dkd_reference(s, t, y, 1.0, 8.0, 4.0)
         return F.kd_loss(s, t) if loss == "kd" else F.dkd_loss(s, t, y)
 
     return forward
 
 
-def make_step(loss: str, rows: int, classes: int, device: str = "cpu", provider: str = ""):
+def make_step(loss: str, rows: int, classes: int, device: str = "cpu"):
     """A zero-argument callable running forward + backward on the selected provider, after one warm-up step."""
     s, t, y = make_inputs(rows, classes, device)
-    forward = make_forward(loss, s, t, y, provider)
+    forward = make_forward(loss, s, t, y)
 
     def step():
         s.grad = None
@@ -60,4 +54,4 @@ def make_step(loss: str, rows: int, classes: int, device: str = "cpu", provider:
 
 if __name__ == "__main__":
     with selected(sys.argv[1]):
-        print(peak_extra_bytes(make_step(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), provider=sys.argv[1])))
+        print(peak_extra_bytes(make_step(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
