@@ -1,4 +1,4 @@
-"""``python -m gpucheck [--budget SECONDS] [--out DIR] [--dry-run]`` (what ``bash scripts/dev gpu-check`` runs).
+"""``python -m gpucheck [--budget SECONDS] [--out DIR] [--dry-run] [--only KEYS]`` (what ``bash scripts/dev gpu-check`` runs).
 
 Runs every GPU check of fastkd in one call within the budget and leaves the summary in the out folder
 (``$OUT`` when set, else ``gpu-check-out/``); ``--dry-run`` prints the plan and runs it with stand-in stages.
@@ -56,13 +56,18 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"seconds for the whole check, the summary included (default {planning.DEFAULT_BUDGET:.0f})")
     parser.add_argument("--out", type=Path, default=None, help="where the results go (default $OUT, else gpu-check-out)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, then simulate it with stand-in stages")
+    parser.add_argument("--only", default="", metavar="KEY[,KEY...]",
+                        help="run these stages only (and the environment stage), e.g. for a second call")
     args = parser.parse_args(argv)
     if args.budget < 60 and not args.dry_run:
         parser.error("--budget must be at least 60 seconds")
+    try:
+        stages = planning.only(planning.stages(), args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
     out = args.out or Path(os.environ.get("OUT") or ROOT / "gpu-check-out")
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    stages = planning.stages()
     print(dry_run.describe(stages, args.budget, planning.RESERVE), flush=True)
     if args.dry_run:
         fakes, budget, reserve = dry_run.simulated(stages, args.budget)

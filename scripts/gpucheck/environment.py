@@ -70,6 +70,10 @@ def main(path: str) -> int:
     versions(info, errors)
     target = Path(path)
     target.write_text(json.dumps(dict(info, errors=errors), indent=1))
+    try:  # clocks, temperature, other processes: into the stage's log
+        print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout, flush=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"nvidia-smi: {exc}", flush=True)
     if info["cuda_available"]:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from _bandwidth import copy_bandwidth

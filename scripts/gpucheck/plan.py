@@ -87,6 +87,15 @@ def stages(cpus: int | None = None) -> list[Stage]:
     return found
 
 
+def only(plan: list[Stage], keys: str) -> list[Stage]:
+    """The stages named in ``keys`` (comma-separated; empty: all), with the environment stage always."""
+    wanted = {k.strip() for k in keys.split(",") if k.strip()}
+    unknown = wanted - {s.key for s in plan}
+    if unknown:
+        raise ValueError(f"--only: no stage {', '.join(sorted(unknown))}; the stages: {', '.join(s.key for s in plan)}")
+    return [s for s in plan if not wanted or s.key in wanted or s.kind == "env"]
+
+
 def slices(plan: list[Stage], budget: float, reserve: float = RESERVE) -> dict[str, float]:
     """Each stage's share of ``budget`` less ``reserve``, in proportion to its estimate."""
     total = sum(stage.estimate for stage in plan)

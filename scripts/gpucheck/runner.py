@@ -78,8 +78,13 @@ class Runner:
 
     # --- processes -------------------------------------------------------------------------------
     def _command(self, stage: Stage) -> list[str]:
-        fill = {"python": sys.executable, "out": str(self.out), "work": str(self.work)}
-        return [part.format(**fill) for part in stage.command]
+        fill = {"{python}": sys.executable, "{out}": str(self.out), "{work}": str(self.work)}
+        parts = []
+        for part in stage.command:
+            for name, value in fill.items():
+                part = part.replace(name, value)
+            parts.append(part)
+        return parts
 
     def _start(self, stage: Stage, rounds: float | None = None) -> None:
         env = stage_env(stage, self.root, self.work, self.base_env)
