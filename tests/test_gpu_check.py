@@ -196,6 +196,11 @@ def test_fails(size):
 def test_skips():
     pytest.skip("no GPU here")
 
+@pytest.mark.skip(reason="marked")
+@pytest.mark.parametrize("n", [7])
+def test_marked(n):
+    pass
+
 def test_setup_error(broken):
     pass
 
@@ -214,10 +219,11 @@ def test_the_report_plugin_writes_a_record_per_test(tmp_path):
     got = {r["nodeid"].split("::")[1]: r for r in map(json.loads, records.read_text().splitlines())}
     assert {k: r["outcome"] for k, r in got.items()} == {
         "test_passes": "passed", "test_fails[3]": "passed", "test_fails[4]": "failed", "test_skips": "skipped",
-        "test_setup_error": "error", "test_benchmark": "passed"}
+        "test_setup_error": "error", "test_benchmark": "passed", "test_marked[7]": "skipped"}
     assert got["test_fails[4]"]["message"] == "AssertionError: size is not 3"
     assert got["test_fails[4]"]["params"] == {"size": 4} and got["test_passes"]["stage"] == "demo"
     assert got["test_skips"]["message"] == "Skipped: no GPU here"
+    assert got["test_marked[7]"]["params"] == {"n": 7} and got["test_marked[7]"]["message"] == "Skipped: marked"
     assert "setup went wrong" in got["test_setup_error"]["message"]
     bench = got["test_benchmark"]["benchmark"]
     assert bench["rounds"] == 3 and bench["median"] > 0 and bench["extra_info"] == {"peak_extra_bytes": 1234}

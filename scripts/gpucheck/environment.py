@@ -17,9 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tool(args: list[str]) -> str:
-    done = subprocess.run(args, capture_output=True, text=True, timeout=30, check=True)
-    return done.stdout.strip().splitlines()[-1].strip()
+def _tool(args: list[str], word: str = "") -> str:
+    """The first line of the tool's output that holds ``word`` (else its last line)."""
+    lines = subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout.strip().splitlines()
+    return next((line.strip() for line in lines if word and word in line), lines[-1].strip())
 
 
 def versions(info: dict, errors: dict) -> None:
@@ -30,7 +31,7 @@ def versions(info: dict, errors: dict) -> None:
     readers = {
         "cudnn": lambda: torch.backends.cudnn.version(),
         "triton": lambda: __import__("triton").__version__,
-        "nvcc": lambda: _tool(["nvcc", "--version"]),
+        "nvcc": lambda: _tool(["nvcc", "--version"], "release"),
         "driver": lambda: _tool(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
     }
     for name, read in readers.items():

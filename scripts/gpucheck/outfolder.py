@@ -10,6 +10,7 @@ letters, digits, '.', '_' and '-'. gpu-check writes six, all at the top level, e
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -102,8 +103,19 @@ class Publisher:
         temporary = self.out / ".logs.tar.gz.tmp"
         with tarfile.open(temporary, "w:gz") as tar:
             for path in sorted(self.work.iterdir()):
-                tar.add(path, arcname=f"logs/{path.name}")
+                _add(tar, path, f"logs/{path.name}")
             for path in self.extra_logs():
-                if path.is_file():
-                    tar.add(path, arcname=f"logs/build/{path.parent.name}-{path.name}")
+                _add(tar, path, f"logs/build/{path.parent.name}-{path.name}")
         os.replace(temporary, self.out / "logs.tar.gz")
+
+
+def _add(tar: tarfile.TarFile, path: Path, name: str) -> None:
+    """Add the file as it is now (read whole first: a running stage may still be writing it, a build folder may
+    be renamed away); a file that is gone is left out."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(data))

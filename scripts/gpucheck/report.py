@@ -63,13 +63,13 @@ class Recorder:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
         yield
-        if call.when == "call":  # the fixtures are alive: keep the parameters and a benchmark's numbers
+        if call.when == "setup":  # a test skipped by a marker ends here: keep its parameters all the same
             callspec = getattr(item, "callspec", None)
-            extra = {"params": _plain(dict(callspec.params)) if callspec else {}}
+            self.extra[item.nodeid] = {"params": _plain(dict(callspec.params)) if callspec else {}}
+        elif call.when == "call":  # the fixtures are alive: keep a benchmark's numbers
             bench = benchmark_record(getattr(item, "funcargs", {}).get("benchmark"))
             if bench is not None:
-                extra["benchmark"] = bench
-            self.extra[item.nodeid] = extra
+                self.extra.setdefault(item.nodeid, {})["benchmark"] = bench
 
     def pytest_runtest_logreport(self, report):
         failed = report.failed and report.when != "call"

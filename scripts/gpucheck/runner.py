@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,8 +24,8 @@ from gpucheck.plan import Stage, allowance
 from gpucheck.summary import seconds
 
 
-class Stopped(Exception):
-    """gpu-check received a signal to stop."""
+class Stopped(BaseException):
+    """gpu-check received a signal to stop (a BaseException: no ``except Exception`` swallows it)."""
 
 
 @dataclass
@@ -90,15 +91,18 @@ class Runner:
         env = stage_env(stage, self.root, self.work, self.base_env)
         if rounds is not None:
             env["FASTKD_BENCH_ROUNDS"] = f"{rounds:.2f}"
-        log = open(self.work / f"{stage.key}.log", "w")
-        log.write("$ " + " ".join(self._command(stage)) + "\n")
-        log.flush()
-        self.procs[stage.key] = subprocess.Popen(self._command(stage), cwd=self.root, env=env, stdout=log,
-                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True)
-        log.close()  # the child holds its own copy
         self.started[stage.key] = time.monotonic()
         result = self.results[stage.key]
+        with open(self.work / f"{stage.key}.log", "w") as log:  # the child keeps its own copy of the file
+            log.write("$ " + " ".join(self._command(stage)) + "\n")
+            log.flush()
+            try:
+                self.procs[stage.key] = subprocess.Popen(self._command(stage), cwd=self.root, env=env, stdout=log,
+                                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                         start_new_session=True)
+            except OSError as exc:
+                result.status, result.reason, result.seconds = "failed", f"could not start: {exc}", 0.0
+                return
         result.status = "running"
 
     def _stop(self, key: str) -> None:
@@ -122,6 +126,8 @@ class Runner:
 
     def _wait(self, key: str, limit: float) -> None:
         """Wait up to ``limit`` seconds for the stage, stop it past that, and record the outcome."""
+        if key not in self.procs:  # it could not start
+            return
         proc, result = self.procs[key], self.results[key]
         try:
             rc = proc.wait(max(limit, 0.0))
@@ -151,18 +157,25 @@ class Runner:
             elif result.status in ("pending", "running"):
                 result.status, result.reason = "not run", reason
 
+    def _publish(self) -> None:
+        """Hand the results to the publisher; a fault in writing them is told, and the check goes on."""
+        try:
+            self.publish(self.ordered())
+        except Exception:  # noqa: BLE001 (the stages are worth more than one summary)
+            traceback.print_exc()
+
     def run(self) -> list[Result]:
         self.t0 = time.monotonic()
         order = list(self.plan)
         try:
-            self.publish(self.ordered())
+            self._publish()
             for stage in order:
                 if stage.background:
                     self._start(stage)
                     self.say(self._line(stage, "started in the background"))
             for i, stage in enumerate(order):
                 self._run_one(stage, order[i + 1:])
-                self.publish(self.ordered())
+                self._publish()
                 if stage.kind == "env" and self._no_gpu():
                     self._skip(order[i + 1:], "not run: no CUDA device (see the environment stage)")
                     break
@@ -170,7 +183,7 @@ class Runner:
             self._skip(order, "stopped: gpu-check received a signal")
         finally:
             self._skip(order, "not run: budget")  # a background stage nobody waited for
-            self.publish(self.ordered())
+            self._publish()
         return self.ordered()
 
     def _run_one(self, stage: Stage, after: list[Stage]) -> None:
@@ -188,7 +201,7 @@ class Runner:
                 result.rounds = rounds_fraction(result.allowance, stage.estimate)
             self._start(stage, result.rounds)
             self.say(self._line(stage, f"started (allowance {seconds(result.allowance)})"))
-            self.publish(self.ordered())
+            self._publish()
         self._wait(stage.key, result.allowance)
         self.say(self._line(stage, f"{result.status} after {seconds(result.seconds)} {result.reason}".rstrip()))
 

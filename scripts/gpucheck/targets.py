@@ -120,6 +120,9 @@ def _tests(files: tuple[str, ...]) -> Callable[[Records], tuple[float, str] | st
             return "; ".join(filter(None, reasons)) or "no test of these files ran"
         count = {o: sum(x["outcome"] == o for x in mine) for o in ("passed", "failed", "error", "skipped")}
         text = ", ".join(f"{n} {o}" for o, n in count.items() if n)
+        skips = [x.get("message", "") for x in mine if x["outcome"] == "skipped"]
+        if skips:  # on a GPU nothing here should skip: say why the first one did
+            text += f" (first skip: {skips[0]})"
         return float(count["failed"] + count["error"] + count["skipped"]), text
 
     return measure
@@ -224,7 +227,10 @@ def evaluate(records: Records) -> list[dict]:
     """One dict per row: issue, target, measured (text), value, met (True / False / None), info."""
     rows = []
     for target in targets():
-        got = target.measure(records)
+        try:
+            got = target.measure(records)
+        except Exception as exc:  # noqa: BLE001 (a record of an unexpected shape spoils one row, not the summary)
+            got = f"not evaluated: {type(exc).__name__}: {exc}"
         row = {"issue": target.issue, "target": target.text, "info": target.met is None}
         if isinstance(got, str):
             row.update(measured=got, value=None, met=None)
