@@ -126,18 +126,26 @@ def test_the_dry_run_cuts_a_hanging_stage_and_skips_what_no_longer_fits(tmp_path
     crd = "CRD step at B=256, K=16,384, N=1,281,167, D=128: Triton ≥ 8× faster than the published code"
     assert rows[crd]["met"] is True and rows[crd]["value"] == pytest.approx(12.0)
     assert rows["CRD step: Triton's gather ≥ 70% of the measured copy bandwidth"]["met"] is False
-    assert rows["SP at b=256, C·H·W=16,384: Triton ≥ 1.5× the reference (full step)"]["met"] is True  # before the cut
+    sp = rows["SP at b=256, C·H·W=16,384: Triton ≥ 1.5× the reference (full step)"]
+    assert sp["met"] is True  # measured before the stage was cut
     cckd = rows["CCKD at b=256, D=16,384: Triton ≥ 1.5× the reference (full step)"]
     assert cckd["met"] is None and cckd["measured"].startswith("cut by the time limit")
     imagenet = [t for t in rep["targets"] if t["issue"] == 6 and not t["info"]][0]
     assert imagenet["met"] is None and imagenet["measured"].startswith("not run: budget")
     assert {t["issue"] for t in rep["targets"]} == {3, 4, 5, 6}
+    bank = [t for t in rep["targets"] if t["target"].startswith("bank synchronisation")][0]
+    assert not bank["info"] and bank["met"] is None and bank["measured"].startswith("not run: needs two or more GPUs")
     assert rep["failures"] == [{"nodeid": "tests/test_similarity_triton.py::test_gpu_sizes[sp_loss-torch.bfloat16]",
                                 "outcome": "failed", "message": "AssertionError: relative error 2.1e-02 > 1e-02 "
                                                                 "(simulated)"}]
+    assert rep["log_tails"]["bench-similarity"][-1] == "fake bench-similarity: wrote 2 records, sleeping 3600.00 s"
+    assert set(rep["log_tails"]) == {"tests-triton", "bench-similarity"}  # the stages that failed or were cut
     text = (out / "summary.md").read_text()
     assert "DRY RUN" in text and "| **cut** |" in text and "not run: budget" in text
-    assert text in done.stdout  # printed at the end too (the device tool returns the output's tail)
+    tail = done.stdout[-12000:]  # what the device tool returns of the output: the digest, all of it
+    assert "gpu-check summary (DRY RUN" in tail and "  bench-similarity: cut" in tail
+    assert "  3: NO | 57% (1.70 of 3.00 TB/s) | CRD step: Triton's gather" in tail
+    assert tail.count("\n  ") >= len(shares) + len(rep["targets"])
     assert sorted(p.name for p in out.iterdir()) == sorted(outfolder.FILES)
     assert outfolder.problems(out) == []
     with tarfile.open(out / "logs.tar.gz") as tar:
@@ -241,8 +249,9 @@ def test_a_skipped_or_failed_case_says_why_its_target_was_not_measured():
     ]
     rows = {t["target"]: t for t in targets.evaluate(targets.Records(records, {"bench-crd": {"status": "failed"}}, {}))}
     triton = rows["CRD step at B=256, K=16,384, N=1,281,167, D=128: Triton ≥ 8× faster than the published code"]
-    native = rows["CRD step at B=256, K=16,384, N=1,281,167, D=128: CUDA C++ ≥ 8× faster than the published code"]
-    assert triton["met"] is None and triton["measured"] == "failed: test_crd_step_gpu[triton]: RuntimeError: out of resources"
+    native = rows["CRD step: CUDA C++'s speed-up over the published code (no target)"]
+    assert triton["met"] is None
+    assert triton["measured"] == "failed: test_crd_step_gpu[triton]: RuntimeError: out of resources"
     assert native["measured"].startswith("skipped:") and native["info"]
     engine = [t for t in rows.values() if t["issue"] == 4 and not t["info"]][0]
     assert engine["measured"] == "not run"  # its stage has no result yet

@@ -1,4 +1,4 @@
-"""``python -m gpucheck [--budget SECONDS] [--out DIR] [--dry-run] [--only KEYS]`` (what ``bash scripts/dev gpu-check`` runs).
+"""``python -m gpucheck [--budget SECONDS] [--out DIR] [--dry-run] [--only KEYS]``: ``bash scripts/dev gpu-check``.
 
 Runs every GPU check of fastkd in one call within the budget and leaves the summary in the out folder
 (``$OUT`` when set, else ``gpu-check-out/``); ``--dry-run`` prints the plan and runs it with stand-in stages.
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gpucheck import dry_run, outfolder
+from gpucheck import dry_run, outfolder, summary
 from gpucheck import plan as planning
 from gpucheck.runner import Runner, Stopped
 
@@ -43,7 +43,8 @@ def run(stages, budget: float, reserve: float, out: Path, dry: bool, grace: floa
         results = runner.run()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print((out / "summary.md").read_text(), flush=True)
+    if publisher.last is not None:
+        print("\n" + summary.digest(publisher.last) + f"the whole summary: {out / 'summary.md'}", flush=True)
     left = outfolder.problems(out)
     if left:
         print("gpu-check: the out folder would not come back whole: " + "; ".join(left), file=sys.stderr)
@@ -53,8 +54,10 @@ def run(stages, budget: float, reserve: float, out: Path, dry: bool, grace: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=planning.DEFAULT_BUDGET,
-                        help=f"seconds for the whole check, the summary included (default {planning.DEFAULT_BUDGET:.0f})")
-    parser.add_argument("--out", type=Path, default=None, help="where the results go (default $OUT, else gpu-check-out)")
+                        help="seconds for the whole check, the summary included "
+                             f"(default {planning.DEFAULT_BUDGET:.0f})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the results go (default $OUT, else gpu-check-out)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, then simulate it with stand-in stages")
     parser.add_argument("--only", default="", metavar="KEY[,KEY...]",
                         help="run these stages only (and the environment stage), e.g. for a second call")

@@ -56,6 +56,15 @@ def clear(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def tail(log: Path, lines: int = 12, width: int = 240) -> list[str]:
+    """The last lines of a stage's log (a build's first errors, a crash), each cut to ``width``."""
+    try:
+        found = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line[:width] for line in found if line.strip()][-lines:]
+
+
 def read_records(work: Path, keys: list[str]) -> list[dict]:
     records = []
     for key in keys:
@@ -90,8 +99,9 @@ class Publisher:
         except (OSError, ValueError):
             env = {}
         final = self.final or all(s["status"] not in ("pending", "running") for s in stages)
+        tails = {s["key"]: tail(self.work / f"{s['key']}.log") for s in stages if s["status"] in ("failed", "cut")}
         rep = summary.report(stages, test_records + bench_records, env, self.budget,
-                             time.monotonic() - self.t0, final, self.dry_run, self.notes)
+                             time.monotonic() - self.t0, final, self.dry_run, self.notes, tails)
         self.last = rep
         write_atomic(self.out / "tests.json", json.dumps(summary.merge(test_records), indent=0))
         write_atomic(self.out / "benchmarks.json", json.dumps(summary.merge(bench_records), indent=0))

@@ -68,7 +68,8 @@ class Runner:
 
     def __init__(self, plan: list[Stage], slices: dict[str, float], budget: float, reserve: float, root: Path,
                  out: Path, work: Path, publish: Callable[[list[Result]], None], grace: float = 2.0,
-                 say: Callable[[str], None] = print, base_env: dict[str, str] | None = None):
+                 say: Callable[[str], None] = lambda line: print(line, flush=True),
+                 base_env: dict[str, str] | None = None):
         self.plan, self.slices, self.budget, self.reserve = plan, slices, budget, reserve
         self.root, self.out, self.work, self.publish, self.grace, self.say = root, out, work, publish, grace, say
         self.base_env = dict(os.environ if base_env is None else base_env)

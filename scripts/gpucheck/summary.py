@@ -48,7 +48,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def report(stages: list[dict], records: list[dict], env: dict, budget: float, elapsed: float, final: bool,
-           dry_run: bool, notes: list[str]) -> dict:
+           dry_run: bool, notes: list[str], tails: dict[str, list[str]] | None = None) -> dict:
     """The whole summary as one JSON-able dict (what summary.json holds)."""
     records = merge(records)
     by_key = {s["key"]: s for s in stages}
@@ -63,7 +63,7 @@ def report(stages: list[dict], records: list[dict], env: dict, budget: float, el
     return {"dry_run": dry_run, "final": final, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "budget_s": budget, "elapsed_s": round(elapsed, 1), "device": device, "stages": stages,
             "targets": evaluate(Records(records, by_key, env)), "failures": failures,
-            "benchmarks": bench_rows(records), "notes": notes}
+            "benchmarks": bench_rows(records), "log_tails": tails or {}, "notes": notes}
 
 
 def markdown(rep: dict) -> str:
@@ -95,11 +95,41 @@ def markdown(rep: dict) -> str:
         other = ", ".join(f"{k} {b[k]:.4g}" for k in ("images_per_s", "gather_bytes_per_s") if k in b)
         out.append(f"| {b['case']} | {b['median_ms']} | {b['min_ms']} | {b['rounds']} | "
                    f"{b.get('peak_extra_mib', '')} | {other} |")
+    for key, lines in rep["log_tails"].items():
+        out += [f"\n## The end of {key}'s log ({_status(rep, key)})\n", "```"] + lines + ["```"]
     if rep["notes"]:
         out += ["\n## Notes\n"] + [f"- {note}" for note in rep["notes"]]
     out.append("\nFiles: env.json (stage 1), tests.json and benchmarks.json (a record per test), logs.tar.gz "
                "(each stage's log, the build log, pytest-benchmark's JSON).")
     return "\n".join(out) + "\n"
+
+
+def digest(rep: dict, width: int = 160, failures: int = 10) -> str:
+    """A short form of the summary for the end of the output (the device tool returns its last 12,000
+    characters): a line per stage and per target, the first failures."""
+    def cut(line: str) -> str:
+        return line if len(line) <= width else line[:width - 1] + "…"
+
+    out = ["gpu-check summary" + (" (DRY RUN, made-up numbers)" if rep["dry_run"] else "") +
+           f": {_device_line(rep['device'])}", "stages:"]
+    for s in rep["stages"]:
+        tests = ", ".join(f"{v} {k}" for k, v in s.get("tests", {}).items())
+        spent = "" if s.get("seconds") is None else f" {seconds(s['seconds'])}"
+        status = s["reason"] if s.get("reason", "").startswith(s["status"]) else \
+            f"{s['status']} {s.get('reason', '')}".strip()
+        out.append(cut(f"  {s['key']}: {status}{spent}" + (f" [{tests}]" if tests else "")))
+    out.append("targets (issue: met | measured | target):")
+    for t in rep["targets"]:
+        met = "info" if t["info"] else {True: "YES", False: "NO", None: "not run"}[t["met"]]
+        out.append(cut(f"  {t['issue']}: {met} | {t['measured']} | {t['target']}"))
+    out.append(f"failures: {len(rep['failures'])}")
+    out += [cut(f"  {f['nodeid']}: {f['message']}") for f in rep["failures"][:failures]]
+    return "\n".join(out) + "\n"
+
+
+def _status(rep: dict, key: str) -> str:
+    found = next(s for s in rep["stages"] if s["key"] == key)
+    return found.get("reason") or found["status"]
 
 
 def seconds(value: float) -> str:

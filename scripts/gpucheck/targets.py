@@ -57,12 +57,14 @@ class Records:
 
 @dataclass(frozen=True)
 class Target:
-    """One row: ``measure(records)`` → (value, text shown) or a string saying why there is no value."""
+    """One row: ``measure(records)`` → (value, text shown) or a string saying why there is no value; ``met``
+    decides a value (``None`` for a target that cannot be measured here, and for an ``info`` row)."""
 
     issue: int
     text: str
     measure: Callable[[Records], tuple[float, str] | str]
-    met: Callable[[float], bool] | None   # None: an info row
+    met: Callable[[float], bool] | None
+    info: bool = False   # a figure without a target of its own
 
 
 def _ratio(stage: str, path: str, func: str, over: dict, under: dict, field: str = "median",
@@ -139,17 +141,21 @@ CPU = "not run: a CPU target, measured on the build machine (benchmarks/results/
 
 
 def _crd_rows(provider: str, name: str, info: bool) -> list[Target]:
+    """Speed, memory and gather rows of one CRD provider: issue 3's targets for Triton, figures for CUDA C++."""
     at = lambda p: {"provider": p}  # noqa: E731
+    texts = (f"CRD step: {name}'s speed-up over the published code (no target)",
+             f"CRD step: {name}'s peak extra memory / the published code's (no target)",
+             f"CRD step: {name}'s gather / the measured copy bandwidth (no target)") if info else \
+        (f"CRD step at B=256, K=16,384, N=1,281,167, D=128: {name} ≥ 8× faster than the published code",
+         f"CRD step: {name}'s peak extra memory ≤ 1/100 of the published code's",
+         f"CRD step: {name}'s gather ≥ 70% of the measured copy bandwidth")
     return [
-        Target(3, f"CRD step at B=256, K=16,384, N=1,281,167, D=128: {name} ≥ 8× faster than the published code",
-               _ratio("bench-crd", CRD, "test_crd_step_gpu", at("published"), at(provider)),
-               None if info else (lambda v: v >= 8)),
-        Target(3, f"CRD step: {name}'s peak extra memory ≤ 1/100 of the published code's",
-               _ratio("bench-crd", CRD, "test_crd_step_gpu", at(provider), at("published"), "peak_extra_bytes",
-                      "{:.4f}"),
-               None if info else (lambda v: v <= 0.01)),
-        Target(3, f"CRD step: {name}'s gather ≥ 70% of the measured copy bandwidth", _gather(provider),
-               None if info else (lambda v: v >= 0.70)),
+        Target(3, texts[0], _ratio("bench-crd", CRD, "test_crd_step_gpu", at("published"), at(provider)),
+               None if info else (lambda v: v >= 8), info),
+        Target(3, texts[1], _ratio("bench-crd", CRD, "test_crd_step_gpu", at(provider), at("published"),
+                                   "peak_extra_bytes", "{:.4f}"),
+               None if info else (lambda v: v <= 0.01), info),
+        Target(3, texts[2], _gather(provider), None if info else (lambda v: v >= 0.70), info),
     ]
 
 
@@ -158,11 +164,12 @@ def _speed_and_memory(issue: int, stage: str, path: str, func: str, label: str, 
     ref, new = dict(case, **{provider_key: "torch"}), dict(case, **{provider_key: fast})
     speed = f"{label}: Triton ≥ {times:g}× the reference (full step)" if times else \
         f"{label}: Triton vs the reference, full step (no target)"
-    rows = [Target(issue, speed, _ratio(stage, path, func, ref, new), (lambda v, t=times: v >= t) if times else None)]
+    rows = [Target(issue, speed, _ratio(stage, path, func, ref, new), (lambda v, t=times: v >= t) if times else None,
+                   not times)]
     mem = f"{label}: peak extra memory ≤ 1/2 of the reference's" if memory else \
         f"{label}: peak extra memory, Triton / reference (no target)"
     rows.append(Target(issue, mem, _ratio(stage, path, func, new, ref, "peak_extra_bytes", "{:.3f}"),
-                       (lambda v: v <= 0.5) if memory else None))
+                       (lambda v: v <= 0.5) if memory else None, not memory))
     return rows
 
 
@@ -175,7 +182,8 @@ def targets() -> list[Target]:
                lambda v: v == 0),
         Target(3, "torch.compile (inductor) on CUDA tensors: fastkd's ops trace without graph breaks, eager's numbers",
                _tests(("tests/test_compile_cuda.py",)), lambda v: v == 0),
-        Target(3, "CPU: native ≥ 10× faster, ≤ 1/20 of the peak extra memory (B=64, N=50,000)", _not_run(CPU), None),
+        Target(3, "CPU: native ≥ 10× faster, ≤ 1/20 of the peak extra memory (B=64, N=50,000)", _not_run(CPU),
+               None),
     ]
     mode = lambda losses, m: {"losses": losses, "mode": m}  # noqa: E731
     engine = "test_engine_step_gpu"
@@ -185,17 +193,17 @@ def targets() -> list[Target]:
                lambda v: v >= 2),
         Target(4, "engine step, KD-only: AMP + CUDA graph vs eager fp32 (no target)",
                _ratio("bench-engine", ENGINE, engine, mode("kd", "eager_fp32"), mode("kd", "amp_graph")),
-               None),
+               None, True),
         Target(4, "engine step, CRD+KD: AMP alone vs eager fp32 (no target)",
                _ratio("bench-engine", ENGINE, engine, mode("crd_kd", "eager_fp32"), mode("crd_kd", "amp")),
-               None),
+               None, True),
     ]
     for m, label, is_target in (("amp_graph", "AMP + CUDA graph", True), ("amp", "AMP", False),
                                 ("eager_fp32", "eager fp32", False)):
         text = f"engine step ({label}): CRD+KD ≤ 1.15× the KD-only step" if is_target else \
             f"engine step ({label}): CRD+KD / KD-only (no target)"
         rows.append(Target(4, text, _ratio("bench-engine", ENGINE, engine, mode("crd_kd", m), mode("kd", m)),
-                           (lambda v: v <= 1.15) if is_target else None))
+                           (lambda v: v <= 1.15) if is_target else None, not is_target))
     rows.append(Target(4, "the CUDA-graph + AMP step matches the eager step (tests/test_graph.py)",
                        _tests(("tests/test_graph.py",)), lambda v: v == 0))
     logits = dict(phase="full")
@@ -231,11 +239,12 @@ def evaluate(records: Records) -> list[dict]:
             got = target.measure(records)
         except Exception as exc:  # noqa: BLE001 (a record of an unexpected shape spoils one row, not the summary)
             got = f"not evaluated: {type(exc).__name__}: {exc}"
-        row = {"issue": target.issue, "target": target.text, "info": target.met is None}
+        row = {"issue": target.issue, "target": target.text, "info": target.info}
         if isinstance(got, str):
             row.update(measured=got, value=None, met=None)
         else:
             value, text = got
-            row.update(measured=text, value=round(value, 6), met=None if target.met is None else bool(target.met(value)))
+            met = None if target.met is None else bool(target.met(value))
+            row.update(measured=text, value=round(value, 6), met=met)
         rows.append(row)
     return rows
