@@ -8,6 +8,9 @@ the KD-only step (CE 0.1 + KD 0.9), each as eager fp32, bf16 autocast (GPU) and 
 (its metrics read back once at the end of the epoch, as in a real run); ``extra_info`` holds
 images/s. Issue 4's targets (on a GPU): AMP + graph ≥ 2× eager fp32; CRD+KD ≤ 1.15× KD-only.
 """
+import os
+import sys
+
 import pytest
 import torch
 
@@ -15,6 +18,9 @@ from fastkd import models
 from fastkd.train.distiller import Distiller
 from fastkd.train.engine import Trainer
 from fastkd.train.recipe import build
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _rounds import rounds  # noqa: E402
 
 BATCH, NUM_DATA = 64, 50_000
 LOSSES = {
@@ -80,4 +86,4 @@ def test_engine_step_cpu(benchmark, losses):
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("losses", sorted(LOSSES))
 def test_engine_step_gpu(benchmark, losses, mode):
-    run(benchmark, losses, mode, "cuda", steps=50, rounds=5)
+    run(benchmark, losses, mode, "cuda", steps=50, rounds=rounds(5))

@@ -19,6 +19,7 @@ import fastkd
 sys.path.insert(0, os.path.dirname(__file__))
 from _memory import in_fresh_process  # noqa: E402
 from _provider import selected  # noqa: E402
+from _rounds import rounds  # noqa: E402
 from logits_step import CPU_SIZES, GPU_SIZES, make_forward, make_inputs, make_step  # noqa: E402
 
 ROUNDS = {100: 400, 1000: 300, 32768: 20}
@@ -91,4 +92,4 @@ def test_logits_gpu(benchmark, provider, loss, rows, classes, phase):
             before = torch.cuda.memory_allocated()
             step()
         benchmark.extra_info["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
-    run_phase(benchmark, provider, loss, rows, classes, phase, 20, device="cuda")
+    run_phase(benchmark, provider, loss, rows, classes, phase, rounds(20), device="cuda")

@@ -19,6 +19,7 @@ import fastkd
 sys.path.insert(0, os.path.dirname(__file__))
 from _memory import in_fresh_process  # noqa: E402
 from _provider import selected  # noqa: E402
+from _rounds import rounds  # noqa: E402
 from similarity_step import SIZES, make_step  # noqa: E402
 
 MODES = ["forward", "backward", "full"]
@@ -66,6 +67,6 @@ def test_similarity_gpu(benchmark, loss, provider, mode):
         torch.cuda.reset_peak_memory_stats()
         baseline.append(torch.cuda.memory_allocated())
 
-    run(benchmark, loss, provider, mode, "gpu", "cuda", rounds=50, on_ready=ready)
+    run(benchmark, loss, provider, mode, "gpu", "cuda", rounds=rounds(50), on_ready=ready)
     benchmark.extra_info.update(device=torch.cuda.get_device_name(),
                                 peak_extra_bytes=torch.cuda.max_memory_allocated() - baseline[0])
