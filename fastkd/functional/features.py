@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastkd import _checks
 from fastkd.backends import choose_for
-from fastkd.functional._precision import upcast
+from fastkd._precision import upcast
 
 __all__ = ["hint_loss", "at_loss", "nst_loss", "ft_loss", "ab_loss", "fsp_loss", "vid_loss"]
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fastkd import _checks
 from fastkd.backends import choose_for
-from fastkd.functional._precision import upcast
+from fastkd._precision import upcast
 from fastkd.functional.logits import kd_loss
 
 __all__ = ["rotations", "cosine_similarity_matrix", "rotation_similarity", "rotation_contrast_loss",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fastkd import _checks
 from fastkd.backends import choose_for
-from fastkd.functional._precision import upcast
+from fastkd._precision import upcast
 from fastkd.ops import similarity as ops
 
 __all__ = ["sp_loss", "cc_loss", "cckd_loss", "rkd_loss", "pkt_loss"]

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import torch
 
+from fastkd._precision import accumulation_dtype, upcast
 from fastkd.backends import dispatch, register
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def inverse_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / max(‖x_i‖, eps) per row, in the accumulation dtype."""
-    return torch.linalg.vector_norm(x.to(_acc(x)), dim=1).clamp_min(eps).reciprocal()
+    return torch.linalg.vector_norm(upcast(x), dim=1).clamp_min(eps).reciprocal()
 
 
 def cosine_matrix_reference(a: torch.Tensor, b: torch.Tensor, eps: float):
@@ -71,7 +68,7 @@ _lib.impl("cosine_matrix", _on_cuda, "CUDA")
 
 @torch.library.register_fake("fastkd::cosine_matrix", lib=_lib)
 def _fake(a, b, eps):
-    acc = _acc(a)
+    acc = accumulation_dtype(a)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=acc), a.new_empty(a.shape[0], dtype=acc), \
         a.new_empty(b.shape[0], dtype=acc)
 

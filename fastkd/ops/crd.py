@@ -31,6 +31,7 @@ import math
 import torch
 
 from fastkd import _native
+from fastkd._precision import accumulation_dtype
 from fastkd.backends import choose_for, dispatch, register
 from fastkd.ops import philox
 
@@ -48,7 +49,7 @@ def check_batch(v_s: torch.Tensor) -> None:
 def logits_reference(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """s[b, k] / T = <bank[contrast_idx[b, k]], anchor[b]> / T, [B, K+1], fp32 (or fp64)."""
-    dtype = torch.promote_types(anchor.dtype, torch.float32)
+    dtype = accumulation_dtype(anchor)
     batch, cols = contrast_idx.shape
     rows = bank.index_select(0, contrast_idx.reshape(-1)).detach().to(dtype).view(batch, cols, -1)
     return torch.bmm(rows, anchor.to(dtype).unsqueeze(2)).squeeze(2) / temperature
@@ -129,7 +130,7 @@ def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.
     When an index repeats inside the batch its last occurrence wins (deterministic, unlike
     ``index_copy_`` on CUDA). An empty ``index`` writes nothing.
     """
-    old = bank.index_select(0, index).to(torch.promote_types(bank.dtype, torch.float32))
+    old = bank.index_select(0, index).to(accumulation_dtype(bank))
     mixed = old * momentum + value.to(old.dtype) * (1.0 - momentum)
     fresh = mixed / mixed.pow(2).sum(1, keepdim=True).sqrt()
     position = torch.arange(index.numel(), device=index.device)
@@ -143,7 +144,7 @@ def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.
 def _side_with_grad(anchor: torch.Tensor, bank: torch.Tensor, cidx: torch.Tensor, log_z: torch.Tensor,
                     temperature: float, num_data: int, z_momentum: float):
     """One NCE side: (loss, new log Z, d loss / d anchor) for [B, D] anchors, the gradient formed with the loss."""
-    acc = torch.promote_types(anchor.dtype, torch.float32)
+    acc = accumulation_dtype(anchor)
     batch, cols = cidx.shape
     rows = bank.index_select(0, cidx.reshape(-1)).to(acc).view(batch, cols, -1)
     logits = torch.bmm(rows, anchor.to(acc).unsqueeze(2)).squeeze(2) / temperature  # s / T
@@ -221,7 +222,7 @@ def _nce_cuda_fake(*args):
 def _nce_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives,
               temperature, z_momentum, shared_negatives):
     check_batch(v_s)
-    loss = v_s.new_empty((), dtype=torch.promote_types(v_s.dtype, torch.float32))
+    loss = v_s.new_empty((), dtype=accumulation_dtype(v_s))
     return loss, torch.empty_like(log_z_s), torch.empty_like(log_z_t), torch.empty_like(v_s), torch.empty_like(v_t)
 
 

@@ -31,13 +31,10 @@ import math
 import torch
 
 from fastkd import _dist
+from fastkd._precision import accumulation_dtype
 from fastkd.ops.crd import nce_terms, updated_log_z, used_log_z
 
 CHUNK_ELEMENTS = 1 << 24  # rows gathered at once: ≤ 16M floats (64 MB) per anchor chunk
-
-
-def _acc(anchor: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(anchor.dtype, torch.float32)  # fp32 math (fp64 for fp64 anchors)
 
 
 def shard_logits(anchor: torch.Tensor, shard: torch.Tensor, local: torch.Tensor, inside: torch.Tensor,
@@ -45,7 +42,7 @@ def shard_logits(anchor: torch.Tensor, shard: torch.Tensor, local: torch.Tensor,
     """s/T of each entry [G, K+1] whose row is in this shard (``inside``); 0 elsewhere."""
     rows_per_anchor = local.shape[1] * shard.shape[1]
     step = max(1, CHUNK_ELEMENTS // max(rows_per_anchor, 1))
-    acc, out = _acc(anchor), []
+    acc, out = accumulation_dtype(anchor), []
     for start in range(0, local.shape[0], step):
         part = local[start:start + step]
         rows = shard.index_select(0, part.reshape(-1)).to(acc).view(*part.shape, -1)

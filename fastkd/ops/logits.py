@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from fastkd import _native
 from fastkd.backends import choose_for, dispatch, register
-from fastkd.functional._precision import upcast
+from fastkd._precision import accumulation_dtype, upcast
 
 # mdistiller removes the target class from the NCKD softmax by subtracting 1000 from its z/T.
 TARGET_SHIFT = 1000.0
@@ -367,13 +367,9 @@ for _name, _reference in _OPS.items():
 _lib.impl("kd_loss_with_grad", kd_with_grad_reference, "CompositeExplicitAutograd")
 
 
-def _accumulation(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 @torch.library.register_fake("fastkd::kd_loss")
 def _kd_fake(logits_s, logits_t, temperature):
-    acc = _accumulation(logits_s)
+    acc = accumulation_dtype(logits_s)
     return logits_s.new_empty((), dtype=acc), logits_s.new_empty((logits_s.shape[0], 5), dtype=acc)
 
 
@@ -384,7 +380,7 @@ def _kd_with_grad_fake(logits_s, logits_t, temperature):
 
 @torch.library.register_fake("fastkd::dkd_loss")
 def _dkd_fake(logits_s, logits_t, target, alpha, beta, temperature):
-    acc = _accumulation(logits_s)
+    acc = accumulation_dtype(logits_s)
     return logits_s.new_empty((), dtype=acc), logits_s.new_empty((logits_s.shape[0], 7), dtype=acc)
 
 

@@ -26,7 +26,8 @@ import torch
 
 from fastkd import _native
 from fastkd.backends import dispatch, register
-from fastkd.ops.similarity import ROWNORM_EPS, accumulation_dtype, rownorm_backward
+from fastkd._precision import accumulation_dtype
+from fastkd.ops.similarity import ROWNORM_EPS, rownorm_backward
 
 
 def nst_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):

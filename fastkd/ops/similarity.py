@@ -39,20 +39,16 @@ import math
 import torch
 
 from fastkd import _native
+from fastkd._precision import accumulation_dtype, upcast
 from fastkd.backends import dispatch, register
 
 ROWNORM_EPS = 1e-12   # F.normalize's eps (SP's row norms, CCKD's embedding norms)
 RKD_DIST_EPS = 1e-12  # RepDistiller's clamp of the squared distances
 
 
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for fp16 / bf16 / fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def gram(x: torch.Tensor) -> torch.Tensor:
     """G = XXᵀ of [B, D] X, accumulated in fp32 (fp64 for fp64 X)."""
-    q = x.to(accumulation_dtype(x))
+    q = upcast(x)
     return q @ q.T
 
 
