@@ -1,4 +1,4 @@
-"""Which backends exist here and which one an op uses.
+"""Which backends exist here and which one an op uses: the one table of fastkd's kernels.
 
 Three backends compute fastkd's ops:
 
@@ -13,7 +13,13 @@ Three backends compute fastkd's ops:
 The selection is ``auto`` unless the environment variable ``FASTKD_BACKEND`` or a
 ``with fastkd.use_backend(name):`` block says otherwise. ``auto`` takes, per call and by the
 device of the inputs, the fastest backend that implements the op: CUDA tensors → triton, then
-native; CPU tensors → native. Ops register their implementations here with :func:`register`.
+native; CPU tensors → native.
+
+The table maps (op, backend) to the custom op that backend runs (:mod:`fastkd.ops._library` enters
+every op as it is defined; a backend's module enters its own), for the devices it serves. An op family
+asks :func:`kernel_for` once per call and calls the op it gets, or runs its published torch computation
+when the choice is ``torch``; from there the torch dispatcher alone decides what runs (the native library's
+C++ kernel on CPU tensors, the Triton kernels inside a Triton op).
 """
 from __future__ import annotations
 
@@ -99,7 +105,8 @@ def use_backend(name: str) -> Iterator[str]:
 
 def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("cpu", "cuda"),
              available: Callable[[str], bool] | None = None) -> Callable:
-    """Record ``fn`` as ``backend``'s implementation of ``op`` for tensors on ``devices``.
+    """Record ``fn`` (a custom op; for ``torch``, the reference) as ``backend``'s implementation of ``op`` for
+    tensors on ``devices``.
 
     ``available(device_type)`` (optional) tells at call time whether the implementation can run
     here for that device (say, whether the native library was built with CUDA kernels); the
@@ -164,3 +171,10 @@ def _choose(op: str, device_type: str, name: str) -> str:
 def dispatch(op: str, device_type: str) -> Callable:
     """The implementation of ``op`` that :func:`choose` picks."""
     return _impls[op][choose(op, device_type)][0]
+
+
+def kernel_for(op: str, x: torch.Tensor) -> Callable | None:
+    """The op the backend chosen for ``x``'s device runs for ``op``; ``None`` when that is the ``torch``
+    backend (the caller then runs its published computation)."""
+    name = choose_for(op, x)
+    return None if name == "torch" else _impls[op][name][0]

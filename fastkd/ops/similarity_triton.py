@@ -15,7 +15,7 @@ import torch
 import triton
 
 from fastkd.kernels import similarity as kernels
-from fastkd.ops import cosine
+from fastkd.ops._library import traceable
 from fastkd.ops import similarity as ops
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +48,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: torch.Ten
     n = b3.shape[2]
     half = a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
     grid = (triton.cdiv(m, _BLOCK), triton.cdiv(n, _BLOCK), z)
-    kernels.matmul_kernel[grid](a3, b3, c3, scale if scale is not None else a3, row if row is not None else a3,
+    traceable(kernels.matmul_kernel)[grid](a3, b3, c3, scale if scale is not None else a3, row if row is not None else a3,
                                 col if col is not None else a3, m, n, k, *a3.stride(), *b3.stride(), *c3.stride(),
                                 BLOCK_M=_BLOCK, BLOCK_N=_BLOCK, BLOCK_K=_BLOCK, HALF=half,
                                 HAS_SCALE=scale is not None, HAS_ROW_COL=row is not None)
@@ -218,12 +218,3 @@ def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor):
                                                                            eps, BLOCK=block)
         grads.append(grad)
     return loss, grads[0], grads[1]
-
-
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float):
-    """fastkd::cosine_matrix: the inverse row norms, then one product with r_a[i]·r_b[j] in its epilogue."""
-    if torch.float64 in (a.dtype, b.dtype) or a.dtype != b.dtype:
-        return cosine.cosine_matrix_reference(a, b, eps)
-    inv_a, inv_b = cosine.inverse_norms(a, eps), cosine.inverse_norms(b, eps)
-    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    return matmul(a, b.T, out, row=inv_a, col=inv_b), inv_a, inv_b
