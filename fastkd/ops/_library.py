@@ -36,6 +36,8 @@ LIB = torch.library.Library("fastkd", "FRAGMENT")
 _ANNOTATIONS = {"Tensor": torch.Tensor, "Optional[Tensor]": Optional[torch.Tensor], "float": float, "int": int,
                 "bool": bool}
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# what the Triton kernels load (and upcast to fp32); their launchers run the reference on float64
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class Autograd(NamedTuple):

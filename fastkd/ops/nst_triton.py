@@ -13,8 +13,8 @@ import triton
 
 from fastkd.kernels import similarity as kernels
 from fastkd.ops import nst
-from fastkd.ops._library import traceable, variant
-from fastkd.ops.similarity_triton import _FLOATS, matmul
+from fastkd.ops._library import TRITON_DTYPES, traceable, variant
+from fastkd.ops.similarity_triton import matmul
 
 _NST_BLOCK = 1024
 
@@ -33,7 +33,7 @@ def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor):
     for arg, x in (("student", f_s), ("teacher", f_t)):
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             raise ValueError(f"nst_loss: the {arg} map must be a [B, C, HW] tensor, got {getattr(x, 'shape', type(x))}")
-        if x.dtype not in _FLOATS + (torch.float64,):
+        if x.dtype not in TRITON_DTYPES + (torch.float64,):
             raise TypeError(f"nst_loss: the {arg} map must be float32, float16 or bfloat16, got {x.dtype}")
     if f_s.shape[0] != f_t.shape[0] or f_s.shape[2] != f_t.shape[2] or f_s.dtype != f_t.dtype:
         raise ValueError(f"nst_loss: the maps must share batch size, HW and dtype, got {tuple(f_s.shape)} "

@@ -17,9 +17,8 @@ import triton
 
 from fastkd.kernels import similarity as kernels
 from fastkd.ops import similarity as ops
-from fastkd.ops._library import traceable, variant
+from fastkd.ops._library import TRITON_DTYPES, traceable, variant
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BATCH = 1024
 _BLOCK = 32  # M, N and K tiles of matmul_kernel
 _ANGLE_TILE = 2048  # entries of one [BLOCK_J, BLOCK_B] tile of rkd_angle_rows_kernel
@@ -29,7 +28,7 @@ def _check(name: str, f_s: torch.Tensor, f_t: torch.Tensor) -> None:
     for arg, x in (("student", f_s), ("teacher", f_t)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{name}: the {arg} input must be a [B, D] tensor, got {getattr(x, 'shape', type(x))}")
-        if x.dtype not in _FLOATS + (torch.float64,):
+        if x.dtype not in TRITON_DTYPES + (torch.float64,):
             raise TypeError(f"{name}: the {arg} input must be float32, float16 or bfloat16, got {x.dtype}")
     if f_s.shape[0] != f_t.shape[0] or not 0 < f_s.shape[0] <= _MAX_BATCH:
         raise ValueError(f"{name}: expected one batch size between 1 and {_MAX_BATCH}, "
