@@ -36,7 +36,8 @@ _AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
 
 # The innermost ``use_backend`` block wins (process-wide; a plain list so torch.compile traces it).
 _selected: list[str] = []
-_impls: dict[str, dict[str, Callable]] = {}
+# op -> backend -> device type -> (implementation, available): one backend may run a different op per device
+_impls: dict[str, dict[str, dict[str, tuple[Callable, Callable[[str | None], bool] | None]]]] = {}
 
 
 def _check_name(name: str, what: str) -> str:
@@ -104,7 +105,7 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("cpu", "cuda"),
-             available: Callable[[str], bool] | None = None) -> Callable:
+             available: Callable[[str | None], bool] | None = None) -> Callable:
     """Record ``fn`` (a custom op; for ``torch``, the reference) as ``backend``'s implementation of ``op`` for
     tensors on ``devices``.
 
@@ -114,26 +115,23 @@ def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("c
     """
     if backend not in NAMES:
         raise ValueError(f"register: unknown backend {backend!r}")
-    _impls.setdefault(op, {})[backend] = (fn, tuple(devices), available)
+    for device in devices:
+        _impls.setdefault(op, {}).setdefault(backend, {})[device] = (fn, available)
     _chosen.clear()
     return fn
+
+
+def _runs(op: str, backend: str, device_type: str | None) -> bool:
+    """Whether ``backend`` has an implementation of ``op`` for ``device_type`` (any device: None) that can run."""
+    entries = _impls.get(op, {}).get(backend, {})
+    devices = entries if device_type is None else [device_type] if device_type in entries else []
+    return any(entries[d][1] is None or entries[d][1](device_type) for d in devices)
 
 
 def implementations(op: str, device_type: str | None = None) -> list[str]:
     """The backends that implement ``op`` (for ``device_type``, when given) and can run here."""
     have = backends()
-    found = []
-    for name in NAMES:
-        entry = _impls.get(op, {}).get(name)
-        if entry is None or name not in have:
-            continue
-        _, devices, available = entry
-        if device_type is not None and device_type not in devices:
-            continue
-        if available is not None and not available(device_type):
-            continue
-        found.append(name)
-    return found
+    return [name for name in NAMES if name in have and _runs(op, name, device_type)]
 
 
 # choose()'s answers, by everything that can change them while the process runs (the registry clears
@@ -155,10 +153,14 @@ def choose(op: str, device_type: str) -> str:
     return found
 
 
+def _device_type(x: torch.Tensor) -> str:
+    """``x``'s device type (a CPU tensor's without building its ``torch.device``: this runs on every op call)."""
+    return "cpu" if x.is_cpu else x.device.type
+
+
 def choose_for(op: str, x: torch.Tensor) -> str:
-    """:func:`choose` for the device of tensor ``x`` (a CPU tensor's device type without building its
-    ``torch.device``: this runs on every op call)."""
-    return choose(op, "cpu" if x.is_cpu else x.device.type)
+    """:func:`choose` for the device of tensor ``x``."""
+    return choose(op, _device_type(x))
 
 
 def _choose(op: str, device_type: str, name: str) -> str:
@@ -169,12 +171,14 @@ def _choose(op: str, device_type: str, name: str) -> str:
 
 
 def dispatch(op: str, device_type: str) -> Callable:
-    """The implementation of ``op`` that :func:`choose` picks."""
-    return _impls[op][choose(op, device_type)][0]
+    """The implementation of ``op`` that :func:`choose` picks (the torch reference for a device no backend serves)."""
+    entries = _impls[op][choose(op, device_type)]
+    return (entries[device_type] if device_type in entries else next(iter(entries.values())))[0]
 
 
 def kernel_for(op: str, x: torch.Tensor) -> Callable | None:
     """The op the backend chosen for ``x``'s device runs for ``op``; ``None`` when that is the ``torch``
     backend (the caller then runs its published computation)."""
-    name = choose_for(op, x)
-    return None if name == "torch" else _impls[op][name][0]
+    device_type = _device_type(x)
+    name = choose(op, device_type)
+    return None if name == "torch" else _impls[op][name][device_type][0]

@@ -252,8 +252,8 @@ def test_registered_as_the_triton_backend():
     assert "triton" in implementations("crd_bank_update", "cuda")
     assert "triton" not in implementations("crd_nce", "cpu")
     with use_backend("triton"):
-        assert dispatch("crd_nce", "cuda") is crd_triton.nce
-        assert dispatch("crd_bank_update", "cuda") is crd_triton.bank_update_
+        assert dispatch("crd_nce", "cuda") is crd_triton.NCE  # the op fastkd::crd_nce_triton, running crd_triton.nce
+        assert dispatch("crd_bank_update", "cuda") is crd_triton.BANK_UPDATE
 
 
 # --- on a GPU -------------------------------------------------------------------------------------------

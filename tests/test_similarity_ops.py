@@ -163,8 +163,8 @@ ROUTES = {
 def test_functional_runs_the_op_unless_torch_is_selected(name, monkeypatch):
     fn, f_s, f_t = ROUTES[name]
     calls = []
-    op, *where = _impls[name]["native"]  # the table's entry: the op the native backend runs
-    monkeypatch.setitem(_impls[name], "native", (lambda *a: calls.append(1) or op(*a), *where))
+    op, available = _impls[name]["native"]["cpu"]  # the table's entry: the op the native backend runs on CPU
+    monkeypatch.setitem(_impls[name]["native"], "cpu", (lambda *a: calls.append(1) or op(*a), available))
     fused = fn(f_s, f_t)
     routed = [1] if "native" in fastkd.backends() else []  # auto on CPU: native, else the eager torch path
     assert calls == routed

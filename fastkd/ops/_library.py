@@ -136,7 +136,7 @@ def _triton_op(name: str, schema: str, launcher: Callable, fake: Callable, autog
 
     triton_op reads the schema from the function's annotations (the ``schema`` argument is ignored in torch 2.11
     and 2.13), so the launcher is wrapped in a function whose signature is the schema's, and the inferred schema
-    is checked against it (an ``int`` is inferred as ``SymInt``, which the launcher takes alike). Its fake would be the launcher itself run on fake tensors, which the Triton
+    is checked against it (:func:`_signature`). Its fake would be the launcher itself run on fake tensors, which the Triton
     interpreter (CPU tests) cannot do: the public op's fake replaces it.
     """
     parsed = torch._C.parse_schema(schema)
@@ -152,12 +152,22 @@ def _triton_op(name: str, schema: str, launcher: Callable, fake: Callable, autog
     kernel.__name__ = kernel.__qualname__ = name
     mutated = [a.name for a in parsed.arguments if a.alias_info is not None and a.alias_info.is_write]
     op = torch.library.triton_op(f"fastkd::{name}", kernel, mutates_args=mutated)
-    inferred = str(op._opoverload._schema).replace("SymInt ", "int ")
-    if inferred != f"fastkd::{schema}":
+    inferred = op._opoverload._schema
+    if _signature(inferred) != _signature(parsed):
         raise RuntimeError(f"the Triton op fastkd::{name} was inferred as {inferred}, not fastkd::{schema}")
     op.register_fake(fake)
     if autograd is not None:
         op.register_autograd(autograd.backward, setup_context=autograd.setup_context)
+
+
+def _signature(schema: torch._C.FunctionSchema) -> tuple:
+    """What two schemas must share: each argument's name, type and whether it is written (not its alias set's
+    name), and the return types; an ``int`` as ``SymInt``, which the launchers take alike."""
+    def kind(t) -> str:
+        return str(t).replace("SymInt", "int")
+
+    return (tuple((a.name, kind(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments),
+            tuple(kind(r.type) for r in schema.returns))
 
 
 def traceable(kernel):
