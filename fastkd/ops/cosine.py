@@ -13,8 +13,8 @@ the saved inverse norms, with â = r_a·a, b̂ = r_b·b:
     ∂L/∂â = G·b̂,  ∂L/∂a_i = r_a,i (∂L/∂â_i − ⟨∂L/∂â_i, â_i⟩ â_i)   (no projection where ‖a_i‖ < ε)
 
 and the same for b with Gᵀ·â. Only the product kernels differ by device; the formulas here are the
-reference (CPU runs them: the product is one BLAS call there, nothing left to fuse). The Triton op is
-``fastkd::cosine_matrix_triton`` (:mod:`fastkd.ops.cosine_triton`).
+reference (CPU runs them: the product is one BLAS call there, nothing left to fuse). The Triton kernel is an
+op of the Triton backend's module.
 """
 from __future__ import annotations
 

@@ -21,10 +21,9 @@ Two torch references live here:
 
 ``fastkd::crd_bank_update_`` is the fused momentum update + renormalisation of the batch rows.
 Both ops are defined with :func:`fastkd.ops._library.define`; the references are their default kernels and
-the native extension registers CPU kernels over them. Their other backends are ops of their own:
-``crd_nce_triton`` / ``crd_bank_update_triton`` (:mod:`fastkd.ops.crd_triton`) and the CUDA C++
-``crd_nce_cuda`` / ``crd_bank_update_cuda_`` (:mod:`fastkd.ops.crd_native`). Both ops refuse an empty batch
-(B = 0) before they read or write anything; an empty bank update writes nothing.
+the native extension registers CPU kernels over them. Their other backends (Triton, CUDA C++) define ops of
+their own with the same schemas, in their backend modules. Both ops refuse an empty batch (B = 0) before they
+read or write anything; an empty bank update writes nothing.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ form needs a quarter of the multiply-adds).
 ``fastkd::nst_loss(Tensor f_s, Tensor f_t) -> (Tensor loss, Tensor grad_s, Tensor grad_t)`` takes
 [B, C, HW] maps of one HW; the gradients (for a unit upstream gradient, in the inputs' dtype) are
 computed in the same pass, so backward only scales them. Loss in fp32 (fp64 for fp64 inputs).
-Kernels: the reference (any device), native C++ on CPU, Triton on CUDA (``fastkd::nst_loss_triton``,
-:mod:`fastkd.ops.nst_triton`). :func:`nst_with_grad_reference` is its contract, written in the channel form;
+Kernels: the reference (any device), native C++ on CPU, Triton on CUDA (an op of the Triton backend's
+module). :func:`nst_with_grad_reference` is its contract, written in the channel form;
 :func:`nst_reference` the published computation (the ``torch`` backend); :func:`nst` runs one pair of maps on
 the backend the table picks.
 """

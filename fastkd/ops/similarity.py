@@ -32,8 +32,8 @@ contract of each op is its ``*_with_grad_reference`` below: the default kernel, 
 native and Triton kernels. The published computations (eager torch, differentiated by autograd:
 :func:`sp_reference` ... :func:`rkd_angle_reference`) are the ``torch`` backend; :func:`sp`, :func:`cckd`,
 :func:`pkt`, :func:`rkd_distance` and :func:`rkd_angle` run one loss on the backend the table picks. The
-backward of every op is one product per side, ∂L/∂X = grad·M·X: the op ``fastkd::relation_grad`` (the
-Triton backend has its own, ``relation_grad_triton``).
+backward of every op is one product per side, ∂L/∂X = grad·M·X: the op ``fastkd::relation_grad`` (a backend
+binds :func:`relation_autograd` to its own product op).
 """
 from __future__ import annotations
 
