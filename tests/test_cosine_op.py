@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from fastkd import functional as fk
 from fastkd.ops import cosine, cosine_triton
 
+from _tolerances import TOL
+
 EPS = 1e-8
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def inputs(n, m, d, dtype=torch.float64, seed=0, device="cpu"):

@@ -11,14 +11,10 @@ import fastkd
 from fastkd import functional as fk
 from fastkd.ops import nst, nst_triton, similarity, similarity_triton
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+from _tolerances import TOL, rel
+
 EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 3), "pkt_loss": (1e-7,), "rkd_distance_loss": (), "rkd_angle_loss": ()}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel(got, want, floor=0.0):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
 def pair(b, d_s, d_t, dtype, seed, device=DEVICE):
