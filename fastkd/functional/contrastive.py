@@ -43,7 +43,8 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
     (mean(x)·N, as RepDistiller does on its first step). P is computed as exp(s/T − log Z)
     and the terms from log P (:func:`fastkd.ops.crd.nce_terms`), so the loss is finite at any T
     (x alone overflows fp32 once s/T > 88). The banks are not changed. An empty batch raises
-    ``ValueError``.
+    ``ValueError``. It runs the step :class:`fastkd.CRDLoss` runs (:func:`fastkd.ops.crd.nce`): the fused op
+    ``fastkd::crd_nce`` off the ``torch`` backend, the published computation on it.
     """
     _checks.tensor("v_s", v_s, ndim=2)
     _checks.tensor("v_t", v_t, ndim=2)
@@ -57,8 +58,9 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
                          f"got {tuple(contrast_idx.shape)}")
     acc = accumulation_dtype(v_s)
     log_z_s, log_z_t = (_log_z(name, z, acc, v_s.device) for name, z in (("z_s", z_s), ("z_t", z_t)))
-    loss, _, _ = _crd.nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, log_z_s, log_z_t, temperature,
-                                    num_data)
+    unused_rng = torch.zeros(2, dtype=torch.int64, device=v_s.device)  # the negatives are given: nothing is drawn
+    loss, _, _ = _crd.nce(v_s, v_t, memory_s, memory_t, contrast_idx[:, 0], contrast_idx, log_z_s, log_z_t,
+                          unused_rng, contrast_idx.shape[1] - 1, temperature)
     return loss
 
 
