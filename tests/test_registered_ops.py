@@ -47,6 +47,17 @@ def _crd_nce(dtype):
              False), (0, 1))
 
 
+def _crd_nce_shard(dtype):
+    """One process: rows [10, 30) of 40 as this rank's shard (plus its spare row); a third of the entries outside."""
+    cidx = torch.randint(0, 40, (3, 6), generator=_gen(16))
+    local = cidx - 10
+    inside = (local >= 0) & (local < 20)
+    shard = _unit(21, 8, dtype=dtype, seed=17)
+    log_z = torch.tensor(float("-inf"))
+    return ((torch.cat([_unit(3, 8, dtype=dtype, seed=18), _unit(3, 8, dtype=dtype, seed=19)], dim=1), shard,
+             shard.flip(0), torch.where(inside, local, 0), inside, log_z, log_z.clone(), 0.2, 40, 0.0, False), (0,))
+
+
 def _bank_update(dtype):
     return (_unit(40, 16, dtype=dtype, seed=7), torch.tensor([3, 17, 3, 39, 0]), _unit(5, 16, dtype=dtype, seed=8),
             0.5), ()
@@ -73,6 +84,7 @@ def _pair(dtype, *extra):
 SAMPLES = {
     "crd_nce": _crd_nce,
     "crd_bank_update_": _bank_update,
+    "crd_nce_shard": _crd_nce_shard,
     "kd_loss": lambda dtype: ((*_logits(dtype)[:2], 3.0), (0, 1)),
     "kd_loss_with_grad": lambda dtype: ((*_logits(dtype)[:2], 3.0), (0,)),
     "kd_loss_backward": _kd_backward,
