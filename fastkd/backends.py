@@ -19,7 +19,9 @@ The table maps (op, backend) to the custom op that backend runs (:mod:`fastkd.op
 every op as it is defined; a backend's module enters its own), for the devices it serves. An op family
 asks :func:`kernel_for` once per call and calls the op it gets, or runs its published torch computation
 when the choice is ``torch``; from there the torch dispatcher alone decides what runs (the native library's
-C++ kernel on CPU tensors, the Triton kernels inside a Triton op).
+C++ kernel on CPU tensors, the Triton kernels inside a Triton op). A backend's modules are imported the first
+time the table looks the backend up where it is available (:func:`on_first_use`, :func:`load`): defining
+Triton ops imports Triton and, in torch 2.13, torch's compiler, seconds that an import of fastkd does not pay.
 """
 from __future__ import annotations
 
@@ -104,6 +106,28 @@ def use_backend(name: str) -> Iterator[str]:
         _selected.pop()
 
 
+_loaders: dict[str, list[Callable[[], object]]] = {}  # backend -> imports of its modules, each run once
+
+
+def on_first_use(backend: str, load: Callable[[], object]) -> None:
+    """Run ``load`` (an import of one of ``backend``'s modules, which registers its ops) before the table first
+    looks ``backend`` up."""
+    _loaders.setdefault(backend, []).append(load)
+
+
+def load(backend: str) -> bool:
+    """Import ``backend``'s modules now, if they are not yet (:func:`implementations` does, for the backends
+    available here). True."""
+    for pending in _loaders.pop(backend, ()):
+        pending()
+    return True
+
+
+# torch.compile calls load() while tracing instead of tracing into it (an import cannot be traced): what
+# torch.compiler.assume_constant_result(load) marks, without importing torch._dynamo here
+load._dynamo_marked_constant = True
+
+
 def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("cpu", "cuda"),
              available: Callable[[str | None], bool] | None = None) -> Callable:
     """Record ``fn`` (a custom op; for ``torch``, the reference) as ``backend``'s implementation of ``op`` for
@@ -131,7 +155,7 @@ def _runs(op: str, backend: str, device_type: str | None) -> bool:
 def implementations(op: str, device_type: str | None = None) -> list[str]:
     """The backends that implement ``op`` (for ``device_type``, when given) and can run here."""
     have = backends()
-    return [name for name in NAMES if name in have and _runs(op, name, device_type)]
+    return [name for name in NAMES if name in have and load(name) and _runs(op, name, device_type)]
 
 
 # choose()'s answers, by everything that can change them while the process runs (the registry clears

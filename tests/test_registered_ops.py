@@ -11,14 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastkd
 from fastkd import _native
-from fastkd.backends import _impls
+from fastkd.backends import _impls, load
 from fastkd.ops import _library
 from fastkd.ops import logits as logit_ops
 
 from _tolerances import TOL, rel
 
 GPU = torch.cuda.is_available()
+for _backend in fastkd.backends():
+    load(_backend)  # every backend module that can run here, so that its ops are in the registry
 DTYPES = (torch.float32, torch.float16)  # what the fused kernels load; bf16 is wrong under Triton's interpreter
 
 

@@ -8,21 +8,20 @@ backend :func:`fastkd.backends.kernel_for` picks.
 
 A backend's module is ``<family>_<backend>.py`` (``crd_triton.py``, ``crd_native.py``, ...): it defines that
 backend's ops with :func:`fastkd.ops._library.variant`, which enters them in the backend table. No module
-imports one: they are found here by their names and imported when their backend can run in this process
-(``native``: always, they only declare the C++ kernels' ops; ``triton``: when triton is installed and a GPU or
-the interpreter is there), so a CPU-only process never imports Triton.
+imports one: they are found here by their names, and the backend table imports them the first time it looks
+their backend up where it is available (:func:`fastkd.backends.on_first_use`), so a CPU-only process never
+imports Triton, and an import of fastkd never defines a Triton op.
 """
+import functools
 import importlib
 import pkgutil
 
 from fastkd import _native
-from fastkd.backends import triton_available
+from fastkd.backends import NAMES, on_first_use
 from fastkd.ops import cosine, crd, crd_shard, logits, nst, philox, similarity  # noqa: F401  (they define the ops)
-
-_RUNS_HERE = {"native": lambda: True, "triton": triton_available}
 
 for _found in pkgutil.iter_modules(__path__):
     _backend = _found.name.rpartition("_")[2]
-    if _backend in _RUNS_HERE and _RUNS_HERE[_backend]():
-        importlib.import_module(f"{__name__}.{_found.name}")
+    if _backend in NAMES and _backend != "torch":
+        on_first_use(_backend, functools.partial(importlib.import_module, f"{__name__}.{_found.name}"))
 _native.load()
