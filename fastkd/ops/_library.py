@@ -10,7 +10,12 @@ A kernel that must be chosen at run time, because several serve one device (Trit
 tensors), is an op in its own right, defined by its backend module with :func:`variant`: the public op's
 schema under the name ``<op>_<backend>``, its fake and, unless told otherwise, its autograd formula. Triton
 variants are ``torch.library.triton_op``\\ s, whose launches go through :func:`traceable`, so torch.compile
-sees the kernels themselves.
+sees the kernels themselves. triton_op and wrap_triton have these semantics in torch 2.11 and 2.13 alike (both
+since 2.6); two differences of detail are handled here: wrap_triton refuses the interpreter's kernels before
+2.13 (:func:`traceable` launches them as they are, which 2.13 does itself), and a triton_op's fake is its
+launcher, which the interpreter cannot run on fake tensors (the public op's fake replaces it; the interpreter
+cannot run torch.compile's decomposition of the op either: tests/test_registered_ops.py leaves that check to
+a GPU).
 
 Every op is entered in the backend table (:mod:`fastkd.backends`) as it is defined, under its name without
 a trailing ``_`` (``crd_bank_update_`` → ``crd_bank_update``): the public op as the ``torch`` backend's
