@@ -7,10 +7,12 @@ from torch import nn
 
 from fastkd import _checks
 from fastkd.functional.logits import dkd_loss, kd_loss
+from fastkd.losses._registry import register
 
 __all__ = ["KDLoss", "DKDLoss"]
 
 
+@register("kd", takes=("logits_s", "logits_t"))
 class KDLoss(nn.Module):
     """Knowledge distillation (Hinton, Vinyals, Dean 2015), a drop-in for RepDistiller's ``DistillKL(T)``.
 
@@ -28,6 +30,7 @@ class KDLoss(nn.Module):
         return f"temperature={self.temperature}"
 
 
+@register("dkd", takes=("logits_s", "logits_t", "target", "epoch"))
 class DKDLoss(nn.Module):
     """Decoupled knowledge distillation (Zhao, Cui, Song, Qiu, Liang 2022), as mdistiller's ``DKD``.
 

@@ -14,10 +14,12 @@ from torch import nn
 from fastkd import _checks
 from fastkd.functional.online import (classifier_diversity_loss, okddip_loss, online_kd_loss, peer_attention,
                                       sigmoid_rampup)
+from fastkd.losses._registry import register
 
 __all__ = ["OnlineKDLoss", "ClassifierDiversityLoss", "OKDDipLoss"]
 
 
+@register("online_kd", takes=("branch_logits", "ensemble_logits"), objective="online")
 class OnlineKDLoss(nn.Module):
     """Every branch toward the ensemble teacher (ONE; multi-branch diversity enhancement), T = 3.
 
@@ -39,6 +41,7 @@ class OnlineKDLoss(nn.Module):
         return f"temperature={self.temperature}, detach_teacher={self.detach_teacher}"
 
 
+@register("cd", takes=("classifiers",), objective="online")
 class ClassifierDiversityLoss(nn.Module):
     """Classifier Diversification (Li et al., ACCV 2020): Σ_{i<j} ‖W_iᵀ W_j‖_F, weight 5e-8 in the recipes.
 
@@ -53,6 +56,17 @@ class ClassifierDiversityLoss(nn.Module):
         return classifier_diversity_loss(weights)
 
 
+
+def _with_projections(cls, probe, **options) -> nn.Module:
+    """OKDDip: query / key projections of the branches' pooled features (the classifiers' input width)."""
+    classifiers = probe["classifiers"]
+    if len(classifiers) < 3:
+        raise ValueError(f"okddip needs at least 3 branches (2 peers and a leader), the student has {len(classifiers)}")
+    return cls(in_dim=classifiers[0].in_features, **options)
+
+
+@register("okddip", takes=("branch_logits", "branch_pooled", "epoch"), objective="online", build=_with_projections,
+          derived=("in_dim",))
 class OKDDipLoss(nn.Module):
     """OKDDip (Chen et al., "Online Knowledge Distillation with Diverse Peers", AAAI 2020).
 
