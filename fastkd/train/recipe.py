@@ -8,13 +8,14 @@ keys are rejected with the list of the valid ones, so a typo never trains silent
 
 Losses: ``losses`` maps a loss name to its ``weight`` and the keyword arguments of its module
 (``losses.kd.temperature=4``): the total is Σ weight · loss. ``ce`` is the student's cross
-entropy on the labels; the others are the :mod:`fastkd` modules in :data:`LOSSES`.
+entropy on the labels; the others are the losses registered under those keys
+(:func:`fastkd.losses.registered`): a loss's options are its constructor's keywords less those
+the objective derives from the probed features (its entry's ``derived``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -24,24 +25,8 @@ from typing import Any
 
 import yaml
 
-import fastkd
+from fastkd.losses import entry, registered
 from fastkd.train.loggers import LOGGERS
-
-# recipe name → the loss module it builds (its constructor's keywords are the loss's options)
-LOSSES: dict[str, type] = {
-    "kd": fastkd.KDLoss, "dkd": fastkd.DKDLoss, "hint": fastkd.HintLoss, "at": fastkd.ATLoss,
-    "nst": fastkd.NSTLoss, "ft": fastkd.FTLoss, "ab": fastkd.ABLoss, "fsp": fastkd.FSPLoss, "vid": fastkd.VIDLoss,
-    "sp": fastkd.SPLoss, "cc": fastkd.CCLoss, "cckd": fastkd.CCKDLoss, "rkd": fastkd.RKDLoss, "pkt": fastkd.PKTLoss,
-    "srd": fastkd.SRDLoss, "crd": fastkd.CRDLoss,
-    # objectives of their own (fastkd.train.objectives): online, SSKD's two stages, STKD's mixup
-    "online_kd": fastkd.OnlineKDLoss, "cd": fastkd.ClassifierDiversityLoss, "okddip": fastkd.OKDDipLoss,
-    "rotation": fastkd.RotationContrastLoss, "sskd": fastkd.SSKDLoss, "sskd_rot": fastkd.RotationKDLoss,
-    "stkd": fastkd.STKDLoss,
-}
-ONLINE_LOSSES = ("online_kd", "cd", "okddip")   # a multi-branch student, no teacher
-SSKD_LOSSES = ("rotation", "sskd", "sskd_rot")  # four rotated views per image
-MIXUP_LOSSES = ("stkd",)                        # mixup virtual samples
-
 
 @dataclass
 class DataConfig:
@@ -253,22 +238,16 @@ def _section(name: str, cls, tree) -> Any:
 def _losses(tree) -> dict[str, dict[str, Any]]:
     if not isinstance(tree, dict) or not tree:
         raise ValueError(f"losses must be a non-empty mapping of loss name → options, got {tree!r}")
-    _unknown("losses", tree, ["ce", *LOSSES])
+    _unknown("losses", tree, ["ce", *registered()])
     checked = {}
     for name, options in tree.items():
         options = {"weight": options} if isinstance(options, (int, float)) else options
         if not isinstance(options, dict) or "weight" not in options:
             raise ValueError(f"losses.{name} needs a weight (losses.{name}.weight=...), got {options!r}")
-        valid = ["weight"] if name == "ce" else ["weight", *_constructor_options(LOSSES[name])]
+        valid = ["weight"] if name == "ce" else ["weight", *entry(name).options]
         _unknown(f"losses.{name}", options, valid)
         checked[name] = dict(options, weight=_typed(f"losses.{name}.weight", options["weight"], "float"))
     return checked
-
-
-def _constructor_options(cls) -> list[str]:
-    """A loss module's keyword options, less those the engine derives (feature sizes, dataset size)."""
-    derived = {"s_dim", "t_dim", "in_dim", "num_data", "num_input_channels", "num_mid_channel", "num_target_channels"}
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *derived)]
 
 
 def build(tree: dict[str, Any]) -> Recipe:

@@ -26,8 +26,8 @@ from fastkd.data.transforms import EvalTransform, TrainTransform
 from fastkd.train import distributed
 from fastkd.train.checkpoint import load_checkpoint, read_weights
 from fastkd.train.engine import Trainer
-from fastkd.train.objectives import build_objective, needs_teacher
-from fastkd.train.recipe import SSKD_LOSSES, Recipe
+from fastkd.train.objectives import build_objective, needs_teacher, reads_teacher_state
+from fastkd.train.recipe import Recipe
 
 DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated 4×
 
@@ -185,7 +185,7 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
                              "file or a fastkd checkpoint; `fastkd train` makes one)")
         teacher = models.create(recipe.teacher.name, num_classes=classes)
         load_weights(teacher, recipe.teacher.checkpoint)
-        if set(recipe.losses) & set(SSKD_LOSSES):  # SSKD's second stage also reads the stage-1 head
+        if reads_teacher_state(recipe.losses):  # SSKD's second stage also reads the stage-1 head
             teacher_state = load_checkpoint(recipe.teacher.checkpoint)
         teacher.to(device)
     student.to(device)
