@@ -27,7 +27,7 @@ An entry says:
 - ``objective``: the objective that runs it. ``"offline"`` (the default, the teacher → student
   :class:`~fastkd.train.distiller.Distiller`) losses also run in any other objective that offers
   every feature they take (KD in SSKD's second stage, on the upright views); a loss that needs
-  an objective of its own names it (``"online"``, ``"sskd_teacher"``, ``"sskd"``, ``"mixup"``),
+  an objective of its own names it (``"online"``, ``"sskd_teacher"``, ``"sskd_student"``, ``"mixup"``),
   and a recipe's losses pick the objective by what they name;
 - ``preact``: the objective reads every feature before its last activation (AB, as RepDistiller);
 - ``init``: an :class:`InitStage`, RepDistiller's ``init()`` before the main stage (FT, AB, FSP).
@@ -67,7 +67,7 @@ _PAIRED = {
     "blocks": "stage outputs features[1:-1] (a list of maps)",
     "maps": "stem and stage outputs features[:-1] (a list of maps)",
     "last_block": "last stage's output features[-2]",
-    "hint": "stage output features[hint_layer] (the Distiller's hint_layer, 2 by default)",
+    "hint_layer": "stage output features[hint_layer] (the Distiller's hint_layer, 2 by default)",
     "pooled": "pooled penultimate feature features[-1]",
     "view_logits": "logits on the four rotated views of the batch [4B, K]",
     "view_pooled": "pooled penultimate features of the four rotated views [4B, C]",
@@ -87,9 +87,9 @@ FEATURES: dict[str, Feature] = {
     "mix_target_a": Feature("the labels of the mixed batch's first images"),
     "mix_target_b": Feature("the labels of the mixed batch's partner images"),
     "mix_lam": Feature("the mixing coefficient λ of the mixed batch"),
-    "num_data": Feature("the training set's size (probe only)"),
-    "teacher_losses": Feature("the loss states saved in the teacher's checkpoint (probe only; SSKD's first stage "
-                              "saves its rotation head there)", "teacher"),
+    "num_data": Feature("the training set's size, on the probe"),
+    "teacher_losses": Feature("the loss states saved in the teacher's checkpoint, on the probe (SSKD's first "
+                              "stage saves its rotation head there)", "teacher"),
 }
 
 
@@ -178,6 +178,14 @@ class LossEntry:
     def options(self) -> list[str]:
         """The recipe options: the keyword arguments of ``cls``'s constructor less the derived ones."""
         return [name for name, p in _parameters(self.cls).items() if name not in self.derived]
+
+    def default(self, option: str) -> Any:
+        """The constructor's default for the recipe option ``option``."""
+        parameter = _parameters(self.cls).get(option)
+        if option in self.derived or parameter is None or parameter.default is parameter.empty:
+            raise ValueError(f"loss {self.key!r} has no option {option!r} with a default; options: "
+                             f"{', '.join(self.options) or 'none'}")
+        return parameter.default
 
     @property
     def needs_teacher(self) -> bool:

@@ -44,7 +44,8 @@ def _check_input(name: str, x, channels: int, module: nn.Module) -> None:
 
 def _with_regressor(cls, probe, **options) -> nn.ModuleDict:
     """FitNet: the loss and a :class:`ConvReg` from the student's hint map to the teacher's."""
-    return nn.ModuleDict({"loss": cls(**options), "regressor": ConvReg(probe["hint_s"].shape, probe["hint_t"].shape)})
+    regressor = ConvReg(probe["hint_layer_s"].shape, probe["hint_layer_t"].shape)
+    return nn.ModuleDict({"loss": cls(**options), "regressor": regressor})
 
 
 def _through(adapter: str):
@@ -54,7 +55,8 @@ def _through(adapter: str):
     return call
 
 
-@register("hint", takes=("hint_s", "hint_t"), build=_with_regressor, call=_through("regressor"))
+@register("hint", takes=("hint_layer_s", "hint_layer_t"), build=_with_regressor,
+          call=_through("regressor"))
 class HintLoss(nn.Module):
     """FitNet hints (Romero et al. 2015): mean((f_s − f_t)²); see :func:`fastkd.functional.hint_loss`."""
 

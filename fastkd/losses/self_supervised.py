@@ -63,8 +63,8 @@ def _with_teacher_head(cls, probe, **options) -> nn.Module:
     return criterion
 
 
-@register("sskd", takes=("view_pooled_s", "view_pooled_t"), objective="sskd", build=_with_teacher_head,
-          derived=("s_dim", "t_dim"))
+@register("sskd", takes=("view_pooled_s", "view_pooled_t"), objective="sskd_student",
+          build=_with_teacher_head, derived=("s_dim", "t_dim"))
 class SSKDLoss(nn.Module):
     """SSKD's similarity transfer: τ²·KL(softmax(S_t/τ) ‖ softmax(S_s/τ)) over selected rows, τ = 0.5.
 
@@ -106,7 +106,7 @@ class SSKDLoss(nn.Module):
         return f"temperature={self.temperature}, keep_ratio={self.keep_ratio}"
 
 
-@register("sskd_rot", takes=("view_logits_s", "view_logits_t", "target"), objective="sskd")
+@register("sskd_rot", takes=("view_logits_s", "view_logits_t", "target"), objective="sskd_student")
 class RotationKDLoss(nn.Module):
     """SSKD's KD on the rotated views (T = 4) over the rows the teacher classifies well (``keep_ratio``
     1.0 keeps all: the published setting); published weight 2.7. See

@@ -16,7 +16,7 @@ This objective offers each network's
 | ``blocks_*`` | the stage outputs ``features[1:-1]`` (AT, NST, VID, AB) |
 | ``maps_*`` | the stem and stage outputs ``features[:-1]`` (FSP) |
 | ``last_block_*`` | the last stage's output ``features[-2]`` (SP, FT) |
-| ``hint_*`` | the stage output ``features[hint_layer]``, 2 by default (FitNet) |
+| ``hint_layer_*`` | the stage output ``features[hint_layer]``, 2 by default (FitNet) |
 | ``pooled_*`` | the pooled feature ``features[-1]`` (CC, CCKD, RKD, PKT, SRD, CRD) |
 
 and the batch's ``target``, ``index`` (dataset indices, when the data gives them), ``contrast_idx``
@@ -55,7 +55,7 @@ _VIEWS: dict[str, Callable] = {
     "blocks": lambda features, logits, hint_layer: list(features[1:-1]),
     "maps": lambda features, logits, hint_layer: list(features[:-1]),
     "last_block": lambda features, logits, hint_layer: features[-2],
-    "hint": lambda features, logits, hint_layer: features[hint_layer],
+    "hint_layer": lambda features, logits, hint_layer: features[hint_layer],
     "pooled": lambda features, logits, hint_layer: features[-1],
 }
 

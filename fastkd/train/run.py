@@ -23,6 +23,7 @@ from fastkd.data.folder import ImageFolder
 from fastkd.data.indexed import IndexedDataset
 from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
+from fastkd.losses import entry
 from fastkd.train import distributed
 from fastkd.train.checkpoint import load_checkpoint, read_weights
 from fastkd.train.engine import Trainer
@@ -159,15 +160,22 @@ def training_device(device: str | torch.device | None) -> torch.device:
     return chosen
 
 
+def contrast_negatives(recipe: Recipe) -> int | None:
+    """K, the negatives per sample of dataset-side contrast sampling (``data.contrast_mode``): the
+    ``num_negatives`` option of the loss that takes ``contrast_idx`` (CRD); None when none does."""
+    for name, options in recipe.losses.items():
+        if name != "ce" and "contrast_idx" in entry(name).takes:
+            return options.get("num_negatives", entry(name).default("num_negatives"))
+    return None
+
+
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
     """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default; under
     torchrun this rank's GPU, after :func:`fastkd.train.distributed.setup`)."""
     device = distributed.setup(None if device is None else training_device(device)) or training_device(None)
     recipe = distributed.scaled_recipe(recipe)
     torch.manual_seed(recipe.seed)
-    crd = recipe.losses.get("crd")
-    num_negatives = crd.get("num_negatives", 16384) if crd else None
-    train, test, class_names, num_data = loaders(recipe, device, num_negatives)
+    train, test, class_names, num_data = loaders(recipe, device, contrast_negatives(recipe))
     classes = len(class_names)
     student = models.create(recipe.student.name, num_classes=classes)
     if recipe.student.checkpoint:

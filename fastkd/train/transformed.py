@@ -17,7 +17,7 @@ SSKD (Xu et al., ECCV 2020), recipes ``cifar100_sskd_teacher`` then ``cifar100_s
 STKD (a reconstruction, see :class:`fastkd.STKDLoss`): :class:`MixupDistiller` (losses: ``stkd``)
 mixes each batch and distils on the mixture.
 
-Their losses register with the objective they need (``objective="sskd_teacher"``, ``"sskd"``,
+Their losses register with the objective they need (``objective="sskd_teacher"``, ``"sskd_student"``,
 ``"mixup"``: :mod:`fastkd.losses.self_supervised`) and take the features each objective offers
 (its ``OFFERS``); SSKD's second stage also runs any offline loss that takes only what it offers
 (KD, on the upright views, as published).
@@ -94,7 +94,7 @@ class SSKDDistiller(_FrozenTeacher):
     stage 1 saves its head there (``rotation.head.*``), which :class:`fastkd.SSKDLoss` loads.
     """
 
-    OBJECTIVE, WHAT, CE = "sskd", "SSKD's second stage", True
+    OBJECTIVE, WHAT, CE = "sskd_student", "SSKD's second stage", True
     OFFERS = frozenset({"logits_s", "logits_t", "view_logits_s", "view_logits_t", "view_pooled_s", "view_pooled_t",
                         "target", "epoch"})
 
