@@ -197,5 +197,7 @@ def test_losses_of_two_objectives_are_refused():
     with pytest.raises(ValueError, match=r"the losses name different objectives \(online_kd → online, "
                                          r"rotation → sskd_teacher\); a run trains one"):
         objective_of({"ce": {}, "online_kd": {}, "rotation": {}})
-    with pytest.raises(ValueError, match=r"losses \['online_kd'\] do not apply to the offline Distiller; valid: ce, "):
+    with pytest.raises(ValueError, match=r"losses \['online_kd'\] do not apply to the offline Distiller \(online_kd "
+                                         r"runs in the online objective: fastkd.train.objectives.build_objective "
+                                         r"picks it\); valid: ce, "):
         Distiller(nn.Linear(2, 2), nn.Linear(2, 2), {"online_kd": {"weight": 1.0}}, torch.zeros(1, 2), 1)

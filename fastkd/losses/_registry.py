@@ -7,11 +7,13 @@ loss touches its own module and its tests, nothing in ``train/``::
     class KDLoss(nn.Module):
         def forward(self, logits_s, logits_t): ...
 
-    @register("crd", takes=("pooled_s", "pooled_t", "index", "contrast_idx"),
-              derived=("s_dim", "t_dim", "num_data"),
-              build=lambda cls, probe, **options: cls(probe.width("pooled_s"), probe.width("pooled_t"),
-                                                      probe["num_data"], **options))
-    class CRDLoss(nn.Module): ...
+    @register("cc", takes=("pooled_s", "pooled_t"), build=widths(), derived=("s_dim", "t_dim"))
+    class CCLoss(nn.Module):                       # embeds sized by the probed pooled features
+        def __init__(self, s_dim, t_dim, feat_dim=128): ...
+
+    @register("rotation", takes=("view_pooled_t",), objective="sskd_teacher", derived=("dim",),
+              build=lambda cls, probe, **options: cls(probe.width("view_pooled_t"), **options))
+    class RotationContrastLoss(nn.Module): ...
 
 An entry says:
 
@@ -19,7 +21,8 @@ An entry says:
   the order of its ``forward``'s arguments;
 - ``build(cls, probe, **options)``: the criterion, from the recipe's options and the ``probe``, a
   :class:`Features` of one batch (the features the loss takes, with their shapes, plus the
-  probe's own: ``num_data``, ...); by default ``cls(**options)``. ``derived``: the constructor's
+  probe's own: ``num_data``, ...); by default ``cls(**options)``; :func:`widths` passes the
+  widths of two features as ``s_dim`` / ``t_dim``. ``derived``: the constructor's
   arguments that ``build`` fills in, which are therefore not recipe options;
 - ``call(criterion, *features)``: the loss from the taken features; by default
   ``criterion(*features)``. A loss built with trainable adapters (a regressor, connectors) says

@@ -194,7 +194,7 @@ class Distiller(nn.Module):
         if needs_features:
             features = self._features(feat_s, logit_s, feat_t, logit_t, target=target, index=index,
                                       contrast_idx=contrast_idx, epoch=epoch)
-            for name, criterion in self.criteria.items():
-                if self.weights[name] != 0:  # a weight-0 loss is kept for its initialisation stage only (AB, FSP)
-                    parts[name] = self.entries[name].loss(criterion, features)
+            # a weight-0 loss is kept for its initialisation stage only (AB and FSP as published)
+            active = {name: criterion for name, criterion in self.criteria.items() if self.weights[name] != 0}
+            parts.update(terms.evaluate(self.entries, active, features))
         return terms.total(self.weights, parts), parts, logit_s

@@ -61,8 +61,7 @@ class OnlineDistiller(nn.Module):
             parts["ce"] = branch_cross_entropy(out.logits, target, out.ensemble if learned else None)
         features = Features(self.WHAT, branch_logits=out.logits, ensemble_logits=out.ensemble, branch_pooled=out.pooled,
                             classifiers=self.student.classifiers(), target=target, epoch=epoch)
-        for name, criterion in self.criteria.items():
-            parts[name] = self.entries[name].loss(criterion, features)
+        parts.update(terms.evaluate(self.entries, self.criteria, features))
         return terms.total(self.weights, parts), parts, out.ensemble
 
     def eval_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ features it hands them (``OFFERS``, names of :data:`~fastkd.losses._registry.FEA
 errors name it (``WHAT``) and whether it computes the recipe's cross entropy ``ce`` (``CE``); and it
 runs the same few steps: check that it runs each of the recipe's losses (:func:`entries_for`),
 build each criterion from a probe (:func:`build_criteria`), then at each step hand each loss the
-features it takes (``entry.loss(criterion, features)``) and sum the weighted terms (:func:`total`).
+features it takes (:func:`evaluate`) and sum the weighted terms (:func:`total`).
 A recipe's ``ce`` is not a registered loss: each objective computes its own cross entropy.
 """
 from __future__ import annotations
@@ -38,7 +38,10 @@ def entries_for(losses: Mapping[str, dict], objective) -> dict[str, LossEntry]:
     if bad:
         valid = ["ce"] if ce else []
         valid += [key for key, loss in registered().items() if runs_in(loss, name, offers)]
-        raise ValueError(f"losses {bad} do not apply to {objective.WHAT}; valid: {', '.join(valid)}")
+        elsewhere = [f"{key} runs in the {entries[key].objective} objective" for key in bad
+                     if entries[key].objective not in (name, "offline")]
+        where = f" ({', '.join(elsewhere)}: fastkd.train.objectives.build_objective picks it)" if elsewhere else ""
+        raise ValueError(f"losses {bad} do not apply to {objective.WHAT}{where}; valid: {', '.join(valid)}")
     return entries
 
 
@@ -55,6 +58,12 @@ def weights(losses: Mapping[str, Mapping[str, object]]) -> dict[str, float]:
 def build_criteria(entries: Mapping[str, LossEntry], losses: Mapping[str, dict], probe: Features) -> nn.ModuleDict:
     """Each loss's criterion, built by its entry from the recipe's options and ``probe``, under its recipe key."""
     return nn.ModuleDict({name: loss.create(probe, options(losses[name])) for name, loss in entries.items()})
+
+
+def evaluate(entries: Mapping[str, LossEntry], criteria: Mapping[str, nn.Module],
+             features: Features) -> dict[str, torch.Tensor]:
+    """{name: loss} of each of ``criteria`` on the features its entry takes."""
+    return {name: entries[name].loss(criterion, features) for name, criterion in criteria.items()}
 
 
 def total(weights: Mapping[str, float], parts: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -83,7 +83,7 @@ class SSKDTeacherStage(_FrozenTeacher):
 
     def forward(self, images: torch.Tensor, target: torch.Tensor, index=None, contrast_idx=None, epoch=None):
         features, logits = self._views(images)
-        parts = {name: self.entries[name].loss(criterion, features) for name, criterion in self.criteria.items()}
+        parts = terms.evaluate(self.entries, self.criteria, features)
         return terms.total(self.weights, parts), parts, logits[0::4]
 
 
@@ -131,8 +131,7 @@ class SSKDDistiller(_FrozenTeacher):
         parts = {}
         if "ce" in self.weights:
             parts["ce"] = F.cross_entropy(upright_s.float(), target)
-        for name, criterion in self.criteria.items():
-            parts[name] = self.entries[name].loss(criterion, features)
+        parts.update(terms.evaluate(self.entries, self.criteria, features))
         return terms.total(self.weights, parts), parts, upright_s
 
 
@@ -162,5 +161,5 @@ class MixupDistiller(_FrozenTeacher):
             logit_t = self.teacher(mixed)
         features = Features(self.WHAT, mixed_logits_s=logit_s, mixed_logits_t=logit_t, mix_target_a=target_a,
                             mix_target_b=target_b, mix_lam=lam)
-        parts = {name: self.entries[name].loss(criterion, features) for name, criterion in self.criteria.items()}
+        parts = terms.evaluate(self.entries, self.criteria, features)
         return terms.total(self.weights, parts), parts, logit_s
