@@ -47,7 +47,13 @@ def resolve(command: str, recipe_name: str, overrides: list[str]) -> tuple[Recip
     if command == "train":
         from fastkd.train.objectives import needs_teacher
 
-        keep = not needs_teacher(load_recipe(recipe_name, overrides).losses)
+        recipe = load_recipe(recipe_name, overrides)
+        told = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() == "teacher" and o != "teacher=null"]
+        if told:
+            raise ValueError(f"fastkd train trains {recipe_name}'s student ({recipe.student.name}) alone, so "
+                             f"{', '.join(told)} would not be read. To train another model, name it as the student "
+                             f"(student.name=...); to distil from a teacher, use fastkd distill")
+        keep = not needs_teacher(recipe.losses)
         overrides += ["teacher=null"] + ([] if keep else ["losses={ce: 1.0}"])
     return load_recipe(recipe_name, overrides), overrides
 
@@ -85,6 +91,7 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
                                                             else "")
         _say(f"fastkd {command} {recipe_name}: {models} -> {folder}")
         trainer = make_trainer(recipe, device=device, output=folder)
+        _say(f"data: {trainer.meta['data']}")
         distributed.barrier()  # every rank sees the folder as rank 0 left it
         last = os.path.join(folder, LAST)
         if os.path.isfile(last):
@@ -103,13 +110,21 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
     final = history[-1] if history else {}
     return {"top1": final.get("test_top1"), "top5": final.get("test_top5"),
             "images_per_s": final.get("images_per_s"), "seconds": time.perf_counter() - start,
-            "checkpoint": last, "folder": folder}
+            "checkpoint": last, "folder": folder, "name": run_name(recipe)}
+
+
+def run_name(recipe: Recipe) -> str:
+    """What a run trains, by model and method: ``resnet8 + KD``, ``resnet8x4 + CRD + KD``, ``resnet20 alone``."""
+    methods = [name.upper() for name in recipe.losses if name != "ce"]
+    return recipe.student.name + (" + " + " + ".join(reversed(methods)) if methods else " alone")
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
-    lines = [f"{'run':<22} {'top-1':>7} {'top-5':>7} {'img/s':>8} {'time':>7}"]
+    width = max(22, *(len(name) for name, _ in rows))
+    lines = [f"{'run':<{width}} {'top-1':>7} {'top-5':>7} {'img/s':>8} {'time':>7}"]
     for name, r in rows:
-        lines.append(f"{name:<22} {r['top1']:7.2f} {r['top5']:7.2f} {r['images_per_s'] or 0:8.0f} {r['seconds']:6.1f}s")
+        lines.append(f"{name:<{width}} {r['top1']:7.2f} {r['top5']:7.2f} {r['images_per_s'] or 0:8.0f} "
+                     f"{r['seconds']:6.1f}s")
     return "\n".join(lines)
 
 
@@ -179,7 +194,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     device = training_device(device)
     _, test, classes, _ = loaders(recipe, device, None)
     model = models.create(model_name, num_classes=len(classes)).to(device)
-    load_weights(model, weights)
+    load_weights(model, weights, model_name)
     objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
     trainer = Trainer(recipe, objective, [], test, device=device, output=os.path.dirname(os.path.abspath(weights)))
     return trainer.evaluate()
@@ -258,7 +273,8 @@ def _command(args, parser) -> int:
             parser.error("train needs a recipe (fastkd recipes lists them)")
         rows = distill_default(args.output, args.device, args.overrides, mode)
     else:
-        rows = [(args.recipe, _run(args.command, args.recipe, args.overrides, args.output, args.device, mode))]
+        result = _run(args.command, args.recipe, args.overrides, args.output, args.device, mode)
+        rows = [(result["name"], result)]
     main = distributed.is_main()
     distributed.teardown()  # no-op without torchrun
     if main:
