@@ -9,6 +9,7 @@
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
+    fastkd stats DIR                     an image tree's mean / std, as data.mean= data.std= overrides
     fastkd build [--force]               compile the native kernels for the installed torch (else done on first use)
     fastkd doctor                        versions, backends, the native build, settings; exit 1 if something is missing
 
@@ -200,6 +201,20 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     return trainer.evaluate()
 
 
+def image_stats(root: str, size: int | None = None, fit: str = "resize") -> str:
+    """``fastkd stats``: the training images' per-channel mean and std in 0-1 units, as recipe overrides."""
+    from fastkd.data.arrays import channel_stats
+    from fastkd.data.folder import ImageFolder
+
+    train = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    images = ImageFolder(train, cache=True, size=size, fit=fit)
+    mean, std = channel_stats(images.data)
+    n, h, w, c = images.data.shape
+    values = (lambda xs: "[" + ", ".join(f"{x / 255:.4f}" for x in xs) + "]")
+    return (f"{train}: {n} images, {len(images.classes)} classes, {h}x{w}, {c} channel{'s' if c > 1 else ''}\n"
+            f"data.mean={values(mean)} data.std={values(std)}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +248,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--from", dest="which", choices=("last", "best"), default="last",
                     help="the run's last.pt (default) or best.pt")
     commands.add_parser("recipes", help="list the shipped recipes")
+    stats = commands.add_parser("stats", help="the per-channel mean / std of an image tree, as data.mean / data.std")
+    stats.add_argument("root", help="an image tree: root/train/<class>/<image> (or root/<class>/<image>)")
+    stats.add_argument("--image-size", type=int, help="bring the images to this size first, as data.image_size")
+    stats.add_argument("--fit", choices=("resize", "pad", "crop"), default="resize", help="as data.fit")
     build = commands.add_parser("build", help="compile the native kernels for the installed torch")
     build.add_argument("--force", action="store_true", help="compile again even when a build is there")
     commands.add_parser("doctor", help="what fastkd can run here and what is missing")
@@ -242,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
 def _command(args, parser) -> int:
     if args.command == "recipes":
         print("\n".join(shipped()))
+        return 0
+    if args.command == "stats":
+        print(image_stats(args.root, args.image_size, args.fit))
         return 0
     if args.command in ("build", "doctor"):
         from fastkd import _native, doctor

@@ -145,6 +145,9 @@ class DeviceLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         self.rank, self.world_size = int(rank), int(world_size)
+        if drop_last and len(dataset) < batch_size * world_size:
+            raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {batch_size} x "
+                             f"{world_size}: an epoch would train nothing (set data.batch_size={len(dataset)} or less)")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -43,7 +43,7 @@ class StreamedLoader:
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool,
                  rng: random.Random | None = None, channels_last: bool = False):
-        self.channels_last = channels_last
+        self.channels_last, self.dataset = channels_last, dataset
         self.batches = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed,
                                          rank=distributed.rank(), world_size=distributed.world_size())
         self.loader = torch.utils.data.DataLoader(
@@ -179,7 +179,7 @@ def data_summary(recipe: Recipe, train, test, classes: int, num_data: int) -> st
         tested = len(test.dataset)
     else:
         size = data.image_size or STREAMED_SIZE
-        shape, tested = f"{size}x{size} crops", len(test.loader.dataset)
+        shape, tested = f"{size}x{size} crops", len(test.dataset)
     return f"{data.name}{where}: {classes} classes, {num_data} training / {tested} test images, {shape}"
 
 
