@@ -217,3 +217,14 @@ def test_a_greyscale_tree_trains_and_distils_with_the_custom_recipes(tmp_path, c
     (run,) = [os.path.join("runs/custom_kd", d) for d in os.listdir("runs/custom_kd")]
     assert load_checkpoint(os.path.join(run, "last.pt"))["meta"]["classes"] == ["coat", "shirt"]
     assert main(["export", run]) == 0 and main(["eval", run, "--device", "cpu"]) == 0
+
+
+def test_the_step_schedule_decays_where_repdistillers_does():
+    """RepDistiller's adjust_learning_rate(epoch), epoch counted from 1: lr × 0.1^(#milestones < epoch), so
+    epoch 150 still runs at 0.05 and epoch 151 at 0.005. The engine's epoch counts from 0 (fractional inside it)."""
+    from fastkd.train.engine import learning_rate
+
+    recipe = load_recipe("cifar100")
+    published = {e: 0.05 * 0.1 ** sum(e > m for m in (150, 180, 210)) for e in (1, 150, 151, 180, 181, 240)}
+    for epoch, lr in published.items():
+        assert learning_rate(recipe, epoch - 1) == pytest.approx(lr) == pytest.approx(learning_rate(recipe, epoch - 0.01))
