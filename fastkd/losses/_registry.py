@@ -33,7 +33,9 @@ An entry says:
   an objective of its own names it (``"online"``, ``"sskd_teacher"``, ``"sskd_student"``, ``"mixup"``),
   and a recipe's losses pick the objective by what they name;
 - ``preact``: the objective reads every feature before its last activation (AB, as RepDistiller);
-- ``init``: an :class:`InitStage`, RepDistiller's ``init()`` before the main stage (FT, AB, FSP).
+- ``init``: an :class:`InitStage`, RepDistiller's ``init()`` before the main stage (FT, AB, FSP);
+- ``ramp``: the constructor option that counts epochs (DKD's ``warmup``, OKDDip's ``ramp_epochs``): a
+  run shorter than it is warned about.
 
 This module sits at the bottom of the losses layer: it imports torch only, never the trainer.
 """
@@ -176,6 +178,7 @@ class LossEntry:
     objective: str = "offline"
     preact: bool = False
     init: InitStage | None = None
+    ramp: str | None = None
 
     @property
     def options(self) -> list[str]:
@@ -243,7 +246,8 @@ def _parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 def register(key: str, *, takes: tuple[str, ...], build: Callable[..., nn.Module] | None = None,
              call: Callable[..., torch.Tensor] | None = None, derived: tuple[str, ...] = (),
-             objective: str = "offline", preact: bool = False, init: InitStage | None = None):
+             objective: str = "offline", preact: bool = False, init: InitStage | None = None,
+             ramp: str | None = None):
     """Register the decorated loss class under the recipe key ``key``; see the module docstring.
 
     Raises ``ValueError`` for a key already registered (or ``ce``, the objectives' own cross
@@ -269,12 +273,14 @@ def register(key: str, *, takes: tuple[str, ...], build: Callable[..., nn.Module
         if key in _ENTRIES:
             raise ValueError(f"loss {key!r} is already registered by {_ENTRIES[key].cls.__qualname__}; "
                              f"unregister({key!r}) first to replace it")
+        if ramp is not None and ramp not in _parameters(cls):
+            raise ValueError(f"loss {key!r}: ramp {ramp!r} is not a parameter of {cls.__qualname__}")
         unknown = sorted(set(derived) - set(_parameters(cls)))
         if unknown:
             raise ValueError(f"loss {key!r}: derived {unknown} are not parameters of {cls.__qualname__}; its "
                              f"parameters: {', '.join(_parameters(cls)) or 'none'}")
         _ENTRIES[key] = LossEntry(key, cls, tuple(takes), build or _build_plain, call or _call_plain, tuple(derived),
-                                  objective, bool(preact), init)
+                                  objective, bool(preact), init, ramp)
         return cls
 
     return add
