@@ -9,6 +9,7 @@
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
+    fastkd stats DIR                     an image tree's mean / std, as data.mean= data.std= overrides
     fastkd build [--force]               compile the native kernels for the installed torch (else done on first use)
     fastkd doctor                        versions, backends, the native build, settings; exit 1 if something is missing
 
@@ -47,7 +48,13 @@ def resolve(command: str, recipe_name: str, overrides: list[str]) -> tuple[Recip
     if command == "train":
         from fastkd.train.objectives import needs_teacher
 
-        keep = not needs_teacher(load_recipe(recipe_name, overrides).losses)
+        recipe = load_recipe(recipe_name, overrides)
+        told = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() == "teacher" and o != "teacher=null"]
+        if told:
+            raise ValueError(f"fastkd train trains {recipe_name}'s student ({recipe.student.name}) alone, so "
+                             f"{', '.join(told)} would not be read. To train another model, name it as the student "
+                             f"(student.name=...); to distil from a teacher, use fastkd distill")
+        keep = not needs_teacher(recipe.losses)
         overrides += ["teacher=null"] + ([] if keep else ["losses={ce: 1.0}"])
     return load_recipe(recipe_name, overrides), overrides
 
@@ -85,6 +92,7 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
                                                             else "")
         _say(f"fastkd {command} {recipe_name}: {models} -> {folder}")
         trainer = make_trainer(recipe, device=device, output=folder)
+        _say(f"data: {trainer.meta['data']}")
         distributed.barrier()  # every rank sees the folder as rank 0 left it
         last = os.path.join(folder, LAST)
         if os.path.isfile(last):
@@ -103,13 +111,21 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
     final = history[-1] if history else {}
     return {"top1": final.get("test_top1"), "top5": final.get("test_top5"),
             "images_per_s": final.get("images_per_s"), "seconds": time.perf_counter() - start,
-            "checkpoint": last, "folder": folder}
+            "checkpoint": last, "folder": folder, "name": run_name(recipe)}
+
+
+def run_name(recipe: Recipe) -> str:
+    """What a run trains, by model and method: ``resnet8 + KD``, ``resnet8x4 + CRD + KD``, ``resnet20 alone``."""
+    methods = [name.upper() for name in recipe.losses if name != "ce"]
+    return recipe.student.name + (" + " + " + ".join(reversed(methods)) if methods else " alone")
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
-    lines = [f"{'run':<22} {'top-1':>7} {'top-5':>7} {'img/s':>8} {'time':>7}"]
+    width = max(22, *(len(name) for name, _ in rows))
+    lines = [f"{'run':<{width}} {'top-1':>7} {'top-5':>7} {'img/s':>8} {'time':>7}"]
     for name, r in rows:
-        lines.append(f"{name:<22} {r['top1']:7.2f} {r['top5']:7.2f} {r['images_per_s'] or 0:8.0f} {r['seconds']:6.1f}s")
+        lines.append(f"{name:<{width}} {r['top1']:7.2f} {r['top5']:7.2f} {r['images_per_s'] or 0:8.0f} "
+                     f"{r['seconds']:6.1f}s")
     return "\n".join(lines)
 
 
@@ -179,10 +195,24 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     device = training_device(device)
     _, test, classes, _ = loaders(recipe, device, None)
     model = models.create(model_name, num_classes=len(classes)).to(device)
-    load_weights(model, weights)
+    load_weights(model, weights, model_name)
     objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
     trainer = Trainer(recipe, objective, [], test, device=device, output=os.path.dirname(os.path.abspath(weights)))
     return trainer.evaluate()
+
+
+def image_stats(root: str, size: int | None = None, fit: str = "resize") -> str:
+    """``fastkd stats``: the training images' per-channel mean and std in 0-1 units, as recipe overrides."""
+    from fastkd.data.arrays import channel_stats
+    from fastkd.data.folder import ImageFolder
+
+    train = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    images = ImageFolder(train, cache=True, size=size, fit=fit)
+    mean, std = channel_stats(images.data)
+    n, h, w, c = images.data.shape
+    values = (lambda xs: "[" + ", ".join(f"{x / 255:.4f}" for x in xs) + "]")
+    return (f"{train}: {n} images, {len(images.classes)} classes, {h}x{w}, {c} channel{'s' if c > 1 else ''}\n"
+            f"data.mean={values(mean)} data.std={values(std)}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,6 +248,10 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--from", dest="which", choices=("last", "best"), default="last",
                     help="the run's last.pt (default) or best.pt")
     commands.add_parser("recipes", help="list the shipped recipes")
+    stats = commands.add_parser("stats", help="the per-channel mean / std of an image tree, as data.mean / data.std")
+    stats.add_argument("root", help="an image tree: root/train/<class>/<image> (or root/<class>/<image>)")
+    stats.add_argument("--image-size", type=int, help="bring the images to this size first, as data.image_size")
+    stats.add_argument("--fit", choices=("resize", "pad", "crop"), default="resize", help="as data.fit")
     build = commands.add_parser("build", help="compile the native kernels for the installed torch")
     build.add_argument("--force", action="store_true", help="compile again even when a build is there")
     commands.add_parser("doctor", help="what fastkd can run here and what is missing")
@@ -227,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
 def _command(args, parser) -> int:
     if args.command == "recipes":
         print("\n".join(shipped()))
+        return 0
+    if args.command == "stats":
+        print(image_stats(args.root, args.image_size, args.fit))
         return 0
     if args.command in ("build", "doctor"):
         from fastkd import _native, doctor
@@ -258,7 +295,8 @@ def _command(args, parser) -> int:
             parser.error("train needs a recipe (fastkd recipes lists them)")
         rows = distill_default(args.output, args.device, args.overrides, mode)
     else:
-        rows = [(args.recipe, _run(args.command, args.recipe, args.overrides, args.output, args.device, mode))]
+        result = _run(args.command, args.recipe, args.overrides, args.output, args.device, mode)
+        rows = [(result["name"], result)]
     main = distributed.is_main()
     distributed.teardown()  # no-op without torchrun
     if main:

@@ -268,8 +268,8 @@ def test_image_folder_mapping_and_decoding(tree):
 
 def test_image_folder_cache_is_written_and_reused(tree, monkeypatch):
     root, pixels = tree
-    first = ImageFolder(root, cache=True, num_workers=2)
     cache = root / ".fastkd-cache.npz"
+    first = ImageFolder(root, cache=True, cache_path=cache, num_workers=2)
     assert cache.exists() and first.data.shape == (5, 6, 5, 3)
     assert np.array_equal(first.data[4], pixels["b_cat/2.png"])
     assert [f for f in os.listdir(root) if f.endswith(".tmp")] == []
@@ -277,16 +277,16 @@ def test_image_folder_cache_is_written_and_reused(tree, monkeypatch):
     def no_decoding(path):
         raise AssertionError(f"decoded {path} although the cache is valid")
 
-    monkeypatch.setattr(folder_module, "decode", no_decoding)
-    again = ImageFolder(root, cache=True)
+    monkeypatch.setattr(folder_module, "decode_kept", no_decoding)
+    again = ImageFolder(root, cache=True, cache_path=cache)
     assert np.array_equal(again.data, first.data)
     item, label = again[0]
-    assert label == 0 and torch.allclose(item, ImageFolder(root, cache=True)[0][0])
+    assert label == 0 and torch.allclose(item, ImageFolder(root, cache=True, cache_path=cache)[0][0])
     assert DeviceDataset.from_dataset(again).images.shape == (5, 6, 5, 3)
     monkeypatch.undo()
     # a changed tree (one more image) invalidates the cache
     _png(root / "b_cat" / "3.png", pixels["b_cat/1.png"])
-    grown = ImageFolder(root, cache=True)
+    grown = ImageFolder(root, cache=True, cache_path=cache)
     assert grown.data.shape[0] == 6 and np.array_equal(grown.data[5], pixels["b_cat/1.png"])
     with pytest.raises(ValueError, match="holds no 'data' array; an ImageFolder needs cache=True"):
         DeviceDataset.from_dataset(ImageFolder(root))
@@ -295,8 +295,10 @@ def test_image_folder_cache_is_written_and_reused(tree, monkeypatch):
 def test_image_folder_cache_needs_one_size(tree):
     root, _ = tree
     _png(root / "b_cat" / "big.png", np.zeros((7, 5, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"big.png is 5x7 but .* is 5x6; cache=True needs images of one size"):
-        ImageFolder(root, cache=True, num_workers=1)
+    with pytest.raises(ValueError, match=r"big.png is 5x7 but .* is 5x6: give the images one size"):
+        ImageFolder(root, cache=True, cache_path=root / "c.npz", num_workers=1)
+    fitted = ImageFolder(root, cache=True, cache_path=root / "c.npz", size=8, num_workers=1)  # or a size
+    assert fitted.data.shape == (6, 8, 8, 3)
 
 
 def test_killed_cache_write_leaves_nothing_that_is_read_back(tree, tmp_path):
@@ -309,7 +311,7 @@ def test_killed_cache_write_leaves_nothing_that_is_read_back(tree, tmp_path):
         "    stream.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "f.np.savez = savez\n"
-        f"f.ImageFolder({str(root)!r}, cache=True)\n"
+        f"f.ImageFolder({str(root)!r}, cache=True, cache_path={str(root / '.fastkd-cache.npz')!r})\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
@@ -317,13 +319,13 @@ def test_killed_cache_write_leaves_nothing_that_is_read_back(tree, tmp_path):
     assert not (root / ".fastkd-cache.npz").exists()
     leftovers = [f for f in os.listdir(root) if ".fastkd-cache.npz." in f and f.endswith(".tmp")]
     assert len(leftovers) == 1 and os.path.getsize(root / leftovers[0]) == 4100
-    rebuilt = ImageFolder(root, cache=True)
+    rebuilt = ImageFolder(root, cache=True, cache_path=root / ".fastkd-cache.npz")
     assert np.array_equal(rebuilt.data[3], pixels["b_cat/1.png"])
     # a truncated file at the cache's own path (copied half-way, say) is ignored and replaced
     data = (root / ".fastkd-cache.npz").read_bytes()
     (root / ".fastkd-cache.npz").write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="unreadable image cache"):
-        again = ImageFolder(root, cache=True)
+        again = ImageFolder(root, cache=True, cache_path=root / ".fastkd-cache.npz")
     assert np.array_equal(again.data, rebuilt.data)
     assert (root / ".fastkd-cache.npz").read_bytes() == data
 
@@ -338,7 +340,7 @@ def test_real_cifar10_jpegs(tmp_path):
             if member.isfile() and len(parts) == 3 and parts[0] == "train" and taken.get(parts[1], 0) < per_class:
                 taken[parts[1]] = taken.get(parts[1], 0) + 1
                 tar.extract(member, tmp_path, **safe)
-    ds = ImageFolder(tmp_path / "train", cache=True)
+    ds = ImageFolder(tmp_path / "train", cache=True, cache_path=tmp_path / "cache.npz")
     assert ds.classes == CIFAR10_NAMES
     assert ds.data.shape == (500, 32, 32, 3) and np.bincount(ds.targets).tolist() == [50] * 10
     mean, std = channel_stats(ds.data)

@@ -3,7 +3,7 @@ a module of its own layer or a lower one, and no chain of imports comes back to 
 
 The layers, lowest first (DESIGN.md: data flows data → models → losses (→ functional → ops → kernels) → train):
 
-0. helpers several layers use: the precision rule, input checks, torch.distributed helpers, the native
+0. helpers several layers use: the precision rule, input checks, torch.distributed helpers, the cache folder, the native
    library's loader, the backend table;
 1. Triton kernels, which import nothing of fastkd;
 2. the ops' reference modules (one per op family) and the registration helper, fastkd.ops._library;
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fastkd"
 BACKENDS = ("native", "triton")
 
-HELPERS = ("fastkd._precision", "fastkd._checks", "fastkd._dist", "fastkd._native", "fastkd.backends")
+HELPERS = ("fastkd._precision", "fastkd._checks", "fastkd._dist", "fastkd._native", "fastkd._cache", "fastkd.backends")
 LAYERS = [  # (layer, the module prefixes in it); a module's layer is that of its longest matching prefix
     (0, HELPERS),
     (1, ("fastkd.kernels",)),

@@ -56,6 +56,23 @@ def test_tqdm_bar_shows_eta_loss_and_rate():
     assert sum("/30 [" in f for f in frames) == 7  # drawn at 0/30, then at each of the 6 refreshes
 
 
+def test_a_log_gets_a_whole_line_every_half_minute():
+    stream = io.StringIO()
+    now = [0.0]
+    shown = progress.EpochProgress(0, 400, stream=stream, clock=lambda: now[0], mode=progress.LOG)
+    loss_sum = LossSum()
+    for step in range(1, 401):  # 0.25 s a step: 100 s
+        now[0] += 0.25
+        loss_sum.value += 1.5 * 32
+        shown.update(step, step * 32, loss_sum)
+    shown.close()
+    lines = stream.getvalue().splitlines()
+    assert lines == ["epoch 1 step 121/400 loss 1.5 128 img/s ETA 1m10s",
+                     "epoch 1 step 242/400 loss 1.5 128 img/s ETA 40s",
+                     "epoch 1 step 363/400 loss 1.5 128 img/s ETA 9s"]
+    assert loss_sum.reads == 3 and "\r" not in stream.getvalue()
+
+
 def test_refresh_cadence_bounds_the_loss_reads(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)
     assert _run(io.StringIO(), steps=1000, dt=0.01) == 9  # 10 s of steps: a read every 1.01 s
@@ -70,9 +87,9 @@ class Terminal(io.StringIO):
 
 def test_shown_on_rank_0_on_a_terminal_or_when_forced(monkeypatch):
     monkeypatch.delenv("FASTKD_PROGRESS", raising=False)
-    assert progress.wanted(Terminal()) and not progress.wanted(io.StringIO())
+    assert progress.wanted(Terminal()) == "live" and progress.wanted(io.StringIO()) == "log"
     monkeypatch.setenv("FASTKD_PROGRESS", "1")
-    assert progress.wanted(io.StringIO())
+    assert progress.wanted(io.StringIO()) == "live"
     monkeypatch.setenv("FASTKD_PROGRESS", "0")
     assert not progress.wanted(Terminal())
     monkeypatch.setenv("FASTKD_PROGRESS", "1")

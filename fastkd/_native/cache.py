@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from fastkd._cache import root
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; builders that meet may both build, but none sees a half-made build
@@ -35,14 +37,6 @@ class Failed(Exception):
     def __init__(self, log: str, log_path: Path):
         super().__init__(f"building failed; log: {log_path}")
         self.log, self.log_path = log, log_path
-
-
-def root() -> Path:
-    """The cache folder (not created here)."""
-    if os.environ.get("FASTKD_CACHE"):
-        return Path(os.environ["FASTKD_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastkd"
 
 
 def folder(key: str) -> Path:

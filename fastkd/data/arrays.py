@@ -32,6 +32,47 @@ def channel_stats(data: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+FITS = ("resize", "pad", "crop")
+
+
+def fit_images(data: np.ndarray, size: int, fit: str = "resize", chunk: int = 1024) -> np.ndarray:
+    """uint8 ``[N, H, W, C]`` images brought to ``size`` × ``size``, as ``fit`` says:
+
+    * ``resize``: stretched to the square (bilinear with antialiasing; the aspect ratio is not kept);
+    * ``pad``: scaled so that the longer side is ``size`` (aspect kept), then centred on a black square;
+    * ``crop``: scaled so that the shorter side is ``size``, then the centre square is cut out.
+
+    Images already ``size`` × ``size`` come back unchanged (the same array). Rounded to the nearest
+    integer and clamped to 0-255, so the result is uint8 again; done in chunks of ``chunk`` images.
+    """
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 4:
+        raise ValueError(f"data must be uint8 [N, H, W, C], got {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1, got {size!r}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    n, h, w, c = data.shape
+    if (h, w) == (size, size):
+        return data
+    if fit == "resize":
+        scaled = (size, size)
+    else:
+        scale = size / (max(h, w) if fit == "pad" else min(h, w))
+        scaled = (max(1, round(h * scale)), max(1, round(w * scale)))
+    out = np.zeros((n, size, size, c), dtype=np.uint8)
+    top, left = (size - scaled[0]) // 2, (size - scaled[1]) // 2
+    for start in range(0, n, chunk):
+        x = torch.from_numpy(np.array(data[start:start + chunk])).permute(0, 3, 1, 2).float()
+        y = torch.nn.functional.interpolate(x, size=scaled, mode="bilinear", align_corners=False,
+                                            antialias=scaled[0] < h or scaled[1] < w)
+        y = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        if fit == "crop":
+            out[start:start + chunk] = y[:, -top:-top + size if top else None, -left:-left + size if left else None]
+        else:
+            out[start:start + chunk, top:top + scaled[0], left:left + scaled[1]] = y
+    return out
+
+
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``[..., H, W, C]`` images → float32 ``[..., C, H, W]`` tensor ``(images - mean) / std``."""
     images = np.ascontiguousarray(images)

@@ -112,13 +112,15 @@ class DeviceLoader:
             then also carry its ``[B, K + 1]`` contrast indices.
         seed: with the epoch, fixes every draw (see the module doc).
         channels_last: return images in channels-last memory format (else contiguous NCHW).
+        channels: the channels the model takes; greyscale data (1 channel, kept so in memory: a third of
+            the bytes) is repeated to them batch by batch. ``None``: as stored.
         rank, world_size: this process's slice of each global batch (see the module doc).
     """
 
     def __init__(self, dataset: DeviceDataset, batch_size: int, *, shuffle: bool = True, augment: bool = True,
                  drop_last: bool = False, padding: int = 4, flip: bool = True,
                  contrast: ContrastSampler | None = None, seed: int = 0, channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 channels: int | None = None, rank: int = 0, world_size: int = 1):
         if not isinstance(dataset, DeviceDataset):
             raise TypeError(f"dataset must be a DeviceDataset, got {type(dataset).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -135,9 +137,17 @@ class DeviceLoader:
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.padding, self.flip, self.contrast = padding, flip, contrast
         self.seed, self.channels_last = int(seed), channels_last
+        stored = dataset.images.shape[-1]
+        if channels is not None and channels != stored and stored != 1:
+            raise ValueError(f"channels={channels}: the dataset's images have {stored} channels; only greyscale "
+                             "(1-channel) images are repeated")
+        self.channels = channels
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         self.rank, self.world_size = int(rank), int(world_size)
+        if drop_last and len(dataset) < batch_size * world_size:
+            raise ValueError(f"the dataset holds {len(dataset)} samples, fewer than one global batch of {batch_size} x "
+                             f"{world_size}: an epoch would train nothing (set data.batch_size={len(dataset)} or less)")
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -174,6 +184,8 @@ class DeviceLoader:
                     flip = torch.zeros(index.numel(), dtype=torch.bool, device=dev)
                 images = crop_flip(images, top, left, flip, self.padding)
             x = data.normalize(images)
+            if self.channels is not None and x.shape[1] != self.channels:
+                x = x.expand(-1, self.channels, -1, -1)
             x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
             batch = (x, data.labels[index], index)
             if self.contrast is not None:

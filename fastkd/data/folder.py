@@ -4,14 +4,21 @@ Classes are the sub-folders of ``root`` in sorted order (label = position), samp
 below a class folder whose extension is in :data:`EXTENSIONS` (any case), sorted by path: the
 same mapping as torchvision's ``ImageFolder``.
 
-For sets of small images of one size (CIFAR-10 as JPEGs: 60,000 files, about 17 s to decode on
-two cores) ``cache=True`` decodes every image once into a uint8 array ``[N, H, W, 3]``, saves it
-beside the data (``root/.fastkd-cache.npz`` unless ``cache_path`` says otherwise; written to a
-temporary file and renamed, so a killed run never leaves a partial cache that is read back)
-and later constructions load it instead of decoding. The cache records a fingerprint of the
-tree (class names, relative paths and file sizes) and is rebuilt when the tree changes. A
-cached folder has ``data`` like an :class:`~fastkd.data.arrays.ArrayDataset` and can go to the
-GPU with :class:`~fastkd.data.device.DeviceDataset`.
+For sets of small images (CIFAR-10 as JPEGs: 60,000 files, about 17 s to decode on two cores)
+``cache=True`` decodes every image once into a uint8 array ``[N, H, W, C]`` and later constructions
+load it instead of decoding. ``C`` is 1 when every image is greyscale (a third of the bytes of RGB),
+else 3. With ``size`` every image is brought to ``size`` × ``size`` as it is decoded
+(:func:`~fastkd.data.arrays.fit_images`: ``resize``, ``pad`` or ``crop``), so the images may differ in
+size; without it they must all have one size. The array is saved in fastkd's cache folder
+(:func:`fastkd._cache.root`, ``images/``; not beside the user's data) unless ``cache_path`` says
+otherwise, written to a temporary file and renamed, so a killed run never leaves a partial cache
+that is read back. The cache records a fingerprint of the tree (class names, relative paths and file
+sizes) and of ``size`` / ``fit``, and is rebuilt when they change. A cached folder has ``data`` like
+an :class:`~fastkd.data.arrays.ArrayDataset` (``mean`` / ``std``: its own per-channel statistics unless
+given) and can go to the GPU with :class:`~fastkd.data.device.DeviceDataset`.
+
+:func:`evaluation_folder` is the one rule for the held-out split of a tree: ``val/`` when it exists,
+else ``test/``.
 """
 from __future__ import annotations
 
@@ -25,13 +32,14 @@ from typing import Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from fastkd import _cache
 from fastkd.data._files import atomic_write
-from fastkd.data.arrays import normalize
+from fastkd.data.arrays import FITS, channel_stats, fit_images, normalize
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-CACHE_NAME = ".fastkd-cache.npz"
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def decode(path: str) -> np.ndarray:
@@ -40,6 +48,25 @@ def decode(path: str) -> np.ndarray:
 
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+def decode_kept(path: str) -> np.ndarray:
+    """One image file → uint8 ``[H, W, 1]`` for a greyscale image, ``[H, W, 3]`` otherwise."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in GREY_MODES:
+            return np.asarray(image.convert("L"))[..., None]
+        return np.asarray(image.convert("RGB"))
+
+
+def evaluation_folder(root: str) -> str:
+    """The held-out split of an image tree: ``root/val`` when it exists, else ``root/test``."""
+    for name in ("val", "test"):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    raise FileNotFoundError(f"{root!r} has neither val/ nor test/ beside train/: put the held-out images in "
+                            f"{os.path.join(root, 'val')}/<class>/<image>")
 
 
 def scan(root: str, extensions: Sequence[str] = EXTENSIONS) -> tuple[list[str], list[tuple[str, int]]]:
@@ -61,8 +88,8 @@ def scan(root: str, extensions: Sequence[str] = EXTENSIONS) -> tuple[list[str], 
     return classes, samples
 
 
-def _fingerprint(root: str, classes: list[str], samples: list[tuple[str, int]]) -> str:
-    digest = hashlib.sha256("\n".join(classes).encode())
+def _fingerprint(root: str, classes: list[str], samples: list[tuple[str, int]], shape: str = "") -> str:
+    digest = hashlib.sha256(("\n".join(classes) + "\n" + shape).encode())
     for path, label in samples:
         digest.update(f"\n{os.path.relpath(path, root)}\t{label}\t{os.path.getsize(path)}".encode())
     return digest.hexdigest()
@@ -75,29 +102,41 @@ class ImageFolder(Dataset):
         root: the tree's root folder.
         transform: called on the PIL image; by default the image becomes a float ``[3, H, W]``
             tensor normalised with ``mean`` / ``std``.
-        cache: decode everything once into ``data`` (all images must share one size) and keep it
-            in a file for later runs.
-        cache_path: where that file goes (``root/.fastkd-cache.npz`` by default).
-        mean, std: per-channel statistics in 0-255 units (ImageNet's by default).
+        cache: decode everything once into ``data`` and keep it in a file for later runs.
+        cache_path: where that file goes (fastkd's cache folder by default; see the module doc).
+        size, fit: with ``cache``, bring every image to ``size`` × ``size`` this way (see the module doc).
+        mean, std: per-channel statistics in 0-255 units: ImageNet's by default, or with ``cache`` the
+            cached images' own.
         num_workers: threads decoding while the cache is built (``min(8, cpu count)`` by default).
     """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, *, cache: bool = False,
-                 cache_path: str | os.PathLike | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, num_workers: int | None = None):
+                 cache_path: str | os.PathLike | None = None, size: int | None = None, fit: str = "resize",
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 num_workers: int | None = None):
         self.root = os.fspath(root)
         self.classes, self.samples = scan(self.root)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.targets = np.array([label for _, label in self.samples], dtype=np.int64)
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need three values (std > 0), got {tuple(mean)} and {tuple(std)}")
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        self.size, self.fit = size, fit
         self.transform = transform
         self.data: np.ndarray | None = None
         self.cache_path = None
         if cache:
-            self.cache_path = os.fspath(cache_path) if cache_path is not None else os.path.join(self.root, CACHE_NAME)
+            self.cache_path = os.fspath(cache_path) if cache_path is not None else self._default_cache_path()
             self.data = self._cached(num_workers)
+        if mean is None or std is None:
+            mean, std = channel_stats(self.data) if self.data is not None else (IMAGENET_MEAN, IMAGENET_STD)
+        channels = self.data.shape[-1] if self.data is not None else 3
+        if len(mean) != channels or len(std) != channels or min(std) <= 0:
+            raise ValueError(f"mean and std need {channels} values (std > 0), got {tuple(mean)} and {tuple(std)}")
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    def _default_cache_path(self) -> str:
+        key = hashlib.sha256(os.path.abspath(self.root).encode()).hexdigest()[:16]
+        return str(_cache.root() / "images" / f"{key}-{self.size or 'own'}-{self.fit}.npz")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,12 +151,13 @@ class ImageFolder(Dataset):
 
     # --- the cache ----------------------------------------------------------------------------
     def _cached(self, num_workers: int | None) -> np.ndarray:
-        fingerprint = _fingerprint(self.root, self.classes, self.samples)
+        fingerprint = _fingerprint(self.root, self.classes, self.samples, f"{self.size}-{self.fit}")
         data = self._read_cache(fingerprint)
         if data is not None:
             return data
         data = self.decode_all(num_workers)
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.cache_path)), exist_ok=True)
             with atomic_write(self.cache_path) as stream:
                 np.savez(stream, data=data, targets=self.targets, fingerprint=np.array(fingerprint))
         except OSError as e:
@@ -141,18 +181,26 @@ class ImageFolder(Dataset):
             return None
         return data
 
+    def _decode(self, path: str) -> np.ndarray:
+        image = decode_kept(path)
+        return image if self.size is None else fit_images(image[None], self.size, self.fit)[0]
+
     def decode_all(self, num_workers: int | None = None) -> np.ndarray:
-        """Decode every image into one uint8 ``[N, H, W, 3]`` array (threads; PIL releases the GIL)."""
-        first = decode(self.samples[0][0])
-        data = np.empty((len(self.samples), *first.shape), dtype=np.uint8)
+        """Decode every image into one uint8 ``[N, H, W, C]`` array, C = 1 when all are greyscale, else 3
+        (threads; PIL releases the GIL)."""
+        first = self._decode(self.samples[0][0])
+        data = np.empty((len(self.samples), *first.shape[:2], 3), dtype=np.uint8)
+        grey = np.zeros(len(self.samples), dtype=bool)
 
         def put(i: int) -> None:
             path = self.samples[i][0]
-            image = first if i == 0 else decode(path)
-            if image.shape != first.shape:
+            image = first if i == 0 else self._decode(path)
+            if image.shape[:2] != first.shape[:2]:
                 raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} but {self.samples[0][0]} is "
-                                 f"{first.shape[1]}x{first.shape[0]}; cache=True needs images of one size")
+                                 f"{first.shape[1]}x{first.shape[0]}: give the images one size (data.image_size=N "
+                                 "in a recipe, size=N here)")
             data[i] = image
+            grey[i] = image.shape[-1] == 1
 
         workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
         if workers <= 1:
@@ -163,4 +211,4 @@ class ImageFolder(Dataset):
             with ThreadPoolExecutor(workers) as pool:
                 for _ in pool.map(lambda chunk: [put(i) for i in chunk], chunks):
                     pass
-        return data
+        return np.ascontiguousarray(data[..., :1]) if grey.all() else data

@@ -9,11 +9,20 @@ from torch import nn
 from fastkd import _checks, _dist
 from fastkd._precision import accumulation_dtype
 from fastkd.functional.contrastive import l2_normalize
+from fastkd.losses._registry import register, widths
 from fastkd.ops import crd as _crd
 from fastkd.ops import crd_shard, philox
 
 __all__ = ["CRDLoss"]
 
+
+def _with_banks(cls, probe, **options) -> nn.Module:
+    """CRD: embeds of the pooled features' widths, banks of the training set's size."""
+    return widths()(cls, probe, num_data=probe["num_data"], **options)
+
+
+@register("crd", takes=("pooled_s", "pooled_t", "index", "contrast_idx"), build=_with_banks,
+          derived=("s_dim", "t_dim", "num_data"))
 class CRDLoss(nn.Module):
     """Contrastive Representation Distillation (Tian, Krishnan & Isola, ICLR 2020), as RepDistiller.
 

@@ -12,11 +12,13 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastkd import _checks
 from fastkd.functional.features import (_Maps, _check_map_pair, _pool_to_smaller, ab_loss, at_loss, fsp_loss,
                                         ft_loss, hint_loss, nst_loss, vid_loss)
+from fastkd.losses._registry import InitStage, register
 
 __all__ = ["HintLoss", "ConvReg", "Connector", "ATLoss", "NSTLoss", "FTLoss", "Paraphraser", "Translator", "ABLoss", "FSPLoss",
            "VIDLoss"]
@@ -40,6 +42,21 @@ def _check_input(name: str, x, channels: int, module: nn.Module) -> None:
     _checks.module_device(name, x, module)
 
 
+def _with_regressor(cls, probe, **options) -> nn.ModuleDict:
+    """FitNet: the loss and a :class:`ConvReg` from the student's hint map to the teacher's."""
+    regressor = ConvReg(probe["hint_layer_s"].shape, probe["hint_layer_t"].shape)
+    return nn.ModuleDict({"loss": cls(**options), "regressor": regressor})
+
+
+def _through(adapter: str):
+    """The call of a loss whose student input first goes through ``criterion[adapter]`` (FitNet, AB)."""
+    def call(criterion: nn.ModuleDict, f_s, f_t) -> torch.Tensor:
+        return criterion["loss"](criterion[adapter](f_s), f_t)
+    return call
+
+
+@register("hint", takes=("hint_layer_s", "hint_layer_t"), build=_with_regressor,
+          call=_through("regressor"))
 class HintLoss(nn.Module):
     """FitNet hints (Romero et al. 2015): mean((f_s − f_t)²); see :func:`fastkd.functional.hint_loss`."""
 
@@ -103,6 +120,7 @@ class Connector(nn.Module):
         return [connector(g) for connector, g in zip(self.connectors, g_s)]
 
 
+@register("at", takes=("blocks_s", "blocks_t"))
 class ATLoss(nn.Module):
     """Attention transfer (Zagoruyko, Komodakis 2017); see :func:`fastkd.functional.at_loss`.
 
@@ -120,6 +138,7 @@ class ATLoss(nn.Module):
         return f"p={self.p}"
 
 
+@register("nst", takes=("blocks_s", "blocks_t"))
 class NSTLoss(nn.Module):
     """Neuron selectivity transfer (Huang, Wang 2017); see :func:`fastkd.functional.nst_loss`.
 
@@ -130,6 +149,29 @@ class NSTLoss(nn.Module):
         return nst_loss(f_s, f_t)
 
 
+def _with_factors(cls, probe, **options) -> nn.ModuleDict:
+    """FT: the loss, the teacher's :class:`Paraphraser` and the student's :class:`Translator` of the last maps."""
+    f_s, f_t = probe["last_block_s"], probe["last_block_t"]
+    return nn.ModuleDict({"loss": cls(**options), "paraphraser": Paraphraser(f_t.shape),
+                          "translator": Translator(f_s.shape, f_t.shape)})
+
+
+def _factor_transfer(criterion: nn.ModuleDict, f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """The translated student map against the (frozen) paraphraser's factor of the teacher's."""
+    with torch.no_grad():
+        factor_t = criterion["paraphraser"](f_t, is_factor=True)
+    return criterion["loss"](criterion["translator"](f_s), factor_t)
+
+
+def _paraphraser_reconstruction(criterion: nn.ModuleDict, f_t: torch.Tensor) -> torch.Tensor:
+    """FT's initialisation: the paraphraser as an autoencoder of the teacher map (MSE)."""
+    _, rebuilt = criterion["paraphraser"](f_t)
+    return F.mse_loss(rebuilt.float(), f_t.float())
+
+
+@register("ft", takes=("last_block_s", "last_block_t"), build=_with_factors, call=_factor_transfer,
+          init=InitStage(modules=lambda criterion: [criterion["paraphraser"]], loss=_paraphraser_reconstruction,
+                         takes=("last_block_t",), frozen=True))
 class FTLoss(nn.Module):
     """Factor transfer (Kim, Park, Kwak 2018); see :func:`fastkd.functional.ft_loss`.
 
@@ -208,6 +250,14 @@ class Translator(nn.Module):
         return self.encoder(f_s)
 
 
+def _with_connector(cls, probe, **options) -> nn.ModuleDict:
+    """AB: the loss and a :class:`Connector` from the student's stage maps to the teacher's."""
+    return nn.ModuleDict({"loss": cls(**options), "connector": Connector(
+        [f.shape for f in probe["blocks_s"]], [f.shape for f in probe["blocks_t"]])})
+
+
+@register("ab", takes=("blocks_s", "blocks_t"), preact=True, build=_with_connector, call=_through("connector"),
+          init=InitStage(modules=lambda criterion: [criterion["connector"]], student=True))
 class ABLoss(nn.Module):
     """Activation boundaries (Heo, Lee, Yun, Choi 2019); see :func:`fastkd.functional.ab_loss`.
 
@@ -226,6 +276,7 @@ class ABLoss(nn.Module):
         return f"margin={self.margin}"
 
 
+@register("fsp", takes=("maps_s", "maps_t"), init=InitStage(student=True))
 class FSPLoss(nn.Module):
     """Flow of solution procedure (Yim, Joo, Bae, Kim 2017); see :func:`fastkd.functional.fsp_loss`.
 
@@ -236,6 +287,18 @@ class FSPLoss(nn.Module):
         return fsp_loss(g_s, g_t)
 
 
+def _per_block(cls, probe, **options) -> nn.ModuleList:
+    """VID: one loss per pair of stage maps, C_in = C_mid = the student's channels, C_t the teacher's."""
+    return nn.ModuleList([cls(s.shape[1], s.shape[1], t.shape[1], **options)
+                          for s, t in zip(probe["blocks_s"], probe["blocks_t"])])
+
+
+def _summed_per_block(criterion: nn.ModuleList, f_s, f_t) -> torch.Tensor:
+    return sum(vid(s, t) for vid, s, t in zip(criterion, f_s, f_t))
+
+
+@register("vid", takes=("blocks_s", "blocks_t"), build=_per_block, call=_summed_per_block,
+          derived=("num_input_channels", "num_mid_channel", "num_target_channels"))
 class VIDLoss(nn.Module):
     """Variational information distillation (Ahn, Hu, Damianou, Lawrence, Dai 2019), as RepDistiller's.
 

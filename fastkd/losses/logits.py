@@ -7,10 +7,12 @@ from torch import nn
 
 from fastkd import _checks
 from fastkd.functional.logits import dkd_loss, kd_loss
+from fastkd.losses._registry import register
 
 __all__ = ["KDLoss", "DKDLoss"]
 
 
+@register("kd", takes=("logits_s", "logits_t"))
 class KDLoss(nn.Module):
     """Knowledge distillation (Hinton, Vinyals, Dean 2015), a drop-in for RepDistiller's ``DistillKL(T)``.
 
@@ -28,11 +30,13 @@ class KDLoss(nn.Module):
         return f"temperature={self.temperature}"
 
 
+@register("dkd", takes=("logits_s", "logits_t", "target", "epoch"), ramp="warmup")
 class DKDLoss(nn.Module):
     """Decoupled knowledge distillation (Zhao, Cui, Song, Qiu, Liang 2022), as mdistiller's ``DKD``.
 
     loss = w · (α·TCKD + β·NCKD), see :func:`fastkd.functional.dkd_loss`; w = min(epoch / warmup, 1)
-    when ``epoch`` is given (mdistiller's warm-up), else 1.
+    when ``epoch`` is given (mdistiller's warm-up), else 1. ``epoch`` counts from 1, as mdistiller's trainer
+    and fastkd's engine count: the first epoch is weighted 1/warmup.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 20) -> None:

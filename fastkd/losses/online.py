@@ -14,10 +14,12 @@ from torch import nn
 from fastkd import _checks
 from fastkd.functional.online import (classifier_diversity_loss, okddip_loss, online_kd_loss, peer_attention,
                                       sigmoid_rampup)
+from fastkd.losses._registry import register
 
 __all__ = ["OnlineKDLoss", "ClassifierDiversityLoss", "OKDDipLoss"]
 
 
+@register("online_kd", takes=("branch_logits", "ensemble_logits"), objective="online")
 class OnlineKDLoss(nn.Module):
     """Every branch toward the ensemble teacher (ONE; multi-branch diversity enhancement), T = 3.
 
@@ -39,6 +41,7 @@ class OnlineKDLoss(nn.Module):
         return f"temperature={self.temperature}, detach_teacher={self.detach_teacher}"
 
 
+@register("cd", takes=("classifiers",), objective="online")
 class ClassifierDiversityLoss(nn.Module):
     """Classifier Diversification (Li et al., ACCV 2020): Σ_{i<j} ‖W_iᵀ W_j‖_F, weight 5e-8 in the recipes.
 
@@ -53,14 +56,27 @@ class ClassifierDiversityLoss(nn.Module):
         return classifier_diversity_loss(weights)
 
 
+
+def _with_projections(cls, probe, **options) -> nn.Module:
+    """OKDDip: query / key projections of the branches' pooled features (the classifiers' input width)."""
+    classifiers = probe["classifiers"]
+    if len(classifiers) < 3:
+        raise ValueError(f"okddip needs at least 3 branches (2 peers and a leader), the student has {len(classifiers)}")
+    return cls(in_dim=classifiers[0].in_features, **options)
+
+
+@register("okddip", takes=("branch_logits", "branch_pooled", "epoch"), objective="online", build=_with_projections,
+          derived=("in_dim",), ramp="ramp_epochs")
 class OKDDipLoss(nn.Module):
     """OKDDip (Chen et al., "Online Knowledge Distillation with Diverse Peers", AAAI 2020).
 
     The last of the m branches is the group leader, the others are peers. Peer i's target is
     t_i = Σ_j a_ij z_j with a = softmax_j(q_i·k_j), q_i = W_q h_i, k_i = W_k h_i (``dim`` = 8, h_i
     the pooled last-block feature of peer i); the leader distils from the peers' mean; the sum is
-    scaled by OKDDip's ramp exp(−5(1 − epoch/ramp_epochs)²) when ``epoch`` is given (see
-    :func:`fastkd.functional.okddip_loss`, :func:`fastkd.functional.sigmoid_rampup`).
+    scaled by OKDDip's ramp exp(−5(1 − e/ramp_epochs)²) when ``epoch`` is given (see
+    :func:`fastkd.functional.okddip_loss`, :func:`fastkd.functional.sigmoid_rampup`). ``epoch`` counts from 1,
+    as fastkd's engine hands it to every loss; OKDDip's published code counts from 0, so e = epoch − 1
+    (the first epoch is weighted exp(−5)).
 
     ``in_dim``: the channels of h (the engine fills it in from the model).
     """
@@ -87,7 +103,7 @@ class OKDDipLoss(nn.Module):
                              f"got shape {tuple(branch_logits.shape)}")
         _checks.nonempty("branch_logits", branch_logits, dim=1)  # before the attention is computed
         loss = okddip_loss(branch_logits[:-1], branch_logits[-1], self.attention(pooled[:-1]), self.temperature)
-        return loss if epoch is None else sigmoid_rampup(epoch, self.ramp_epochs) * loss
+        return loss if epoch is None else sigmoid_rampup(max(epoch - 1, 0), self.ramp_epochs) * loss
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, ramp_epochs={self.ramp_epochs}"

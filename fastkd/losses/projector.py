@@ -7,6 +7,7 @@ from torch import nn
 from fastkd import _checks
 from fastkd.functional.projector import _BN_EPS, _srd_distance, _srd_mode
 from fastkd._precision import upcast
+from fastkd.losses._registry import register, widths
 
 __all__ = ["SRDLoss"]
 
@@ -24,6 +25,7 @@ def _like_statistics(z: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
     return z.to(bn.running_mean.dtype)
 
 
+@register("srd", takes=("pooled_s", "pooled_t"), build=widths(), derived=("s_dim", "t_dim"))
 class SRDLoss(nn.Module):
     """SRD (Miles & Mikolajczyk, "Understanding the Role of the Projector in Knowledge
     Distillation", AAAI 2024 / arXiv 2023): a linear projector on the student, BatchNorm without

@@ -14,6 +14,7 @@ from torch import nn
 from fastkd import _checks
 from fastkd.functional.self_supervised import (rotation_contrast_loss, rotation_kd_loss, sskd_similarity_loss,
                                                stkd_loss)
+from fastkd.losses._registry import register, widths
 
 __all__ = ["SSKDHead", "RotationContrastLoss", "SSKDLoss", "RotationKDLoss", "STKDLoss"]
 
@@ -26,6 +27,9 @@ class SSKDHead(nn.Sequential):
         super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
 
 
+
+@register("rotation", takes=("view_pooled_t",), objective="sskd_teacher", derived=("dim",),
+          build=lambda cls, probe, **options: cls(probe.width("view_pooled_t"), **options))
 class RotationContrastLoss(nn.Module):
     """SSKD stage 1: CE(cos(head(rotated view), head(upright views)) / τ, source index), τ = 1.
 
@@ -45,6 +49,22 @@ class RotationContrastLoss(nn.Module):
         return rotation_contrast_loss(self.head(features), self.temperature)
 
 
+
+def _with_teacher_head(cls, probe, **options) -> nn.Module:
+    """SSKD stage 2: heads of the pooled features' widths; the teacher's is stage 1's ``rotation`` head,
+    read from the teacher's checkpoint."""
+    head = {k.removeprefix("rotation."): v for k, v in probe.get("teacher_losses", {}).items()
+            if k.startswith("rotation.head.")}
+    if not head:
+        raise ValueError("the sskd loss needs the teacher's self-supervision head: teacher.checkpoint must be the "
+                         "last.pt of SSKD's first stage (recipe cifar100_sskd_teacher)")
+    criterion = widths("view_pooled_s", "view_pooled_t")(cls, probe, **options)
+    criterion.load_teacher_head(head)
+    return criterion
+
+
+@register("sskd", takes=("view_pooled_s", "view_pooled_t"), objective="sskd_student",
+          build=_with_teacher_head, derived=("s_dim", "t_dim"))
 class SSKDLoss(nn.Module):
     """SSKD's similarity transfer: τ²·KL(softmax(S_t/τ) ‖ softmax(S_s/τ)) over selected rows, τ = 0.5.
 
@@ -86,6 +106,7 @@ class SSKDLoss(nn.Module):
         return f"temperature={self.temperature}, keep_ratio={self.keep_ratio}"
 
 
+@register("sskd_rot", takes=("view_logits_s", "view_logits_t", "target"), objective="sskd_student")
 class RotationKDLoss(nn.Module):
     """SSKD's KD on the rotated views (T = 4) over the rows the teacher classifies well (``keep_ratio``
     1.0 keeps all: the published setting); published weight 2.7. See
@@ -103,6 +124,9 @@ class RotationKDLoss(nn.Module):
         return f"temperature={self.temperature}, keep_ratio={self.keep_ratio}"
 
 
+
+@register("stkd", takes=("mixed_logits_s", "mixed_logits_t", "mix_target_a", "mix_target_b", "mix_lam"),
+          objective="mixup")
 class STKDLoss(nn.Module):
     """STKD on mixup virtual samples (Zhao et al. 2021), **a reconstruction** (no code was published):
     λ·CE(s(x̃), y_a) + (1 − λ)·CE(s(x̃), y_b) + β·T²·KL(softmax(t(x̃)/T) ‖ softmax(s(x̃)/T)).

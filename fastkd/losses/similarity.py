@@ -9,10 +9,12 @@ from torch import nn
 
 from fastkd import _checks
 from fastkd.functional.similarity import cc_loss, cckd_loss, pkt_loss, rkd_loss, sp_loss
+from fastkd.losses._registry import register, widths
 
 __all__ = ["SPLoss", "CCLoss", "CCKDLoss", "RKDLoss", "PKTLoss"]
 
 
+@register("sp", takes=("last_block_s", "last_block_t"))
 class SPLoss(nn.Module):
     """Similarity-preserving loss (Tung & Mori 2019); see :func:`fastkd.functional.sp_loss`.
 
@@ -51,6 +53,7 @@ class _EmbeddedPair(nn.Module):
         return self.embed_s(e_s.flatten(1)), self.embed_t(e_t.flatten(1))
 
 
+@register("cc", takes=("pooled_s", "pooled_t"), build=widths(), derived=("s_dim", "t_dim"))
 class CCLoss(_EmbeddedPair):
     """Correlation congruence, RepDistiller's 'Correlation' form; see :func:`fastkd.functional.cc_loss`.
 
@@ -70,6 +73,7 @@ class CCLoss(_EmbeddedPair):
         return cc_loss(*self._embed(e_s, e_t))
 
 
+@register("cckd", takes=("pooled_s", "pooled_t"), build=widths(), derived=("s_dim", "t_dim"))
 class CCKDLoss(_EmbeddedPair):
     """Correlation congruence, the paper's Taylor-RBF form (Peng et al. 2019); see
     :func:`fastkd.functional.cckd_loss`.
@@ -94,6 +98,7 @@ class CCKDLoss(_EmbeddedPair):
         return f"gamma={self.gamma}, order={self.order}"
 
 
+@register("rkd", takes=("pooled_s", "pooled_t"))
 class RKDLoss(nn.Module):
     """Relational knowledge distillation (Park et al. 2019); see :func:`fastkd.functional.rkd_loss`.
 
@@ -113,6 +118,7 @@ class RKDLoss(nn.Module):
         return f"w_dist={self.w_dist}, w_angle={self.w_angle}"
 
 
+@register("pkt", takes=("pooled_s", "pooled_t"))
 class PKTLoss(nn.Module):
     """Probabilistic knowledge transfer (Passalis & Tefas 2018); see :func:`fastkd.functional.pkt_loss`.
 

@@ -3,6 +3,7 @@ weight initialisations the published models use."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,6 +22,21 @@ class Stage(nn.Sequential):
                 return block(x, return_preact=True)
             x = block(x)
         return x
+
+
+class GlobalAvgPool(nn.Module):
+    """Average over the whole feature map, whatever its size: ``avg_pool2d`` with the map's own size as the
+    kernel. At the published input size this is the published fixed pooling (``AvgPool2d(8)`` on the CIFAR
+    ResNets' 8 × 8 maps) to the bit, which ``adaptive_avg_pool2d`` is not (it sums in another order); at
+    any other size (28 × 28 images, 40 × 30) it still gives one value per channel. Output ``[B, C, 1, 1]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_avg_pool(x)
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """:class:`GlobalAvgPool` as a function."""
+    return F.avg_pool2d(x, tuple(x.shape[-2:]))
 
 
 def run_stages(stages, x: torch.Tensor, preact: bool):

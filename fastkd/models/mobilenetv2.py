@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.models._blocks import init_weights
+from fastkd.models._blocks import GlobalAvgPool, init_weights
 
 # expansion t (None: the model's ``expand_ratio``), output channels c, repeats n, first stride s
 _SETTING = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2),
@@ -80,7 +80,7 @@ class MobileNetV2(nn.Module):
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(channels, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
+        self.avgpool = GlobalAvgPool()  # the published AvgPool2d(input_size // 16) on its 2 × 2 map at 32 × 32
         init_weights(self, linear_std=0.01, linear_bias_zero=True)
 
     def get_feat_modules(self) -> nn.ModuleList:

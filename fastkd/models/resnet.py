@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.models._blocks import Stage, init_weights, run_stages
+from fastkd.models._blocks import GlobalAvgPool, Stage, init_weights, run_stages
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -62,7 +62,7 @@ class ResNet(nn.Module):
         self.layer1 = self._make_layer(widths[1], blocks, stride=1)
         self.layer2 = self._make_layer(widths[2], blocks, stride=2)
         self.layer3 = self._make_layer(widths[3], blocks, stride=2)
-        self.avgpool = nn.AvgPool2d(8)
+        self.avgpool = GlobalAvgPool()  # the published AvgPool2d(8) at 32 × 32, any input size otherwise
         self.fc = nn.Linear(widths[3] * BasicBlock.expansion, num_classes)
         init_weights(self)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.models._blocks import Stage, run_stages
+from fastkd.models._blocks import Stage, global_avg_pool, run_stages
 
 
 class ShuffleBlock(nn.Module):
@@ -105,7 +105,7 @@ class ShuffleNet(ShuffleFeatures, nn.Module):
     def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))
         x, outs, pres = run_stages((self.layer1, self.layer2, self.layer3), f0, is_feat and preact)
-        pooled = F.avg_pool2d(x, 4).flatten(1)
+        pooled = global_avg_pool(x).flatten(1)  # the published avg_pool2d(x, 4) at 32 × 32
         logits = self.linear(pooled)
         if not is_feat:
             return logits

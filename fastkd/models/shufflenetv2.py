@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.models._blocks import Stage, run_stages
+from fastkd.models._blocks import Stage, global_avg_pool, run_stages
 from fastkd.models.shufflenetv1 import ShuffleBlock, ShuffleFeatures
 
 # net_size → stage widths + final conv width, blocks per stage (RepDistiller's table)
@@ -126,7 +126,7 @@ class ShuffleNetV2(ShuffleFeatures, nn.Module):
         f0 = F.relu(self.bn1(self.conv1(x)))
         x, outs, pres = run_stages((self.layer1, self.layer2, self.layer3), f0, is_feat and preact)
         x = F.relu(self.bn2(self.conv2(x)))
-        pooled = F.avg_pool2d(x, 4).flatten(1)
+        pooled = global_avg_pool(x).flatten(1)  # the published avg_pool2d(x, 4) at 32 × 32
         logits = self.linear(pooled)
         if not is_feat:
             return logits

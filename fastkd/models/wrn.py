@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.models._blocks import init_weights
+from fastkd.models._blocks import global_avg_pool, init_weights
 
 
 class BasicBlock(nn.Module):
@@ -102,7 +102,7 @@ class WideResNet(nn.Module):
         f2 = self.block2(f1)
         f3 = self.block3(f2)
         out = self.relu(self.bn1(f3))
-        pooled = F.avg_pool2d(out, 8).flatten(1)
+        pooled = global_avg_pool(out).flatten(1)  # the published avg_pool2d(out, 8) at 32 × 32
         logits = self.fc(pooled)
         if not is_feat:
             return logits

@@ -118,8 +118,23 @@ def _read_safetensors(path: str, map_location) -> dict[str, torch.Tensor]:
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A model's state_dict from ``path``: a fastkd checkpoint (``{'student': ...}``), a RepDistiller
     checkpoint (``{'model': ...}``), ``{'state_dict': ...}``, a ``.safetensors`` file or a bare state_dict."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """:func:`read_weights`, and the name of the model the file says the weights are of: fastkd's checkpoints
+    and exports record it; other files (RepDistiller's, a bare state_dict) do not (``None``)."""
+    path = os.fspath(path)
     state = load_checkpoint(path)
+    if path.endswith(SAFETENSORS):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as stream:
+            return state, (stream.metadata() or {}).get("model")
+    recipe = state.get("recipe") if isinstance(state.get("recipe"), dict) else {}
+    recorded = (state.get("meta") or {}).get("student") if isinstance(state.get("meta"), dict) else None
+    recorded = recorded or (recipe.get("student") or {}).get("name")
     for key in _WEIGHTS_KEYS:
         if isinstance(state.get(key), dict):
-            return state[key]
-    return state
+            return state[key], recorded
+    return state, None

@@ -6,31 +6,33 @@ the pooled penultimate feature (every model of :mod:`fastkd.models` does this). 
 (torchvision, timm, your own) is read through a :class:`~fastkd.models.FeatureTap`: name its
 modules with ``student_taps`` / ``teacher_taps`` in that order (stem, stages…, pooled feature),
 or let :func:`~fastkd.models.default_taps` find them for ResNet-style models. Which features
-each loss takes is RepDistiller's ``train_student.py`` choice:
+each loss takes is declared by the loss itself, where it registers its recipe key
+(:mod:`fastkd.losses._registry`): RepDistiller's ``train_student.py`` choice for the published ones.
+This objective offers each network's
 
-| loss | student / teacher inputs |
+| feature | is |
 | --- | --- |
-| kd, dkd | logits (dkd also the labels and the epoch) |
-| hint | ``ConvReg`` (trainable) of stage output ``hint_layer`` (2), against the teacher's |
-| at, nst | the stage outputs ``features[1:-1]`` |
-| vid | one ``VIDLoss`` (trainable) per stage output ``features[1:-1]`` |
-| sp | the last stage's output ``features[-2]`` |
-| cc, cckd, rkd, pkt, srd, crd | the pooled feature ``features[-1]`` (crd also the dataset indices) |
-| ft | ``Translator`` (trainable) of ``features[-2]`` against ``Paraphraser`` (frozen) of the teacher's |
-| ab | ``Connector`` (trainable) of the pre-activation stage outputs ``features[1:-1]``, against the teacher's |
-| fsp | the stem and stage outputs ``features[:-1]`` |
+| ``logits_s`` / ``logits_t`` | the logits |
+| ``blocks_*`` | the stage outputs ``features[1:-1]`` (AT, NST, VID, AB) |
+| ``maps_*`` | the stem and stage outputs ``features[:-1]`` (FSP) |
+| ``last_block_*`` | the last stage's output ``features[-2]`` (SP, FT) |
+| ``hint_layer_*`` | the stage output ``features[hint_layer]``, 2 by default (FitNet) |
+| ``pooled_*`` | the pooled feature ``features[-1]`` (CC, CCKD, RKD, PKT, SRD, CRD) |
 
-The loss modules with parameters (``ConvReg``, VID's regressors, CRD's embeds, SRD's projector,
-CC's embeds, AB's connector, FT's translator) are built here from feature shapes probed with one
-batch, and are trained with the student.
+and the batch's ``target``, ``index`` (dataset indices, when the data gives them), ``contrast_idx``
+and ``epoch``. Each loss is built by its registered adapter from the features of one probe batch
+(and the training-set size ``num_data``): the loss modules with parameters (``ConvReg``, VID's
+regressors, CRD's embeds, SRD's projector, CC's embeds, AB's connector, FT's translator) are
+built here from those shapes, and are trained with the student.
 
 FT, AB and FSP have an initialisation stage before the main one, RepDistiller's ``init()``
 (:meth:`Distiller.init_stage`, run by the trainer for the recipe's ``init_epochs``, 30 in
 RepDistiller): FT trains the paraphraser as an autoencoder of the teacher's ``features[-2]`` (MSE
 of the reconstruction); AB trains the connector and the student's feature modules
-(``get_feat_modules()``) with the AB loss; FSP trains those modules with the FSP loss. As
-published, the student stays in eval mode during that stage (BatchNorm uses its running
-statistics). With AB in a recipe all features are pre-activation (RepDistiller's ``preact``).
+(``get_feat_modules()``) with the AB loss; FSP trains those modules with the FSP loss (each says
+so in its registered ``InitStage``). As published, the student stays in eval mode during that
+stage (BatchNorm uses its running statistics). With AB in a recipe all features are
+pre-activation (RepDistiller's ``preact``; AB registers with ``preact=True``).
 RepDistiller's main stage gives AB and FSP weight 0 (the CIFAR-100 recipes do): a weight-0 loss
 is only computed in the initialisation stage.
 """
@@ -43,12 +45,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastkd
+from fastkd.losses import FEATURES, Features, LossEntry
 from fastkd.models import FeatureTap, default_taps
-from fastkd.train.recipe import LOSSES, MIXUP_LOSSES, ONLINE_LOSSES, SSKD_LOSSES
+from fastkd.train import terms
 
-_INIT_STAGED = ("ft", "ab", "fsp")  # the losses with an initialisation stage (RepDistiller's init())
-OWN_OBJECTIVES = (*ONLINE_LOSSES, *SSKD_LOSSES, *MIXUP_LOSSES)
+# what the Distiller reads from each network's RepDistiller feature list (and logits), by feature name
+_VIEWS: dict[str, Callable] = {
+    "logits": lambda features, logits, hint_layer: logits,
+    "blocks": lambda features, logits, hint_layer: list(features[1:-1]),
+    "maps": lambda features, logits, hint_layer: list(features[:-1]),
+    "last_block": lambda features, logits, hint_layer: features[-2],
+    "hint_layer": lambda features, logits, hint_layer: features[hint_layer],
+    "pooled": lambda features, logits, hint_layer: features[-1],
+}
 
 
 def feature_function(model: nn.Module, taps: Sequence[str] | None = None, preact: bool = False) -> Callable:
@@ -74,60 +83,48 @@ class Distiller(nn.Module):
     The teacher is put in eval mode, frozen, and kept so by :meth:`train`.
     """
 
+    OBJECTIVE, WHAT, CE = "offline", "the offline Distiller", True
+    OFFERS = frozenset({f"{view}_{side}" for view in _VIEWS for side in "st"}
+                       | {"target", "index", "contrast_idx", "epoch"})
+
     def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, dict], sample: torch.Tensor,
                  num_data: int, hint_layer: int = 2, student_taps: Sequence[str] | None = None,
                  teacher_taps: Sequence[str] | None = None):
         super().__init__()
-        for name in losses:
-            if name in OWN_OBJECTIVES:
-                raise ValueError(f"loss {name!r} runs in its own objective (fastkd.train.objectives.build_objective), "
-                                 f"not in the offline Distiller")
-            if name != "ce" and name not in LOSSES:
-                raise ValueError(f"unknown loss {name!r}; valid: ce, {', '.join(LOSSES)}")
-        if teacher is None and set(losses) - {"ce"}:
-            raise ValueError(f"losses {sorted(set(losses) - {'ce'})} need a teacher")
+        self.entries = terms.entries_for(losses, self)
+        if teacher is None and self.entries:
+            raise ValueError(f"losses {sorted(self.entries)} need a teacher")
         self.student, self.teacher, self.hint_layer = student, teacher, hint_layer
-        self.weights = {name: float(options["weight"]) for name, options in losses.items()}
+        self.weights = terms.weights(losses)
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
         self.criteria = nn.ModuleDict()
-        if set(losses) - {"ce"}:
-            preact = "ab" in losses
+        if self.entries:
+            preact = any(loss.preact for loss in self.entries.values())
             self._features_s = feature_function(student, student_taps, preact)
             self._features_t = feature_function(teacher, teacher_taps, preact)
+            self._taken = {name for loss in self.entries.values() for name in (*loss.takes, *loss.init_takes)}
             with torch.no_grad():
                 was = student.training
                 student.eval()
-                feat_s, _ = self._features_s(sample)
+                feat_s, logit_s = self._features_s(sample)
                 student.train(was)
-                feat_t, _ = self._features_t(sample)
-            for name, options in losses.items():
-                if name != "ce":
-                    kwargs = {k: v for k, v in options.items() if k != "weight"}
-                    self.criteria[name] = self._build(name, kwargs, feat_s, feat_t, num_data)
+                feat_t, logit_t = self._features_t(sample)
+            probe = self._features(feat_s, logit_s, feat_t, logit_t, num_data=num_data)
+            self.criteria = terms.build_criteria(self.entries, losses, probe)
 
-    def _build(self, name: str, kwargs: dict, feat_s: list, feat_t: list, num_data: int) -> nn.Module:
-        """The loss module, with the feature sizes it needs filled in from the probed features."""
-        cls = LOSSES[name]
-        if name == "hint":
-            return nn.ModuleDict({"loss": cls(**kwargs), "regressor": fastkd.ConvReg(
-                feat_s[self.hint_layer].shape, feat_t[self.hint_layer].shape)})
-        if name == "vid":
-            return nn.ModuleList([cls(s.shape[1], s.shape[1], t.shape[1], **kwargs)
-                                  for s, t in zip(feat_s[1:-1], feat_t[1:-1])])
-        if name == "crd":
-            return cls(feat_s[-1].shape[1], feat_t[-1].shape[1], num_data, **kwargs)
-        if name in ("srd", "cc", "cckd"):
-            return cls(s_dim=feat_s[-1].shape[1], t_dim=feat_t[-1].shape[1], **kwargs)
-        if name == "ab":
-            return nn.ModuleDict({"loss": cls(**kwargs), "connector": fastkd.Connector(
-                [f.shape for f in feat_s[1:-1]], [f.shape for f in feat_t[1:-1]])})
-        if name == "ft":
-            return nn.ModuleDict({"loss": cls(**kwargs), "paraphraser": fastkd.Paraphraser(feat_t[-2].shape),
-                                  "translator": fastkd.Translator(feat_s[-2].shape, feat_t[-2].shape)})
-        return cls(**kwargs)
+    def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, **batch) -> Features:
+        """The features the losses take, from each network's feature list and logits (``None``: that
+        network did not run) and the batch's ``target`` / ``contrast_idx`` / ``epoch`` (or the probe's
+        ``num_data``); a batch without dataset indices offers no ``index``."""
+        values = {f"{view}_{side}": read(feats, logits, self.hint_layer)
+                  for side, feats, logits in (("s", feat_s, logit_s), ("t", feat_t, logit_t)) if feats is not None
+                  for view, read in _VIEWS.items() if f"{view}_{side}" in self._taken}
+        if index is not None:
+            values["index"] = index
+        return Features(self.WHAT, values, **batch)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -135,10 +132,15 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    def _staged(self) -> dict[str, LossEntry]:
+        """The losses with an initialisation stage, by name."""
+        return {name: loss for name, loss in self.entries.items() if loss.init is not None}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters and those of the losses (regressors, embeds, projectors), less
-        FT's paraphraser, which only its initialisation stage trains."""
-        frozen = {id(p) for p in self.criteria["ft"]["paraphraser"].parameters()} if "ft" in self.criteria else set()
+        those only an initialisation stage trains (FT's paraphraser)."""
+        frozen = {id(p) for name, loss in self._staged().items() if loss.init.frozen
+                  for module in loss.init.modules(self.criteria[name]) for p in module.parameters()}
         return [*self.student.parameters(), *(p for p in self.criteria.parameters() if id(p) not in frozen)]
 
     # --- the initialisation stage of FT, AB and FSP -----------------------------------------
@@ -149,67 +151,32 @@ class Distiller(nn.Module):
         init(): the feature modules it trains are the student's, so its BatchNorms train) and
         optimises ``modules.parameters()``; see the module doc.
         """
-        staged = [name for name in _INIT_STAGED if name in self.criteria]
+        staged = self._staged()
         if not staged:
             return None
-        modules = nn.ModuleList()
-        if "ft" in staged:
-            modules.append(self.criteria["ft"]["paraphraser"])
-        if "ab" in staged:
-            modules.append(self.criteria["ab"]["connector"])
-        if "ab" in staged or "fsp" in staged:
+        modules = nn.ModuleList(module for name, loss in staged.items()
+                                for module in loss.init.modules(self.criteria[name]))
+        trains_student = [name for name, loss in staged.items() if loss.init.student]
+        if trains_student:
             feat_modules = getattr(self.student, "get_feat_modules", None)
             if not callable(feat_modules):
-                raise ValueError(f"the initialisation stage of {' and '.join(s for s in staged if s != 'ft')} trains "
-                                 f"the student's feature modules: {type(self.student).__name__} needs a "
-                                 "get_feat_modules() method (every fastkd.models CIFAR model has one)")
+                raise ValueError(f"the initialisation stage of {' and '.join(trains_student)} trains the student's "
+                                 f"feature modules: {type(self.student).__name__} needs a get_feat_modules() method "
+                                 "(every fastkd.models CIFAR model has one)")
             modules.append(feat_modules())
+        reads_student = any(FEATURES[name].side == "student" for loss in staged.values() for name in loss.init_takes)
 
         def loss(images: torch.Tensor) -> torch.Tensor:
-            feat_s = self._features_s(images)[0] if "ab" in staged or "fsp" in staged else None
+            feat_s, logit_s = self._features_s(images) if reads_student else (None, None)
             with torch.no_grad():
-                feat_t = [f.detach() for f in self._features_t(images)[0]]
+                feat_t, logit_t = self._features_t(images)
+            features = self._features(feat_s, logit_s, [f.detach() for f in feat_t], logit_t.detach())
             total = 0.0
-            if "ft" in staged:
-                _, rebuilt = self.criteria["ft"]["paraphraser"](feat_t[-2])
-                total = total + F.mse_loss(rebuilt.float(), feat_t[-2].float())
-            if "ab" in staged:
-                ab = self.criteria["ab"]
-                total = total + ab["loss"](ab["connector"](feat_s[1:-1]), feat_t[1:-1]).float()
-            if "fsp" in staged:
-                total = total + self.criteria["fsp"](feat_s[:-1], feat_t[:-1]).float()
+            for name, staged_loss in staged.items():
+                total = total + staged_loss.init_loss(self.criteria[name], features).float()
             return total
 
         return modules, loss
-
-    def _term(self, name: str, feat_s, logit_s, feat_t, logit_t, target, index, contrast_idx, epoch):
-        criterion = self.criteria[name]
-        if name == "kd":
-            return criterion(logit_s, logit_t)
-        if name == "dkd":
-            return criterion(logit_s, logit_t, target, epoch=epoch)
-        if name == "hint":
-            layer = self.hint_layer
-            return criterion["loss"](criterion["regressor"](feat_s[layer]), feat_t[layer])
-        if name in ("at", "nst"):
-            return criterion(list(feat_s[1:-1]), list(feat_t[1:-1]))
-        if name == "vid":
-            return sum(vid(s, t) for vid, s, t in zip(criterion, feat_s[1:-1], feat_t[1:-1]))
-        if name == "sp":
-            return criterion(feat_s[-2], feat_t[-2])
-        if name == "ab":
-            return criterion["loss"](criterion["connector"](feat_s[1:-1]), feat_t[1:-1])
-        if name == "fsp":
-            return criterion(feat_s[:-1], feat_t[:-1])
-        if name == "ft":
-            with torch.no_grad():
-                factor_t = criterion["paraphraser"](feat_t[-2], is_factor=True)
-            return criterion["loss"](criterion["translator"](feat_s[-2]), factor_t)
-        if name == "crd":
-            if index is None:
-                raise ValueError("the crd loss needs the dataset indices of the batch (an index-returning dataset)")
-            return criterion(feat_s[-1], feat_t[-1], index, contrast_idx)
-        return criterion(feat_s[-1], feat_t[-1])  # cc, cckd, rkd, pkt, srd
 
     def forward(self, images: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None,
                 contrast_idx: torch.Tensor | None = None, epoch: int | None = None):
@@ -220,13 +187,14 @@ class Distiller(nn.Module):
                 feat_t, logit_t = self._features_t(images)
             feat_t = [f.detach() for f in feat_t]
         else:
-            logit_s, feat_s, feat_t, logit_t = self.student(images), None, None, None
+            logit_s = self.student(images)
         parts = {}
         if "ce" in self.weights:
             parts["ce"] = F.cross_entropy(logit_s.float(), target)
-        for name in self.criteria:
-            if self.weights[name] == 0:
-                continue  # kept for its initialisation stage only (AB and FSP as published)
-            parts[name] = self._term(name, feat_s, logit_s, feat_t, logit_t, target, index, contrast_idx, epoch)
-        total = sum(self.weights[name] * value.float() for name, value in parts.items())
-        return total, parts, logit_s
+        if needs_features:
+            features = self._features(feat_s, logit_s, feat_t, logit_t, target=target, index=index,
+                                      contrast_idx=contrast_idx, epoch=epoch)
+            # a weight-0 loss is kept for its initialisation stage only (AB and FSP as published)
+            active = {name: criterion for name, criterion in self.criteria.items() if self.weights[name] != 0}
+            parts.update(terms.evaluate(self.entries, active, features))
+        return terms.total(self.weights, parts), parts, logit_s

@@ -138,8 +138,10 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         seen, start = 0, time.perf_counter()
         steps = len(self.train_data) if hasattr(self.train_data, "__len__") else None
-        shown = progress.EpochProgress(epoch, steps) if self.progress else None
-        self._epoch = epoch  # read by _step (DKD's warm-up weight)
+        shown = progress.EpochProgress(epoch, steps, mode=self.progress) if self.progress else None
+        # the epoch as the losses read it (DKD's warm-up, OKDDip's ramp): counted from 1, as the published
+        # trainers count it (mdistiller's starts at 1); the loop's own `epoch` counts from 0
+        self._epoch = epoch + 1
         # the loss sum is looked at after every step on the CPU (no cost), at most once a second on a GPU
         # (a host sync), and by every rank at the epoch's end under torch.distributed (then they stop together)
         watch = not distributed.active()

@@ -16,7 +16,9 @@ its model and losses:
 its ensemble weights (gate, FFM; those weights learn from it). ``online_kd`` distils every branch
 toward the (detached) ensemble; ``cd`` is the Classifier Diversification loss on the branch
 classifiers; ``okddip`` holds OKDDip's query / key projections and applies its ramp by the epoch.
-Evaluation (:meth:`eval_outputs`) reports the ensemble and every branch.
+Those losses register with ``objective="online"`` (:mod:`fastkd.losses.online`) and take the
+features this objective offers (``OnlineDistiller.OFFERS``). Evaluation (:meth:`eval_outputs`)
+reports the ensemble and every branch.
 """
 from __future__ import annotations
 
@@ -24,34 +26,27 @@ import torch
 from torch import nn
 
 from fastkd.functional.online import branch_cross_entropy
+from fastkd.losses import Features
 from fastkd.models.multibranch import MultiBranchResNet
-from fastkd.train.recipe import LOSSES, ONLINE_LOSSES
+from fastkd.train import terms
 
 
 class OnlineDistiller(nn.Module):
     """Σ weight · loss over a multi-branch student's branches; see the module docstring."""
+
+    OBJECTIVE, WHAT, CE = "online", "online distillation", True
+    OFFERS = frozenset({"branch_logits", "ensemble_logits", "branch_pooled", "classifiers", "target", "epoch"})
 
     def __init__(self, student: nn.Module, losses: dict[str, dict]):
         super().__init__()
         if not isinstance(student, MultiBranchResNet):
             raise TypeError(f"online distillation needs a multi-branch student (fastkd.models.MultiBranchResNet, "
                             f"e.g. resnet32_mb3), got {type(student).__name__}")
-        bad = sorted(set(losses) - {"ce", *ONLINE_LOSSES})
-        if bad:
-            raise ValueError(f"losses {bad} do not apply to online distillation; valid: ce, {', '.join(ONLINE_LOSSES)}")
-        if "okddip" in losses and student.num_branches < 3:
-            raise ValueError(f"okddip needs at least 3 branches (2 peers and a leader), the student has "
-                             f"{student.num_branches}")
+        self.entries = terms.entries_for(losses, self)
         self.student = student
-        self.weights = {name: float(options["weight"]) for name, options in losses.items()}
-        self.criteria = nn.ModuleDict()
-        for name, options in losses.items():
-            if name == "ce":
-                continue
-            kwargs = {k: v for k, v in options.items() if k != "weight"}
-            if name == "okddip":
-                kwargs["in_dim"] = student.classifiers()[0].in_features
-            self.criteria[name] = LOSSES[name](**kwargs)
+        self.weights = terms.weights(losses)
+        probe = Features(self.WHAT, classifiers=student.classifiers())
+        self.criteria = terms.build_criteria(self.entries, losses, probe)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The student's parameters (trunk, branches, gate / FFM) and the losses' (OKDDip's projections)."""
@@ -64,15 +59,10 @@ class OnlineDistiller(nn.Module):
         if "ce" in self.weights:
             learned = self.student.aggregation != "mean"
             parts["ce"] = branch_cross_entropy(out.logits, target, out.ensemble if learned else None)
-        for name, criterion in self.criteria.items():
-            if name == "online_kd":
-                parts[name] = criterion(out.logits, out.ensemble)
-            elif name == "cd":
-                parts[name] = criterion(self.student.classifiers())
-            else:  # okddip
-                parts[name] = criterion(out.logits, out.pooled, epoch=epoch)
-        total = sum(self.weights[name] * value.float() for name, value in parts.items())
-        return total, parts, out.ensemble
+        features = Features(self.WHAT, branch_logits=out.logits, ensemble_logits=out.ensemble, branch_pooled=out.pooled,
+                            classifiers=self.student.classifiers(), target=target, epoch=epoch)
+        parts.update(terms.evaluate(self.entries, self.criteria, features))
+        return terms.total(self.weights, parts), parts, out.ensemble
 
     def eval_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"": the ensemble's logits, "branch0": …, "branch{m-1}": …} for the engine's evaluation."""

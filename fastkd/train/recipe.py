@@ -8,13 +8,14 @@ keys are rejected with the list of the valid ones, so a typo never trains silent
 
 Losses: ``losses`` maps a loss name to its ``weight`` and the keyword arguments of its module
 (``losses.kd.temperature=4``): the total is Σ weight · loss. ``ce`` is the student's cross
-entropy on the labels; the others are the :mod:`fastkd` modules in :data:`LOSSES`.
+entropy on the labels; the others are the losses registered under those keys
+(:func:`fastkd.losses.registered`): a loss's options are its constructor's keywords less those
+the objective derives from the probed features (its entry's ``derived``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -24,24 +25,8 @@ from typing import Any
 
 import yaml
 
-import fastkd
+from fastkd.losses import entry, registered
 from fastkd.train.loggers import LOGGERS
-
-# recipe name → the loss module it builds (its constructor's keywords are the loss's options)
-LOSSES: dict[str, type] = {
-    "kd": fastkd.KDLoss, "dkd": fastkd.DKDLoss, "hint": fastkd.HintLoss, "at": fastkd.ATLoss,
-    "nst": fastkd.NSTLoss, "ft": fastkd.FTLoss, "ab": fastkd.ABLoss, "fsp": fastkd.FSPLoss, "vid": fastkd.VIDLoss,
-    "sp": fastkd.SPLoss, "cc": fastkd.CCLoss, "cckd": fastkd.CCKDLoss, "rkd": fastkd.RKDLoss, "pkt": fastkd.PKTLoss,
-    "srd": fastkd.SRDLoss, "crd": fastkd.CRDLoss,
-    # objectives of their own (fastkd.train.objectives): online, SSKD's two stages, STKD's mixup
-    "online_kd": fastkd.OnlineKDLoss, "cd": fastkd.ClassifierDiversityLoss, "okddip": fastkd.OKDDipLoss,
-    "rotation": fastkd.RotationContrastLoss, "sskd": fastkd.SSKDLoss, "sskd_rot": fastkd.RotationKDLoss,
-    "stkd": fastkd.STKDLoss,
-}
-ONLINE_LOSSES = ("online_kd", "cd", "okddip")   # a multi-branch student, no teacher
-SSKD_LOSSES = ("rotation", "sskd", "sskd_rot")  # four rotated views per image
-MIXUP_LOSSES = ("stkd",)                        # mixup virtual samples
-
 
 @dataclass
 class DataConfig:
@@ -51,7 +36,12 @@ class DataConfig:
     num_workers: int = 0
     device_augment: bool = True     # crop + flip on the device for datasets held in memory
     contrast_mode: str | None = None  # CRD's dataset-side sampling: exact | relax | None (the loss samples)
-    image_size: int = 224           # imagefolder, streamed: the train crop / val centre crop
+    # the side images are trained at: data held in memory is brought to it once (see fit); streamed
+    # imagefolder: the train crop / val centre crop. null: the images' own size (224 when streamed)
+    image_size: int | None = None
+    fit: str = "resize"             # in memory, images of another size: resize | pad | crop (fastkd.data.arrays.fit_images)
+    mean: list[float] | None = None  # per-channel normalisation in 0-1 units (fastkd stats DIR prints them);
+    std: list[float] | None = None   # null: the training split's own (in memory), ImageNet's (streamed)
     in_memory: bool = False         # imagefolder: decode once into a uint8 cache held on the device
     download: bool = False          # cifar10 / cifar100: fetch the archive into root when its files are absent
 
@@ -108,7 +98,7 @@ class Recipe:
 
 _SECTIONS = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig, "optim": OptimConfig,
              "schedule": ScheduleConfig}
-_CHOICES = {("data", "name"): ("digits", "cifar10", "cifar100", "imagefolder"),
+_CHOICES = {("data", "name"): ("digits", "cifar10", "cifar100", "imagefolder"), ("data", "fit"): ("resize", "pad", "crop"),
             ("data", "contrast_mode"): (None, "exact", "relax"),
             ("optim", "name"): ("sgd", "adamw"), ("schedule", "name"): ("multistep", "cosine"),
             ((), "amp"): ("auto", "bf16", "fp16", "off"), ((), "logger"): ("none", *LOGGERS)}
@@ -198,7 +188,7 @@ def _unknown(where: str, keys, valid) -> None:
 
 def _typed(where: str, value, annotation: str):
     """Check a leaf against its dataclass annotation (the few types recipes use)."""
-    expect = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[int]": list}
+    expect = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[int]": list, "list[float]": list}
     for option in annotation.replace(" ", "").split("|"):
         if option == "None" and value is None:
             return value
@@ -206,6 +196,10 @@ def _typed(where: str, value, annotation: str):
         if kind is not None and isinstance(value, kind) and not (option in ("int", "float") and isinstance(value, bool)):
             if option == "list[int]" and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 continue
+            if option == "list[float]":
+                if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                    continue
+                return [float(v) for v in value]
             return float(value) if option == "float" else value
     raise ValueError(f"{where} must be {annotation}, got {value!r}")
 
@@ -215,7 +209,10 @@ _AT_LEAST_1 = ("an integer >= 1", lambda v: v >= 1)
 _AT_LEAST_0 = (">= 0", lambda v: v >= 0)
 _RANGES: dict[str, tuple[str, Any]] = {
     "epochs": _AT_LEAST_1, "eval_every": _AT_LEAST_1, "checkpoint_every": _AT_LEAST_1, "init_epochs": _AT_LEAST_0,
-    "data.batch_size": _AT_LEAST_1, "data.num_workers": _AT_LEAST_0, "data.image_size": _AT_LEAST_1,
+    "data.batch_size": _AT_LEAST_1, "data.num_workers": _AT_LEAST_0,
+    "data.image_size": ("an integer >= 1 or null", lambda v: v is None or v >= 1),
+    "data.mean": ("a list of numbers in [0, 1] or null", lambda v: v is None or all(0 <= m <= 1 for m in v)),
+    "data.std": ("a list of numbers > 0 or null", lambda v: v is None or all(0 < s < math.inf for s in v)),
     "optim.lr": ("a finite number > 0", lambda v: 0 < v < math.inf), "optim.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.weight_decay": ("a finite number >= 0", lambda v: 0 <= v < math.inf),
     "optim.reference_batch": ("an integer >= 1 or null", lambda v: v is None or v >= 1),
@@ -253,22 +250,16 @@ def _section(name: str, cls, tree) -> Any:
 def _losses(tree) -> dict[str, dict[str, Any]]:
     if not isinstance(tree, dict) or not tree:
         raise ValueError(f"losses must be a non-empty mapping of loss name → options, got {tree!r}")
-    _unknown("losses", tree, ["ce", *LOSSES])
+    _unknown("losses", tree, ["ce", *registered()])
     checked = {}
     for name, options in tree.items():
         options = {"weight": options} if isinstance(options, (int, float)) else options
         if not isinstance(options, dict) or "weight" not in options:
             raise ValueError(f"losses.{name} needs a weight (losses.{name}.weight=...), got {options!r}")
-        valid = ["weight"] if name == "ce" else ["weight", *_constructor_options(LOSSES[name])]
+        valid = ["weight"] if name == "ce" else ["weight", *entry(name).options]
         _unknown(f"losses.{name}", options, valid)
         checked[name] = dict(options, weight=_typed(f"losses.{name}.weight", options["weight"], "float"))
     return checked
-
-
-def _constructor_options(cls) -> list[str]:
-    """A loss module's keyword options, less those the engine derives (feature sizes, dataset size)."""
-    derived = {"s_dim", "t_dim", "in_dim", "num_data", "num_input_channels", "num_mid_channel", "num_target_channels"}
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", *derived)]
 
 
 def build(tree: dict[str, Any]) -> Recipe:
@@ -293,6 +284,30 @@ def build(tree: dict[str, Any]) -> Recipe:
         raise ValueError("data.download=true fetches CIFAR-10 / CIFAR-100 only: an imagefolder tree must already be "
                          "under data.root (set data.download=false)")
     return recipe
+
+
+def budget_warnings(recipe: Recipe) -> list[str]:
+    """What in ``recipe`` is timed for more epochs than it runs: step milestones at or past ``epochs`` (the
+    learning rate never reaches them), a warm-up or a loss's ramp longer than the run. One line each; the
+    recipe is run as it is (a shortened run keeps its published timings unless they are given anew)."""
+    epochs, found = recipe.epochs, []
+    late = [m for m in recipe.schedule.milestones if m >= epochs] if recipe.schedule.name == "multistep" else []
+    if late:
+        kept = recipe.optim.lr * recipe.schedule.gamma ** (len(recipe.schedule.milestones) - len(late))
+        found.append(f"schedule.milestones {late} are at or past epochs={epochs}: the learning rate stays at "
+                     f"{kept:g} from then on; give milestones inside the run (schedule.milestones=[...]) or use "
+                     "schedule.name=cosine")
+    if recipe.schedule.warmup_epochs >= epochs:
+        found.append(f"schedule.warmup_epochs={recipe.schedule.warmup_epochs} is not shorter than epochs={epochs}: "
+                     "the learning rate never reaches optim.lr")
+    for name, options in recipe.losses.items():
+        option = entry(name).ramp if name != "ce" else None  # the loss's own epoch ramp, as it registered it
+        if option is not None:
+            length = options.get(option, entry(name).default(option))
+            if length > epochs:
+                found.append(f"losses.{name}.{option}={length:g} is longer than epochs={epochs}: the {name} weight "
+                             f"never reaches its full value; give losses.{name}.{option} for this budget")
+    return found
 
 
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:

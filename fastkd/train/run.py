@@ -19,17 +19,20 @@ from fastkd.data.cifar import CIFAR10, CIFAR100
 from fastkd.data.contrast import ContrastSampler
 from fastkd.data.device import DeviceDataset, DeviceLoader
 from fastkd.data.digits import Digits
-from fastkd.data.folder import ImageFolder
+from fastkd.data.arrays import fit_images
+from fastkd.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, evaluation_folder
 from fastkd.data.indexed import IndexedDataset
 from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
+from fastkd.losses import entry
 from fastkd.train import distributed
-from fastkd.train.checkpoint import load_checkpoint, read_weights
+from fastkd.train.checkpoint import load_checkpoint, read_model
 from fastkd.train.engine import Trainer
-from fastkd.train.objectives import build_objective, needs_teacher
-from fastkd.train.recipe import SSKD_LOSSES, Recipe
+from fastkd.train.objectives import build_objective, needs_teacher, reads_teacher_state
+from fastkd.train.recipe import Recipe, budget_warnings
 
 DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated 4×
+MODEL_CHANNELS = 3  # the zoo's models take RGB: greyscale data (kept 1-channel in memory) is repeated per batch
 
 
 class StreamedLoader:
@@ -41,7 +44,7 @@ class StreamedLoader:
 
     def __init__(self, dataset, batch_size: int, *, shuffle: bool, num_workers: int, seed: int, pin_memory: bool,
                  rng: random.Random | None = None, channels_last: bool = False):
-        self.channels_last = channels_last
+        self.channels_last, self.dataset = channels_last, dataset
         self.batches = EpochBatchSampler(len(dataset), batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed,
                                          rank=distributed.rank(), world_size=distributed.world_size())
         self.loader = torch.utils.data.DataLoader(
@@ -70,13 +73,31 @@ class StreamedLoader:
             yield batch
 
 
+STREAMED_SIZE = 224  # a streamed image tree's train crop / val centre crop when data.image_size is null
+
+
+def _normalisation(recipe: Recipe, pixel_max: float, channels: int) -> tuple[list[float], list[float]] | None:
+    """The recipe's ``data.mean`` / ``data.std`` (0-1 units) in the data's pixel units, checked against the
+    data's channel count; ``None`` when the recipe leaves them to the data."""
+    data = recipe.data
+    if data.mean is None and data.std is None:
+        return None
+    if data.mean is None or data.std is None:
+        raise ValueError("data.mean and data.std go together: give both (fastkd stats DIR prints them) or neither")
+    for key, values in (("data.mean", data.mean), ("data.std", data.std)):
+        if len(values) != channels:
+            raise ValueError(f"{key} has {len(values)} value(s) but the images have {channels} channel(s)")
+    return [m * pixel_max for m in data.mean], [s * pixel_max for s in data.std]
+
+
 def streamed_loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
     """ImageNet-style: ImageFolder trees decoded by workers with the standard train / val transforms."""
     data = recipe.data
-    val_dir = os.path.join(data.root, "val" if os.path.isdir(os.path.join(data.root, "val")) else "test")
+    size = data.image_size or STREAMED_SIZE
+    mean, std = _normalisation(recipe, 255.0, 3) or (IMAGENET_MEAN, IMAGENET_STD)
     augment = random.Random()  # reseeded for every batch by StreamedLoader
-    train_set = ImageFolder(os.path.join(data.root, "train"), TrainTransform(data.image_size, rng=augment))
-    test_set = ImageFolder(val_dir, EvalTransform(data.image_size))
+    train_set = ImageFolder(os.path.join(data.root, "train"), TrainTransform(size, mean=mean, std=std, rng=augment))
+    test_set = ImageFolder(evaluation_folder(data.root), EvalTransform(size, mean=mean, std=std))
     contrast = num_negatives if data.contrast_mode is not None else None
     indexed = IndexedDataset(train_set, contrast, data.contrast_mode or "exact", seed=recipe.seed)
     pin = device.type == "cuda"
@@ -87,12 +108,12 @@ def streamed_loaders(recipe: Recipe, device: torch.device, num_negatives: int | 
     return train, test, list(train_set.classes), len(train_set)
 
 
-def datasets(recipe: Recipe):
-    """(train, test) in-memory datasets of the recipe's data section, and the class count (their
-    ``classes`` attribute names the classes)."""
+def _read_sets(recipe: Recipe):
+    """The recipe's (train, test) in-memory sets as stored, and their pixel maximum."""
     data = recipe.data
-    if data.name == "digits":
-        return (Digits(train=True, size=DIGITS_SIZE, channels=3), Digits(train=False, size=DIGITS_SIZE, channels=3), 10)
+    if data.name == "digits":  # pixel repetition where the size allows it (the published 32 × 32 does)
+        size = data.image_size if data.image_size and data.image_size % 8 == 0 else DIGITS_SIZE
+        return Digits(train=True, size=size, channels=3), Digits(train=False, size=size, channels=3), 16.0
     if data.root is None:
         raise ValueError(f"data.root must name the folder of {data.name} (e.g. data.root=/data/{data.name})")
     if data.name in ("cifar10", "cifar100"):
@@ -101,10 +122,26 @@ def datasets(recipe: Recipe):
             if int(os.environ.get("LOCAL_RANK", "0")) == 0:
                 cls.fetch_missing(data.root)
             distributed.barrier()
-        return cls(data.root, train=True), cls(data.root, train=False), 10 if data.name == "cifar10" else 100
-    train = ImageFolder(os.path.join(data.root, "train"), cache=True)
-    test = ImageFolder(os.path.join(data.root, "test" if os.path.isdir(os.path.join(data.root, "test")) else "val"),
-                       cache=True)
+        return cls(data.root, train=True), cls(data.root, train=False), 255.0
+    train = ImageFolder(os.path.join(data.root, "train"), cache=True, size=data.image_size, fit=data.fit)
+    side = train.data.shape[1] if train.data.shape[1] == train.data.shape[2] else None
+    test = ImageFolder(evaluation_folder(data.root), cache=True, size=data.image_size or side, fit=data.fit)
+    return train, test, 255.0
+
+
+def datasets(recipe: Recipe):
+    """(train, test) in-memory datasets of the recipe's data section, and the class count (their
+    ``classes`` attribute names the classes). Images are brought to ``data.image_size`` (as
+    ``data.fit`` says) when it is set; both sets are normalised with ``data.mean`` / ``data.std`` when
+    they are set, else with the training set's own statistics."""
+    data = recipe.data
+    train, test, pixel_max = _read_sets(recipe)
+    if data.image_size:
+        for split in (train, test):
+            split.data = fit_images(split.data, data.image_size, data.fit)
+    given = _normalisation(recipe, pixel_max, train.data.shape[-1])
+    train.mean, train.std = given or (train.mean, train.std)
+    test.mean, test.std = train.mean, train.std
     return train, test, len(train.classes)
 
 
@@ -127,17 +164,49 @@ def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
     shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     train = DeviceLoader(train_data, recipe.data.batch_size, augment=recipe.data.device_augment, flip=flip,
                          contrast=contrast, seed=recipe.seed, drop_last=True, channels_last=recipe.channels_last,
-                         **shard)
+                         channels=MODEL_CHANNELS, **shard)
     test = DeviceLoader(test_data, max(recipe.data.batch_size, 256), shuffle=False, augment=False,
-                        channels_last=recipe.channels_last, **shard)
+                        channels_last=recipe.channels_last, channels=MODEL_CHANNELS, **shard)
     return train, test, list(train_set.classes), len(train_data)
 
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
+def data_summary(recipe: Recipe, train, test, classes: int, num_data: int) -> str:
+    """One line on what a run trains on: the data, its classes, the split sizes and the image shape."""
+    data = recipe.data
+    where = f" ({data.root})" if data.root else ""
+    if isinstance(train, DeviceLoader):
+        _, h, w, c = train.dataset.images.shape
+        shape = f"{h}x{w}x{c}" + (f", repeated to {train.channels} channels" if train.channels not in (None, c) else "")
+        tested = len(test.dataset)
+    else:
+        size = data.image_size or STREAMED_SIZE
+        shape, tested = f"{size}x{size} crops", len(test.dataset)
+    return f"{data.name}{where}: {classes} classes, {num_data} training / {tested} test images, {shape}"
+
+
+def load_weights(model: torch.nn.Module, path: str, name: str | None = None, role: str | None = None) -> None:
     """Load ``path``'s weights into ``model``: a fastkd checkpoint or export, a RepDistiller checkpoint
     ({'model': state_dict}) or a bare state_dict, read without running pickled code (see
-    :func:`fastkd.train.checkpoint.read_weights`)."""
-    model.load_state_dict(read_weights(path))
+    :func:`fastkd.train.checkpoint.read_model`). ``name`` (the zoo name ``model`` was built from) is checked
+    against the name a fastkd file records, and weights that do not fit ``model`` are refused in one message
+    (``role``, e.g. ``teacher``, names the recipe section to fix)."""
+    state, recorded = read_model(path)
+    if name is not None and recorded is not None and recorded != name:
+        if role is None:
+            raise ValueError(f"{path} holds a {recorded} (its file says so), not a {name}")
+        raise ValueError(f"{role}.checkpoint {path} holds a {recorded} (its file says so) but {role}.name is {name}: "
+                         f"set {role}.name={recorded}, or give {role}.checkpoint the weights of a {name}")
+    expected = model.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+              if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)]
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if shapes or missing or unexpected:
+        first = (f"{shapes[0][0]} is {list(shapes[0][1])} in the file, {list(shapes[0][2])} in the model" if shapes
+                 else f"{missing[0]} is missing from the file" if missing else f"{unexpected[0]} is not one of the model's")
+        raise ValueError(f"{path} does not hold weights of a {name or type(model).__name__}: {len(shapes)} tensors differ "
+                         f"in shape, {len(missing)} are missing, {len(unexpected)} are not the model's (first: {first}). "
+                         + (f"Is {role}.name right?" if role else "Is the model name right?"))
+    model.load_state_dict(state)
 
 
 def training_device(device: str | torch.device | None) -> torch.device:
@@ -159,19 +228,28 @@ def training_device(device: str | torch.device | None) -> torch.device:
     return chosen
 
 
+def contrast_negatives(recipe: Recipe) -> int | None:
+    """K, the negatives per sample of dataset-side contrast sampling (``data.contrast_mode``): the
+    ``num_negatives`` option of the loss that takes ``contrast_idx`` (CRD); None when none does."""
+    for name, options in recipe.losses.items():
+        if name != "ce" and "contrast_idx" in entry(name).takes:
+            return options.get("num_negatives", entry(name).default("num_negatives"))
+    return None
+
+
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
     """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default; under
     torchrun this rank's GPU, after :func:`fastkd.train.distributed.setup`)."""
     device = distributed.setup(None if device is None else training_device(device)) or training_device(None)
+    for line in budget_warnings(recipe):
+        warnings.warn(line, UserWarning, stacklevel=2)
     recipe = distributed.scaled_recipe(recipe)
     torch.manual_seed(recipe.seed)
-    crd = recipe.losses.get("crd")
-    num_negatives = crd.get("num_negatives", 16384) if crd else None
-    train, test, class_names, num_data = loaders(recipe, device, num_negatives)
+    train, test, class_names, num_data = loaders(recipe, device, contrast_negatives(recipe))
     classes = len(class_names)
     student = models.create(recipe.student.name, num_classes=classes)
     if recipe.student.checkpoint:
-        load_weights(student, recipe.student.checkpoint)
+        load_weights(student, recipe.student.checkpoint, recipe.student.name, "student")
     teacher = teacher_state = None
     if recipe.teacher is not None and recipe.teacher.checkpoint and not needs_teacher(recipe.losses):
         warnings.warn(f"teacher.checkpoint={recipe.teacher.checkpoint} is set, but no loss of this run distils from "
@@ -184,8 +262,8 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
             raise ValueError("teacher.checkpoint must name the teacher's weights (a RepDistiller {'model': ...} "
                              "file or a fastkd checkpoint; `fastkd train` makes one)")
         teacher = models.create(recipe.teacher.name, num_classes=classes)
-        load_weights(teacher, recipe.teacher.checkpoint)
-        if set(recipe.losses) & set(SSKD_LOSSES):  # SSKD's second stage also reads the stage-1 head
+        load_weights(teacher, recipe.teacher.checkpoint, recipe.teacher.name, "teacher")
+        if reads_teacher_state(recipe.losses):  # SSKD's second stage also reads the stage-1 head
             teacher_state = load_checkpoint(recipe.teacher.checkpoint)
         teacher.to(device)
     student.to(device)
@@ -198,5 +276,8 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
         student.compile(backend=os.environ.get("FASTKD_COMPILE_BACKEND", "inductor"))
     sample = next(iter(train))[0][:8]
     distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state)
-    meta = {"student": recipe.student.name, "num_classes": classes, "classes": class_names}
+    # the model the run trains and saves as its student (SSKD's first stage trains a head on its teacher)
+    saved = recipe.teacher.name if teacher is not None and distiller.student is teacher else recipe.student.name
+    meta = {"student": saved, "num_classes": classes, "classes": class_names,
+            "data": data_summary(recipe, train, test, classes, num_data)}
     return Trainer(recipe, distiller, train, test, device=device, output=output, meta=meta)

@@ -16,6 +16,11 @@ SSKD (Xu et al., ECCV 2020), recipes ``cifar100_sskd_teacher`` then ``cifar100_s
 
 STKD (a reconstruction, see :class:`fastkd.STKDLoss`): :class:`MixupDistiller` (losses: ``stkd``)
 mixes each batch and distils on the mixture.
+
+Their losses register with the objective they need (``objective="sskd_teacher"``, ``"sskd_student"``,
+``"mixup"``: :mod:`fastkd.losses.self_supervised`) and take the features each objective offers
+(its ``OFFERS``); SSKD's second stage also runs any offline loss that takes only what it offers
+(KD, on the upright views, as published).
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd.functional.self_supervised import rotations
+from fastkd.losses import Features
+from fastkd.train import terms
 from fastkd.train.distiller import feature_function
-from fastkd.train.recipe import LOSSES
 
 
 def _frozen(teacher: nn.Module) -> nn.Module:
@@ -35,16 +41,6 @@ def _frozen(teacher: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def _options(losses: dict[str, dict], name: str) -> dict:
-    return {k: v for k, v in losses.get(name, {}).items() if k != "weight"}
-
-
-def _check_names(losses: dict[str, dict], valid: Sequence[str], what: str) -> None:
-    bad = sorted(set(losses) - set(valid))
-    if bad:
-        raise ValueError(f"losses {bad} do not apply to {what}; valid: {', '.join(valid)}")
 
 
 class _FrozenTeacher(nn.Module):
@@ -67,88 +63,103 @@ class SSKDTeacherStage(_FrozenTeacher):
     ``student`` is the teacher itself (what the engine evaluates and saves); only the head trains.
     """
 
+    OBJECTIVE, WHAT, CE = "sskd_teacher", "SSKD's first stage", False
+    OFFERS = frozenset({"view_pooled_t"})
+
     def __init__(self, teacher: nn.Module, losses: dict[str, dict], sample: torch.Tensor,
                  taps: Sequence[str] | None = None):
         super().__init__()
-        _check_names(losses, ("rotation",), "SSKD's first stage")
+        self.entries = terms.entries_for(losses, self)
         self.student = self.teacher = _frozen(teacher)
         self._features = feature_function(teacher, taps)
-        with torch.no_grad():
-            dim = self._features(sample)[0][-1].shape[1]
-        self.weights = {"rotation": float(losses["rotation"]["weight"])}
-        self.criteria = nn.ModuleDict({"rotation": LOSSES["rotation"](dim, **_options(losses, "rotation"))})
+        self.weights = terms.weights(losses)
+        self.criteria = terms.build_criteria(self.entries, losses, self._views(sample)[0])
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, index=None, contrast_idx=None, epoch=None):
+    def _views(self, images: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """The features of the four rotated views, and the teacher's logits on them."""
         with torch.no_grad():
             features, logits = self._features(rotations(images))
-        parts = {"rotation": self.criteria["rotation"](features[-1].detach())}
-        return self.weights["rotation"] * parts["rotation"].float(), parts, logits[0::4]
+        return Features(self.WHAT, view_pooled_t=features[-1].detach()), logits
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor, index=None, contrast_idx=None, epoch=None):
+        features, logits = self._views(images)
+        parts = terms.evaluate(self.entries, self.criteria, features)
+        return terms.total(self.weights, parts), parts, logits[0::4]
 
 
 class SSKDDistiller(_FrozenTeacher):
     """SSKD stage 2 (losses ``ce``, ``kd``, ``sskd_rot``, ``sskd``); see the module docstring.
 
-    ``teacher_head``: the stage-1 head's state (``RotationContrastLoss`` keys ``head.*``, as saved
-    under ``losses`` by stage 1 with a ``rotation.`` prefix, which is stripped here).
+    ``teacher_losses``: the loss states saved in the teacher's checkpoint (its ``losses`` entry);
+    stage 1 saves its head there (``rotation.head.*``), which :class:`fastkd.SSKDLoss` loads.
     """
 
+    OBJECTIVE, WHAT, CE = "sskd_student", "SSKD's second stage", True
+    OFFERS = frozenset({"logits_s", "logits_t", "view_logits_s", "view_logits_t", "view_pooled_s", "view_pooled_t",
+                        "target", "epoch"})
+
     def __init__(self, student: nn.Module, teacher: nn.Module, losses: dict[str, dict], sample: torch.Tensor,
-                 teacher_head: dict[str, torch.Tensor], student_taps: Sequence[str] | None = None,
+                 teacher_losses: dict[str, torch.Tensor], student_taps: Sequence[str] | None = None,
                  teacher_taps: Sequence[str] | None = None):
         super().__init__()
-        _check_names(losses, ("ce", "kd", "sskd_rot", "sskd"), "SSKD's second stage")
+        self.entries = terms.entries_for(losses, self)
         self.student, self.teacher = student, _frozen(teacher)
         self._features_s = feature_function(student, student_taps)
         self._features_t = feature_function(teacher, teacher_taps)
         with torch.no_grad():
             was = student.training
             student.eval()
-            s_dim = self._features_s(sample)[0][-1].shape[1]
+            probe = self._views(sample)
             student.train(was)
-            t_dim = self._features_t(sample)[0][-1].shape[1]
-        self.weights = {name: float(options["weight"]) for name, options in losses.items()}
-        self.criteria = nn.ModuleDict()
-        for name in losses:
-            if name == "sskd":
-                self.criteria[name] = LOSSES[name](s_dim, t_dim, **_options(losses, name))
-                self.criteria[name].load_teacher_head({k.removeprefix("rotation."): v for k, v in teacher_head.items()})
-            elif name != "ce":
-                self.criteria[name] = LOSSES[name](**_options(losses, name))
+        probe["teacher_losses"] = teacher_losses
+        self.weights = terms.weights(losses)
+        self.criteria = terms.build_criteria(self.entries, losses, probe)
 
-    def forward(self, images: torch.Tensor, target: torch.Tensor, index=None, contrast_idx=None, epoch=None):
+    def _views(self, images: torch.Tensor, **batch) -> Features:
+        """The features of the four rotated views (logits on the upright ones as ``logits_*``)."""
         views = rotations(images)
         feat_s, logit_s = self._features_s(views)
         with torch.no_grad():
             feat_t, logit_t = self._features_t(views)
-        upright_s, upright_t = logit_s[0::4], logit_t[0::4].detach()
+        logit_t = logit_t.detach()
+        return Features(self.WHAT, logits_s=logit_s[0::4], logits_t=logit_t[0::4], view_logits_s=logit_s,
+                        view_logits_t=logit_t, view_pooled_s=feat_s[-1], view_pooled_t=feat_t[-1].detach(), **batch)
+
+    def forward(self, images: torch.Tensor, target: torch.Tensor, index=None, contrast_idx=None, epoch=None):
+        features = self._views(images, target=target, epoch=epoch)
+        upright_s = features["logits_s"]
         parts = {}
         if "ce" in self.weights:
             parts["ce"] = F.cross_entropy(upright_s.float(), target)
-        if "kd" in self.criteria:
-            parts["kd"] = self.criteria["kd"](upright_s, upright_t)
-        if "sskd_rot" in self.criteria:
-            parts["sskd_rot"] = self.criteria["sskd_rot"](logit_s, logit_t.detach(), target)
-        if "sskd" in self.criteria:
-            parts["sskd"] = self.criteria["sskd"](feat_s[-1], feat_t[-1].detach())
-        total = sum(self.weights[name] * value.float() for name, value in parts.items())
-        return total, parts, upright_s
+        parts.update(terms.evaluate(self.entries, self.criteria, features))
+        return terms.total(self.weights, parts), parts, upright_s
 
 
 class MixupDistiller(_FrozenTeacher):
-    """STKD (losses: ``stkd``): each batch mixed by :meth:`fastkd.STKDLoss.mix`, the student distilled
-    from the teacher's logits on the mixture with the mixed labels."""
+    """STKD (losses: ``stkd``): each batch mixed by the loss that names this objective (``mix(images,
+    target)``, :meth:`fastkd.STKDLoss.mix`), the student distilled from the teacher's logits on the
+    mixture with the mixed labels."""
+
+    OBJECTIVE, WHAT, CE = "mixup", "STKD", False
+    OFFERS = frozenset({"mixed_logits_s", "mixed_logits_t", "mix_target_a", "mix_target_b", "mix_lam"})
 
     def __init__(self, student: nn.Module, teacher: nn.Module, losses: dict[str, dict]):
         super().__init__()
-        _check_names(losses, ("stkd",), "STKD")
+        self.entries = terms.entries_for(losses, self)
+        mixers = [name for name, loss in self.entries.items() if loss.objective == self.OBJECTIVE]
+        if len(mixers) != 1:
+            raise ValueError(f"STKD mixes each batch with one loss that names the mixup objective, got {mixers}")
+        self._mixer = mixers[0]
         self.student, self.teacher = student, _frozen(teacher)
-        self.weights = {"stkd": float(losses["stkd"]["weight"])}
-        self.criteria = nn.ModuleDict({"stkd": LOSSES["stkd"](**_options(losses, "stkd"))})
+        self.weights = terms.weights(losses)
+        self.criteria = terms.build_criteria(self.entries, losses, Features(self.WHAT))
 
     def forward(self, images: torch.Tensor, target: torch.Tensor, index=None, contrast_idx=None, epoch=None):
-        mixed, target_a, target_b, lam = self.criteria["stkd"].mix(images, target)
+        mixed, target_a, target_b, lam = self.criteria[self._mixer].mix(images, target)
         logit_s = self.student(mixed)
         with torch.no_grad():
             logit_t = self.teacher(mixed)
-        parts = {"stkd": self.criteria["stkd"](logit_s, logit_t, target_a, target_b, lam)}
-        return self.weights["stkd"] * parts["stkd"].float(), parts, logit_s
+        features = Features(self.WHAT, mixed_logits_s=logit_s, mixed_logits_t=logit_t, mix_target_a=target_a,
+                            mix_target_b=target_b, mix_lam=lam)
+        parts = terms.evaluate(self.entries, self.criteria, features)
+        return terms.total(self.weights, parts), parts, logit_s
