@@ -19,7 +19,7 @@ from _memory import peak_extra_bytes  # benchmarks/ is on sys.path (run as a scr
 from _provider import selected
 
 from fastkd import functional as fk
-from fastkd.functional import similarity as sim
+from fastkd.ops import similarity as relations
 
 # loss -> (student shape, teacher shape) per size: CPU sizes at b = 64 (SP / NST on a resnet8x4-like
 # last-stage map, 256 × 8 × 8; CCKD / PKT / RKD on 128-d embeddings); GPU sizes at b = 256, C·H·W = 16,384.
@@ -45,12 +45,12 @@ SIZES = {
 
 def _rkd_distance(f_s, f_t):
     """RKD's distance term alone (RKDLoss computes it beside the angle term)."""
-    return sim._rkd_distance(f_s, f_t, f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1))
+    return relations.rkd_distance(f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1))
 
 
 def _rkd_angle(f_s, f_t):
     """RKD's angle term alone."""
-    return sim._rkd_angle(f_s, f_t, f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1))
+    return relations.rkd_angle(f_s.reshape(f_s.shape[0], -1), f_t.reshape(f_t.shape[0], -1))
 
 
 LOSSES = {"sp": fk.sp_loss, "cckd": fk.cckd_loss, "pkt": fk.pkt_loss, "rkd_distance": _rkd_distance,

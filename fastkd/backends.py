@@ -1,4 +1,4 @@
-"""Which backends exist here and which one an op uses.
+"""Which backends exist here and which one an op uses: the one table of fastkd's kernels.
 
 Three backends compute fastkd's ops:
 
@@ -13,7 +13,15 @@ Three backends compute fastkd's ops:
 The selection is ``auto`` unless the environment variable ``FASTKD_BACKEND`` or a
 ``with fastkd.use_backend(name):`` block says otherwise. ``auto`` takes, per call and by the
 device of the inputs, the fastest backend that implements the op: CUDA tensors → triton, then
-native; CPU tensors → native. Ops register their implementations here with :func:`register`.
+native; CPU tensors → native.
+
+The table maps (op, backend) to the custom op that backend runs (:mod:`fastkd.ops._library` enters
+every op as it is defined; a backend's module enters its own), for the devices it serves. An op family
+asks :func:`kernel_for` once per call and calls the op it gets, or runs its published torch computation
+when the choice is ``torch``; from there the torch dispatcher alone decides what runs (the native library's
+C++ kernel on CPU tensors, the Triton kernels inside a Triton op). A backend's modules are imported the first
+time the table looks the backend up where it is available (:func:`on_first_use`, :func:`load`): defining
+Triton ops imports Triton and, in torch 2.13, torch's compiler, seconds that an import of fastkd does not pay.
 """
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ _AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
 
 # The innermost ``use_backend`` block wins (process-wide; a plain list so torch.compile traces it).
 _selected: list[str] = []
-_impls: dict[str, dict[str, Callable]] = {}
+# op -> backend -> device type -> (implementation, available): one backend may run a different op per device
+_impls: dict[str, dict[str, dict[str, tuple[Callable, Callable[[str | None], bool] | None]]]] = {}
 
 
 def _check_name(name: str, what: str) -> str:
@@ -97,9 +106,32 @@ def use_backend(name: str) -> Iterator[str]:
         _selected.pop()
 
 
+_loaders: dict[str, list[Callable[[], object]]] = {}  # backend -> imports of its modules, each run once
+
+
+def on_first_use(backend: str, load: Callable[[], object]) -> None:
+    """Run ``load`` (an import of one of ``backend``'s modules, which registers its ops) before the table first
+    looks ``backend`` up."""
+    _loaders.setdefault(backend, []).append(load)
+
+
+def load(backend: str) -> bool:
+    """Import ``backend``'s modules now, if they are not yet (:func:`implementations` does, for the backends
+    available here). True."""
+    for pending in _loaders.pop(backend, ()):
+        pending()
+    return True
+
+
+# torch.compile calls load() while tracing instead of tracing into it (an import cannot be traced): what
+# torch.compiler.assume_constant_result(load) marks, without importing torch._dynamo here
+load._dynamo_marked_constant = True
+
+
 def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("cpu", "cuda"),
-             available: Callable[[str], bool] | None = None) -> Callable:
-    """Record ``fn`` as ``backend``'s implementation of ``op`` for tensors on ``devices``.
+             available: Callable[[str | None], bool] | None = None) -> Callable:
+    """Record ``fn`` (a custom op; for ``torch``, the reference) as ``backend``'s implementation of ``op`` for
+    tensors on ``devices``.
 
     ``available(device_type)`` (optional) tells at call time whether the implementation can run
     here for that device (say, whether the native library was built with CUDA kernels); the
@@ -107,26 +139,23 @@ def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("c
     """
     if backend not in NAMES:
         raise ValueError(f"register: unknown backend {backend!r}")
-    _impls.setdefault(op, {})[backend] = (fn, tuple(devices), available)
+    for device in devices:
+        _impls.setdefault(op, {}).setdefault(backend, {})[device] = (fn, available)
     _chosen.clear()
     return fn
+
+
+def _runs(op: str, backend: str, device_type: str | None) -> bool:
+    """Whether ``backend`` has an implementation of ``op`` for ``device_type`` (any device: None) that can run."""
+    entries = _impls.get(op, {}).get(backend, {})
+    devices = entries if device_type is None else [device_type] if device_type in entries else []
+    return any(entries[d][1] is None or entries[d][1](device_type) for d in devices)
 
 
 def implementations(op: str, device_type: str | None = None) -> list[str]:
     """The backends that implement ``op`` (for ``device_type``, when given) and can run here."""
     have = backends()
-    found = []
-    for name in NAMES:
-        entry = _impls.get(op, {}).get(name)
-        if entry is None or name not in have:
-            continue
-        _, devices, available = entry
-        if device_type is not None and device_type not in devices:
-            continue
-        if available is not None and not available(device_type):
-            continue
-        found.append(name)
-    return found
+    return [name for name in NAMES if name in have and load(name) and _runs(op, name, device_type)]
 
 
 # choose()'s answers, by everything that can change them while the process runs (the registry clears
@@ -148,10 +177,14 @@ def choose(op: str, device_type: str) -> str:
     return found
 
 
+def _device_type(x: torch.Tensor) -> str:
+    """``x``'s device type (a CPU tensor's without building its ``torch.device``: this runs on every op call)."""
+    return "cpu" if x.is_cpu else x.device.type
+
+
 def choose_for(op: str, x: torch.Tensor) -> str:
-    """:func:`choose` for the device of tensor ``x`` (a CPU tensor's device type without building its
-    ``torch.device``: this runs on every op call)."""
-    return choose(op, "cpu" if x.is_cpu else x.device.type)
+    """:func:`choose` for the device of tensor ``x``."""
+    return choose(op, _device_type(x))
 
 
 def _choose(op: str, device_type: str, name: str) -> str:
@@ -162,5 +195,14 @@ def _choose(op: str, device_type: str, name: str) -> str:
 
 
 def dispatch(op: str, device_type: str) -> Callable:
-    """The implementation of ``op`` that :func:`choose` picks."""
-    return _impls[op][choose(op, device_type)][0]
+    """The implementation of ``op`` that :func:`choose` picks (the torch reference for a device no backend serves)."""
+    entries = _impls[op][choose(op, device_type)]
+    return (entries[device_type] if device_type in entries else next(iter(entries.values())))[0]
+
+
+def kernel_for(op: str, x: torch.Tensor) -> Callable | None:
+    """The op the backend chosen for ``x``'s device runs for ``op``; ``None`` when that is the ``torch``
+    backend (the caller then runs its published computation)."""
+    device_type = _device_type(x)
+    name = choose(op, device_type)
+    return None if name == "torch" else _impls[op][name][device_type][0]

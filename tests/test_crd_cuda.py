@@ -16,8 +16,9 @@ import torch
 from fastkd.ops import crd as crd_ops
 from fastkd.ops import philox
 
+from _tolerances import TOL, rel
+
 ROOT = Path(__file__).resolve().parents[1]
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 T = 0.07
 TILE = 512  # kNceTile in csrc/cuda/crd.cuh: columns per block
 
@@ -45,11 +46,6 @@ def on_gpu(test):
     for mark in (pytest.mark.cuda, pytest.mark.native, pytest.mark.usefixtures("kernels")):
         test = mark(test)
     return test
-
-
-def rel_err(got, want):
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
 
 
 def unit_rows(n, d, gen):
@@ -97,7 +93,7 @@ def check_nce(got, want, tol, v_s, v_t, z_s, z_t):
     errors = {}
     for name, a, b in zip(("loss", "log_z_s", "log_z_t", "grad_v_s", "grad_v_t"), got, want):
         # log Z: its absolute error is Z's relative error
-        errors[name] = (a.double().cpu() - b.double().cpu()).abs().item() if name.startswith("log_z") else rel_err(a, b)
+        errors[name] = (a.double().cpu() - b.double().cpu()).abs().item() if name.startswith("log_z") else rel(a, b)
     assert max(errors.values()) <= tol, errors
 
 
@@ -291,11 +287,11 @@ def test_bank_update_matches_reference(bank_dtype, value_dtype, D, B):
     touched = torch.zeros(bank.shape[0], dtype=torch.bool, device="cuda")
     touched[index] = True
     assert torch.equal(got[~touched], bank[~touched])
-    assert rel_err(got[touched], want[touched]) <= TOL[bank_dtype]
+    assert rel(got[touched], want[touched]) <= TOL[bank_dtype]
     if B >= 5:  # the repeated index holds its last occurrence's row, not an earlier one's
         alone = bank.clone()
         crd_ops.bank_update_reference(alone, index[4:5], value[4:5], 0.5)
-        assert rel_err(got[index[0]], alone[index[0]]) <= TOL[bank_dtype]
+        assert rel(got[index[0]], alone[index[0]]) <= TOL[bank_dtype]
 
 
 @on_gpu
@@ -307,7 +303,7 @@ def test_bank_update_skips_out_of_range_indices():
     crd_ops.bank_update_reference(want, index[2:], value[2:], 0.3)
     got = bank.clone()
     torch.ops.fastkd.crd_bank_update_cuda_(got, index, value, 0.3)
-    assert rel_err(got, want) <= TOL[torch.float32]
+    assert rel(got, want) <= TOL[torch.float32]
     assert torch.equal(torch.cat([got[:7], got[8:]]), torch.cat([bank[:7], bank[8:]]))
 
 

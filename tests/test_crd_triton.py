@@ -17,15 +17,10 @@ from fastkd.backends import dispatch, implementations, use_backend
 from fastkd.kernels import crd as kernels
 from fastkd.ops import crd, crd_triton, philox
 
-TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+from _tolerances import TOL, rel
+
 T = 0.07
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel(got, want):
-    """Max absolute error over the largest magnitude of ``want``, in float64."""
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
 
 
 def unit(*shape, gen, dtype=torch.float32, device="cpu"):
@@ -252,8 +247,8 @@ def test_registered_as_the_triton_backend():
     assert "triton" in implementations("crd_bank_update", "cuda")
     assert "triton" not in implementations("crd_nce", "cpu")
     with use_backend("triton"):
-        assert dispatch("crd_nce", "cuda") is crd_triton.nce
-        assert dispatch("crd_bank_update", "cuda") is crd_triton.bank_update_
+        assert dispatch("crd_nce", "cuda") is crd_triton.NCE  # the op fastkd::crd_nce_triton, running crd_triton.nce
+        assert dispatch("crd_bank_update", "cuda") is crd_triton.BANK_UPDATE
 
 
 # --- on a GPU -------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import fastkd
 from fastkd import functional as fk
 from fastkd.ops import similarity
 
+from _tolerances import TOL, rel
+
 pytestmark = pytest.mark.native
 
 # (n, K): kernel shapes (odd n, K not a multiple of 8, the last row blocks partly outside n) and at::mm ones
@@ -21,14 +23,7 @@ KERNEL_SHAPES = [(2, 1), (3, 9), (7, 1000), (31, 5), (33, 256), (64, 257), (65, 
 MM_SHAPES = [(1, 1), (1, 300), (33, 100), (64, 255)]
 # the backward product's kernel (K >= 1024): one row, a partial row tile, partial column blocks and sub-blocks
 PRODUCT_SHAPES = [(1, 1024), (5, 1031), (13, 4000), (130, 1100)]
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 EXTRA = {"cckd_loss": (0.4, 2), "pkt_loss": (1e-7,), "rkd_distance_loss": ()}
-
-
-def rel(got, want, floor=0.0):
-    """Max absolute error over max(largest |want|, floor), in float64."""
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
 def sp_reference(f_s, f_t):

@@ -67,13 +67,12 @@ def test_python_autograd_formula(loss, teacher):
     want = torch.autograd.grad(published(loss, s64, t64, y) * 0.7, (s64, t64) if teacher else (s64,))
     ctx = _Ctx((True, teacher) + (False,) * 4)
     if loss == "kd":
-        inputs = (s, t, T)
-        ops._kd_setup_context(ctx, inputs, Contract.kd_loss(*inputs))
-        got = ops._kd_backward(ctx, torch.tensor(0.7, dtype=torch.float64), None)
+        inputs, formula = (s, t, T), ops.kd_autograd(ops.KD_LOSS_BACKWARD)
+        formula.setup_context(ctx, inputs, Contract.kd_loss(*inputs))
     else:
-        inputs = (s, t, y, ALPHA, BETA, T)
-        ops._dkd_setup_context(ctx, inputs, Contract.dkd_loss(*inputs))
-        got = ops._dkd_backward(ctx, torch.tensor(0.7, dtype=torch.float64), None)
+        inputs, formula = (s, t, y, ALPHA, BETA, T), ops.dkd_autograd(ops.DKD_LOSS_BACKWARD)
+        formula.setup_context(ctx, inputs, Contract.dkd_loss(*inputs))
+    got = formula.backward(ctx, torch.tensor(0.7, dtype=torch.float64), None)
     assert len(got) == len(inputs) and all(g is None for g in got[2:])
     assert rel(got[0], want[0]) <= 1e-12
     assert (got[1] is None) != teacher and (not teacher or rel(got[1], want[1]) <= 1e-12)

@@ -16,6 +16,8 @@ from fastkd import functional as F
 from fastkd.ops import logits as ops
 from fastkd.ops import logits_triton
 
+from _tolerances import rel
+
 mpmath = pytest.importorskip("mpmath")
 
 BACKENDS = ["torch"] + (["native"] if "native" in fastkd.backends() else [])
@@ -87,12 +89,6 @@ def _exact(loss, logits_s, logits_t, target, temperature):
                 g[i, j] = float((up - down) / (2 * h))
         grads.append(g)
     return float(value), *grads
-
-
-def rel(got, want):
-    """max |got − want| / max |want|, in float64."""
-    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
 
 
 def through(loss, backend, s, t, y, temperature):

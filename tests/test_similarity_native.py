@@ -6,16 +6,11 @@ import torch
 
 from fastkd.ops import nst, similarity
 
+from _tolerances import TOL, rel
+
 pytestmark = pytest.mark.native
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 EXTRA = {"sp_loss": (), "cckd_loss": (0.4, 2), "pkt_loss": (1e-7,), "rkd_distance_loss": (), "rkd_angle_loss": ()}
-
-
-def rel(got, want, floor=0.0):
-    """Max absolute error over max(largest |want|, floor), in float64."""
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(floor)).item()
 
 
 def pair(b, d_s, d_t, dtype, seed):

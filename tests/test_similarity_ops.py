@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import functional as fk
-from fastkd.functional import features as feat
-from fastkd.functional import similarity as sim
+from fastkd.backends import _impls
 from fastkd.ops import nst, similarity
 
 from _helpers import rand
@@ -19,23 +18,13 @@ from _helpers import rand
 
 def published(name, extra):
     """The eager computation the loss had before the ops, on [B, D] (NST: [B, C, HW]) inputs, by autograd."""
-    def rkd_distance(s, t):
-        with torch.no_grad():
-            d_t = sim._normalized_distances(t)
-        return F.smooth_l1_loss(sim._normalized_distances(s), d_t)
-
-    def nst_pair(s, t):
-        s, t = F.normalize(s, dim=2), F.normalize(t, dim=2)
-        return feat._poly_kernel_mean(t, t).detach() + feat._poly_kernel_mean(s, s) - 2 * feat._poly_kernel_mean(s, t)
-
     return {
-        "sp_loss": sim._sp_single,
-        "cckd_loss": lambda s, t: (sim._taylor_rbf(s, *extra) - sim._taylor_rbf(t, *extra)).pow(2).mean(),
-        "pkt_loss": lambda s, t: (lambda p_s, p_t: (p_t * torch.log((p_t + extra[0]) / (p_s + extra[0]))).mean())(
-            sim._cosine_probabilities(s, extra[0]), sim._cosine_probabilities(t, extra[0])),
-        "rkd_distance_loss": rkd_distance,
-        "rkd_angle_loss": lambda s, t: F.smooth_l1_loss(sim._angles(s), sim._angles(t).detach()),
-        "nst_loss": nst_pair,
+        "sp_loss": similarity.sp_reference,
+        "cckd_loss": lambda s, t: similarity.cckd_reference(s, t, *extra),
+        "pkt_loss": lambda s, t: similarity.pkt_reference(s, t, *extra),
+        "rkd_distance_loss": similarity.rkd_distance_reference,
+        "rkd_angle_loss": similarity.rkd_angle_reference,
+        "nst_loss": nst.nst_reference,
     }[name]
 
 
@@ -174,8 +163,8 @@ ROUTES = {
 def test_functional_runs_the_op_unless_torch_is_selected(name, monkeypatch):
     fn, f_s, f_t = ROUTES[name]
     calls = []
-    op = getattr(torch.ops.fastkd, name)
-    monkeypatch.setattr(torch.ops.fastkd, name, types.SimpleNamespace(default=lambda *a: calls.append(1) or op(*a)))
+    op, available = _impls[name]["native"]["cpu"]  # the table's entry: the op the native backend runs on CPU
+    monkeypatch.setitem(_impls[name]["native"], "cpu", (lambda *a: calls.append(1) or op(*a), available))
     fused = fn(f_s, f_t)
     routed = [1] if "native" in fastkd.backends() else []  # auto on CPU: native, else the eager torch path
     assert calls == routed
@@ -195,12 +184,12 @@ def test_python_autograd_formula(name):
     if name == "nst_loss":
         _, g_s, g_t = nst.nst_with_grad_reference(x_s, x_t)
         ctx = types.SimpleNamespace(saved_tensors=(g_s, g_t))
-        got = nst._backward(ctx, w, None, None)
+        got = nst.AUTOGRAD.backward(ctx, w, None, None)
     else:
         _, *ms = similarity.REFERENCES[name](x_s, x_t, *extra)
         needs = (True, False) + (False,) * len(extra)
         ctx = types.SimpleNamespace(saved_tensors=(x_s, x_t, *ms), needs_input_grad=needs)
-        got = similarity._backward(ctx, w, *([None] * len(ms)))
+        got = similarity.AUTOGRAD.backward(ctx, w, *([None] * len(ms)))
         assert len(got) == 2 + len(extra) and all(g is None for g in got[1:])
     want = contract_with_grads(name, f_s, f_t, extra, w)
     torch.testing.assert_close(got[0].view_as(f_s), want[1], rtol=1e-12, atol=1e-14)

@@ -79,14 +79,12 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_loss(const at::Tensor& f_s, cons
 // NST (fastkd/ops/nst.py) on [B, C, HW] maps: (loss, dL/df_s, dL/df_t).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss(const at::Tensor& f_s, const at::Tensor& f_t);
 
-// The same five ops with their autograd formulas in C++ (registered at AutogradCPU).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
+// CCKD, PKT and RKD's distance term with their autograd formula in C++ (registered at AutogradCPU).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cckd_loss_autograd(const at::Tensor& e_s, const at::Tensor& e_t,
                                                                   double gamma, int64_t order);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t,
                                                                  double eps);
 std::tuple<at::Tensor, at::Tensor> rkd_distance_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nst_loss_autograd(const at::Tensor& f_s, const at::Tensor& f_t);
 
 // RKD's angle term: (loss, m_s) like rkd_distance_loss, and its C++ autograd.
 std::tuple<at::Tensor, at::Tensor> rkd_angle_loss(const at::Tensor& f_s, const at::Tensor& f_t);

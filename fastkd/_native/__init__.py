@@ -92,6 +92,12 @@ def _import(path: Path) -> None:
         raise Unavailable(f"{path} could not be loaded: {first}",
                           "Rebuild it for this torch with `fastkd build --force` (or delete it)") from exc
     sys.modules["fastkd._C"] = module
+    # which ops it registered kernels for, per dispatch key (read here, once: the backend table asks on every
+    # op call, and inside torch.compile, where the dispatcher cannot be queried)
+    _state["kernels"] = {key: frozenset(name.split("::", 1)[1] for name in
+                                        torch._C._dispatch_get_registrations_for_dispatch_key(key)
+                                        if name.startswith("fastkd::"))
+                         for key in ("CPU", "CUDA")}
 
 
 def build(force: bool = False) -> Path:
@@ -193,6 +199,12 @@ def loaded() -> bool:
         why = _state.get("error") or "FASTKD_BUILD_NATIVE=0 and no finished build is there"
         raise RuntimeError(f"FASTKD_REQUIRE_NATIVE=1, but fastkd's native kernels are not available: {why}")
     return found
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the loaded library registered a kernel of ``fastkd::<op>`` for ``dispatch_key`` (``"CPU"`` or
+    ``"CUDA"``); False while no library is loaded. Compiles and loads nothing."""
+    return op in _state.get("kernels", {}).get(dispatch_key, ())
 
 
 def error() -> Unavailable | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from fastkd import _checks
+from fastkd._precision import accumulation_dtype
 from fastkd.ops import crd as _crd
 
 __all__ = ["crd_loss", "crd_bank_update_", "l2_normalize"]
@@ -42,7 +43,8 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
     (mean(x)·N, as RepDistiller does on its first step). P is computed as exp(s/T − log Z)
     and the terms from log P (:func:`fastkd.ops.crd.nce_terms`), so the loss is finite at any T
     (x alone overflows fp32 once s/T > 88). The banks are not changed. An empty batch raises
-    ``ValueError``.
+    ``ValueError``. It runs the step :class:`fastkd.CRDLoss` runs (:func:`fastkd.ops.crd.nce`): the fused op
+    ``fastkd::crd_nce`` off the ``torch`` backend, the published computation on it.
     """
     _checks.tensor("v_s", v_s, ndim=2)
     _checks.tensor("v_t", v_t, ndim=2)
@@ -54,10 +56,11 @@ def crd_loss(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memor
     if contrast_idx.dim() != 2 or contrast_idx.shape[0] != v_s.shape[0] or contrast_idx.shape[1] < 2:
         raise ValueError(f"contrast_idx must be [B, K+1] with B = {v_s.shape[0]} and K >= 1, "
                          f"got {tuple(contrast_idx.shape)}")
-    acc = torch.promote_types(v_s.dtype, torch.float32)
+    acc = accumulation_dtype(v_s)
     log_z_s, log_z_t = (_log_z(name, z, acc, v_s.device) for name, z in (("z_s", z_s), ("z_t", z_t)))
-    loss, _, _ = _crd.nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, log_z_s, log_z_t, temperature,
-                                    num_data)
+    unused_rng = torch.zeros(2, dtype=torch.int64, device=v_s.device)  # the negatives are given: nothing is drawn
+    loss, _, _ = _crd.nce(v_s, v_t, memory_s, memory_t, contrast_idx[:, 0], contrast_idx, log_z_s, log_z_t,
+                          unused_rng, contrast_idx.shape[1] - 1, temperature)
     return loss
 
 

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
-from fastkd.backends import choose_for
-from fastkd.functional._precision import upcast
+from fastkd.ops import nst as nst_ops
 
 __all__ = ["hint_loss", "at_loss", "nst_loss", "ft_loss", "ab_loss", "fsp_loss", "vid_loss"]
 
@@ -83,20 +82,11 @@ def at_loss(f_s: _Maps, f_t: _Maps, p: float = 2) -> torch.Tensor:
     return _sum_over_pairs("f_s", f_s, "f_t", f_t, functools.partial(_at_pair, p=p))
 
 
-def _poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mean over (batch, row of a, row of b) of (a_i · b_j)²: NST's polynomial kernel."""
-    return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
-
-
 def _nst_pair(name_s: str, f_s: torch.Tensor, name_t: str, f_t: torch.Tensor) -> torch.Tensor:
     """NST for one pair of maps."""
     _check_map_pair(name_s, f_s, name_t, f_t)
     f_s, f_t = _pool_to_smaller(name_s, f_s, name_t, f_t)
-    if choose_for("nst_loss", f_s) != "torch":
-        return torch.ops.fastkd.nst_loss.default(f_s.flatten(2), f_t.flatten(2))[0]
-    s = F.normalize(upcast(f_s).flatten(2), dim=2)
-    t = F.normalize(upcast(f_t).flatten(2), dim=2)
-    return _poly_kernel_mean(t, t).detach() + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)
+    return nst_ops.nst(f_s.flatten(2), f_t.flatten(2))
 
 
 def nst_loss(f_s: _Maps, f_t: _Maps) -> torch.Tensor:
@@ -105,8 +95,8 @@ def nst_loss(f_s: _Maps, f_t: _Maps) -> torch.Tensor:
     Per pair, after pooling: each channel flattened over space and rownormed; k(x, y) = (x·y)²
     over all channel pairs; loss = mean k(t, t) (no gradient) + mean k(s, s) − 2 mean k(s, t).
     Channel counts may differ; sequences are summed. Computed in fp32 for fp16 / bf16 maps (the loss
-    comes back in fp32), on the fused op ``fastkd::nst_loss`` (:mod:`fastkd.ops.nst`) unless the
-    ``torch`` backend is selected.
+    comes back in fp32), on the fused op ``fastkd::nst_loss`` unless the ``torch`` backend is selected
+    (:func:`fastkd.ops.nst.nst`).
     """
     return _sum_over_pairs("f_s", f_s, "f_t", f_t, _nst_pair)
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
-from fastkd.functional._precision import upcast
+from fastkd._precision import upcast
 from fastkd.functional.logits import kd_loss
 
 __all__ = ["branch_cross_entropy", "online_kd_loss", "classifier_diversity_loss", "peer_attention",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
-from fastkd.functional._precision import upcast
+from fastkd._precision import upcast
 
 __all__ = ["srd_loss"]
 

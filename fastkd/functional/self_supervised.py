@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import _checks
-from fastkd.backends import choose_for
-from fastkd.functional._precision import upcast
+from fastkd._precision import upcast
 from fastkd.functional.logits import kd_loss
+from fastkd.ops import cosine
 
 __all__ = ["rotations", "cosine_similarity_matrix", "rotation_similarity", "rotation_contrast_loss",
            "selected_rows", "sskd_similarity_loss", "rotation_kd_loss", "stkd_loss"]
@@ -54,9 +54,7 @@ def cosine_similarity_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _checks.pair("a", a, "b", b, same_shape=False, same_batch=False)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"b has {b.shape[1]} features but a has {a.shape[1]}; they must match")
-    if choose_for("cosine_matrix", a) != "torch":
-        return torch.ops.fastkd.cosine_matrix.default(a, b, _EPS)[0]
-    return F.normalize(upcast(a), dim=1, eps=_EPS) @ F.normalize(upcast(b), dim=1, eps=_EPS).transpose(0, 1)
+    return cosine.cosine_matrix(a, b, _EPS)
 
 
 def _split_views(name: str, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fastkd import _checks, _dist
+from fastkd._precision import accumulation_dtype
 from fastkd.functional.contrastive import l2_normalize
 from fastkd.losses._registry import register, widths
 from fastkd.ops import crd as _crd
@@ -216,7 +217,7 @@ class CRDLoss(nn.Module):
         """One step with W > 1 ranks; see the class doc."""
         sampled, batch, dim = contrast_idx is None, idx.shape[0], self.feat_dim
         # one all-gather carries the global batch's embeddings and (bit for bit) indices
-        dtype = torch.promote_types(v_s.dtype, torch.float32)
+        dtype = accumulation_dtype(v_s)
         packed = torch.cat([v_s.to(dtype), v_t.to(dtype), idx.reshape(batch, 1).view(dtype)], dim=1)
         if self.sharded:
             gathered = _dist.all_gather_rows(packed)  # with autograd: the anchors' gradients come back

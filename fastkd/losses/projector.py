@@ -6,7 +6,7 @@ from torch import nn
 
 from fastkd import _checks
 from fastkd.functional.projector import _BN_EPS, _srd_distance, _srd_mode
-from fastkd.functional._precision import upcast
+from fastkd._precision import upcast
 from fastkd.losses._registry import register, widths
 
 __all__ = ["SRDLoss"]

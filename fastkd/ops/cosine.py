@@ -13,22 +13,22 @@ the saved inverse norms, with â = r_a·a, b̂ = r_b·b:
     ∂L/∂â = G·b̂,  ∂L/∂a_i = r_a,i (∂L/∂â_i − ⟨∂L/∂â_i, â_i⟩ â_i)   (no projection where ‖a_i‖ < ε)
 
 and the same for b with Gᵀ·â. Only the product kernels differ by device; the formulas here are the
-reference (CPU runs them: the product is one BLAS call there, nothing left to fuse).
+reference (CPU runs them: the product is one BLAS call there, nothing left to fuse). The Triton kernel is an
+op of the Triton backend's module.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from fastkd.backends import dispatch, register
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+from fastkd._precision import accumulation_dtype, upcast
+from fastkd.backends import kernel_for
+from fastkd.ops._library import Autograd, define
 
 
 def inverse_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / max(‖x_i‖, eps) per row, in the accumulation dtype."""
-    return torch.linalg.vector_norm(x.to(_acc(x)), dim=1).clamp_min(eps).reciprocal()
+    return torch.linalg.vector_norm(upcast(x), dim=1).clamp_min(eps).reciprocal()
 
 
 def cosine_matrix_reference(a: torch.Tensor, b: torch.Tensor, eps: float):
@@ -57,21 +57,13 @@ def cosine_matrix_backward(grad_c: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     return grad_a, grad_b
 
 
-_lib = torch.library.Library("fastkd", "FRAGMENT")
-_lib.define("cosine_matrix(Tensor a, Tensor b, float eps) -> (Tensor, Tensor, Tensor)")
-_lib.impl("cosine_matrix", cosine_matrix_reference, "CompositeExplicitAutograd")
+def cosine_similarity_reference(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """The published computation, normalize(a) @ normalize(b)ᵀ in the accumulation dtype (the ``torch`` backend)."""
+    return F.normalize(upcast(a), dim=1, eps=eps) @ F.normalize(upcast(b), dim=1, eps=eps).transpose(0, 1)
 
 
-def _on_cuda(a, b, eps):
-    return dispatch("cosine_matrix", "cuda")(a, b, eps)
-
-
-_lib.impl("cosine_matrix", _on_cuda, "CUDA")
-
-
-@torch.library.register_fake("fastkd::cosine_matrix", lib=_lib)
 def _fake(a, b, eps):
-    acc = _acc(a)
+    acc = accumulation_dtype(a)
     return a.new_empty((a.shape[0], b.shape[0]), dtype=acc), a.new_empty(a.shape[0], dtype=acc), \
         a.new_empty(b.shape[0], dtype=acc)
 
@@ -89,14 +81,14 @@ def _backward(ctx, grad_c, _grad_inv_a, _grad_inv_b):
     return grad_a, grad_b, None
 
 
-torch.library.register_autograd("fastkd::cosine_matrix", _backward, setup_context=_setup_context, lib=_lib)
-register("cosine_matrix", "torch", cosine_matrix_reference)
+AUTOGRAD = Autograd(_setup_context, _backward)
+COSINE_MATRIX = define("cosine_matrix(Tensor a, Tensor b, float eps) -> (Tensor, Tensor, Tensor)",
+                       cosine_matrix_reference, _fake, AUTOGRAD)
 
 
-def _triton(a, b, eps):
-    from fastkd.ops import similarity_triton
-
-    return similarity_triton.cosine_matrix(a, b, eps)
-
-
-register("cosine_matrix", "triton", _triton, devices=("cuda",))
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """C on the chosen backend: the published computation for ``torch``, else the op (a Triton product on CUDA)."""
+    op = kernel_for("cosine_matrix", a)
+    if op is None:
+        return cosine_similarity_reference(a, b, eps)
+    return op(a, b, eps)[0]

@@ -20,9 +20,10 @@ Two torch references live here:
   in the same pass, so backward only scales them and never gathers a row.
 
 ``fastkd::crd_bank_update_`` is the fused momentum update + renormalisation of the batch rows.
-Both ops are registered with torch.library; the references are their default kernels and the
-native extension registers CPU kernels over them. Both ops refuse an empty batch (B = 0) before
-they read or write anything; an empty bank update writes nothing.
+Both ops are defined with :func:`fastkd.ops._library.define`; the references are their default kernels and
+the native extension registers CPU kernels over them. Their other backends (Triton, CUDA C++) define ops of
+their own with the same schemas, in their backend modules. Both ops refuse an empty batch (B = 0) before they
+read or write anything; an empty bank update writes nothing.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ import math
 
 import torch
 
-from fastkd import _native
-from fastkd.backends import choose_for, dispatch, register
+from fastkd._precision import accumulation_dtype
+from fastkd.backends import kernel_for
 from fastkd.ops import philox
+from fastkd.ops._library import Autograd, define
 
 NCE_EPS = 1e-7
 NOT_ESTIMATED = float("-inf")  # log Z of a loss whose Z is not estimated yet (Z = 0)
@@ -48,7 +50,7 @@ def check_batch(v_s: torch.Tensor) -> None:
 def logits_reference(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """s[b, k] / T = <bank[contrast_idx[b, k]], anchor[b]> / T, [B, K+1], fp32 (or fp64)."""
-    dtype = torch.promote_types(anchor.dtype, torch.float32)
+    dtype = accumulation_dtype(anchor)
     batch, cols = contrast_idx.shape
     rows = bank.index_select(0, contrast_idx.reshape(-1)).detach().to(dtype).view(batch, cols, -1)
     return torch.bmm(rows, anchor.to(dtype).unsqueeze(2)).squeeze(2) / temperature
@@ -129,7 +131,7 @@ def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.
     When an index repeats inside the batch its last occurrence wins (deterministic, unlike
     ``index_copy_`` on CUDA). An empty ``index`` writes nothing.
     """
-    old = bank.index_select(0, index).to(torch.promote_types(bank.dtype, torch.float32))
+    old = bank.index_select(0, index).to(accumulation_dtype(bank))
     mixed = old * momentum + value.to(old.dtype) * (1.0 - momentum)
     fresh = mixed / mixed.pow(2).sum(1, keepdim=True).sqrt()
     position = torch.arange(index.numel(), device=index.device)
@@ -143,7 +145,7 @@ def bank_update_reference(bank: torch.Tensor, index: torch.Tensor, value: torch.
 def _side_with_grad(anchor: torch.Tensor, bank: torch.Tensor, cidx: torch.Tensor, log_z: torch.Tensor,
                     temperature: float, num_data: int, z_momentum: float):
     """One NCE side: (loss, new log Z, d loss / d anchor) for [B, D] anchors, the gradient formed with the loss."""
-    acc = torch.promote_types(anchor.dtype, torch.float32)
+    acc = accumulation_dtype(anchor)
     batch, cols = cidx.shape
     rows = bank.index_select(0, cidx.reshape(-1)).to(acc).view(batch, cols, -1)
     logits = torch.bmm(rows, anchor.to(acc).unsqueeze(2)).squeeze(2) / temperature  # s / T
@@ -173,56 +175,17 @@ def nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log
     return loss_s + loss_t, z_s_new, z_t_new, grad_s, grad_t
 
 
-_NCE_ARGS = ("Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx, Tensor? contrast_idx, "
-             "Tensor log_z_s, Tensor log_z_t, Tensor rng_state, int num_negatives, float temperature, "
-             "float z_momentum, bool shared_negatives")
-_NCE_OUT = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
-_UPDATE_ARGS = "Tensor(a!) bank, Tensor index, Tensor value, float momentum"
+# ---------------------------------------------------------------- the ops
 
-_lib = torch.library.Library("fastkd", "FRAGMENT")
-# The public ops: default kernels are the references; the native library registers CPU kernels,
-# and CUDA tensors go through _on_cuda, which runs the CUDA backend chosen at call time.
-_lib.define(f"crd_nce({_NCE_ARGS}) -> {_NCE_OUT}")
-_lib.define(f"crd_bank_update_({_UPDATE_ARGS}) -> ()")
-_lib.impl("crd_nce", nce_with_grad_reference, "CompositeExplicitAutograd")
-_lib.impl("crd_bank_update_", bank_update_reference, "CompositeExplicitAutograd")
-# The CUDA C++ kernels' entry points (registered by the native library when built with CUDA).
-_lib.define(f"crd_nce_cuda({_NCE_ARGS}) -> {_NCE_OUT}")
-_lib.define(f"crd_bank_update_cuda_({_UPDATE_ARGS}) -> ()")
-
-
-def _on_cuda(op: str):
-    def kernel(*args):
-        return dispatch(op, "cuda")(*args)
-
-    return kernel
-
-
-_lib.impl("crd_nce", _on_cuda("crd_nce"), "CUDA")
-_lib.impl("crd_bank_update_", _on_cuda("crd_bank_update"), "CUDA")
-
-
-@torch.library.register_fake("fastkd::crd_bank_update_")
-def _bank_update_fake(bank, index, value, momentum):
-    return None
-
-
-@torch.library.register_fake("fastkd::crd_bank_update_cuda_")
-def _bank_update_cuda_fake(bank, index, value, momentum):
-    return None
-
-
-@torch.library.register_fake("fastkd::crd_nce_cuda")
-def _nce_cuda_fake(*args):
-    return _nce_fake(*args)
-
-
-@torch.library.register_fake("fastkd::crd_nce")
 def _nce_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives,
               temperature, z_momentum, shared_negatives):
     check_batch(v_s)
-    loss = v_s.new_empty((), dtype=torch.promote_types(v_s.dtype, torch.float32))
+    loss = v_s.new_empty((), dtype=accumulation_dtype(v_s))
     return loss, torch.empty_like(log_z_s), torch.empty_like(log_z_t), torch.empty_like(v_s), torch.empty_like(v_t)
+
+
+def _bank_update_fake(bank, index, value, momentum):
+    return None
 
 
 def _nce_setup_context(ctx, inputs, output):
@@ -236,48 +199,15 @@ def _nce_backward(ctx, grad_loss, grad_z_s, grad_z_t, grad_g_s, grad_g_t):
     return (grad_s * scale, grad_t * scale) + (None,) * 11
 
 
-torch.library.register_autograd("fastkd::crd_nce", _nce_backward, setup_context=_nce_setup_context)
-
-
-def _native_has(device_type: str | None) -> bool:
-    """Native kernels exist for this device: always on CPU, on CUDA only when built with CUDA."""
-    if device_type != "cuda":
-        return True
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::crd_nce_cuda", "CUDA")
-
-
-def _nce_native(*args):
-    if not args[0].is_cuda:
-        return torch.ops.fastkd.crd_nce(*args)
-    if args[0].dtype == torch.float64:  # the CUDA kernels take fp32 / fp16 / bf16
-        return nce_with_grad_reference(*args)
-    return torch.ops.fastkd.crd_nce_cuda(*args)
-
-
-def _bank_update_native(bank, index, value, momentum):
-    op = torch.ops.fastkd.crd_bank_update_cuda_ if bank.is_cuda else torch.ops.fastkd.crd_bank_update_
-    op(bank, index, value, momentum)
-
-
-def _nce_triton(*args):
-    from fastkd.ops import crd_triton
-
-    return crd_triton.nce(*args)
-
-
-def _bank_update_triton(bank, index, value, momentum):
-    from fastkd.ops import crd_triton
-
-    crd_triton.bank_update_(bank, index, value, momentum)
-
-
-register("crd_nce", "torch", nce_with_grad_reference)
-register("crd_nce", "native", _nce_native, available=_native_has)
-register("crd_nce", "triton", _nce_triton, devices=("cuda",))
-register("crd_bank_update", "torch", bank_update_reference)
-register("crd_bank_update", "native", _bank_update_native, available=_native_has)
-register("crd_bank_update", "triton", _bank_update_triton, devices=("cuda",))
-_native.load()
+# Every backend's crd_nce (the reference, native C++ on CPU and CUDA, Triton) returns the anchors' gradients
+# with the loss, so this one formula serves them all.
+NCE_AUTOGRAD = Autograd(_nce_setup_context, _nce_backward)
+CRD_NCE = define("crd_nce(Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx, Tensor? contrast_idx, "
+                 "Tensor log_z_s, Tensor log_z_t, Tensor rng_state, int num_negatives, float temperature, "
+                 "float z_momentum, bool shared_negatives) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                 nce_with_grad_reference, _nce_fake, NCE_AUTOGRAD)
+CRD_BANK_UPDATE = define("crd_bank_update_(Tensor(a!) bank, Tensor index, Tensor value, float momentum) -> ()",
+                         bank_update_reference, _bank_update_fake)
 
 
 def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor, idx: torch.Tensor,
@@ -289,21 +219,24 @@ def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: 
     The ``torch`` backend is the published computation (:func:`nce_reference`, gradients by
     autograd); every other backend runs the fused op ``fastkd::crd_nce``.
     """
-    if choose_for("crd_nce", v_s) == "torch":
+    op = kernel_for("crd_nce", v_s)
+    if op is not None and v_s.dtype == torch.float64:
+        op = CRD_NCE  # the CUDA kernels compute in fp32: float64 anchors run the reference (on CPU, the C++ kernel)
+    if op is None:
         if contrast_idx is None:
             contrast_idx = philox.contrast_indices(idx, rng_state, num_negatives, memory_s.shape[0], shared_negatives)
         return nce_reference(v_s, v_t, memory_s, memory_t, contrast_idx, log_z_s, log_z_t, temperature,
                              memory_s.shape[0], z_momentum)
-    loss, log_z_s, log_z_t, _, _ = torch.ops.fastkd.crd_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s,
-                                                            log_z_t, rng_state, num_negatives, temperature,
-                                                            z_momentum, shared_negatives)
+    loss, log_z_s, log_z_t, _, _ = op(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state,
+                                      num_negatives, temperature, z_momentum, shared_negatives)
     return loss, log_z_s, log_z_t
 
 
 def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
-    """The bank update on the backend :func:`fastkd.backends.choose` picks for ``bank``'s device."""
+    """The bank update on the backend :func:`fastkd.backends.kernel_for` picks for ``bank``'s device."""
+    op = kernel_for("crd_bank_update", bank)
     with torch.no_grad():
-        if choose_for("crd_bank_update", bank) == "torch":
+        if op is None:
             bank_update_reference(bank, index, value.detach(), float(momentum))
         else:
-            torch.ops.fastkd.crd_bank_update_(bank, index, value.detach(), float(momentum))
+            op(bank, index, value.detach(), float(momentum))

@@ -20,6 +20,9 @@ so it splits over the shards with nothing but log Z to agree on. The exchange, p
 3. the anchors' gradients are formed in the same pass (the banks are updated before backward
    runs) and the backward of step 1 reduce-scatters them to the ranks owning the anchors.
 
+Steps 2-3 are the op ``fastkd::crd_nce_shard`` (:func:`nce_shard_reference`, its one kernel: the collectives
+run inside it, so torch.compile keeps it whole), whose autograd formula scales the gradients it returned.
+
 Each rank's returned loss is the part of the global loss on its shard scaled by W (so the
 mean over ranks, as DDP averages gradients, is the global loss): the same loss and gradients as
 the replicated bank up to float rounding.
@@ -31,13 +34,11 @@ import math
 import torch
 
 from fastkd import _dist
+from fastkd._precision import accumulation_dtype
+from fastkd.ops._library import Autograd, define
 from fastkd.ops.crd import nce_terms, updated_log_z, used_log_z
 
 CHUNK_ELEMENTS = 1 << 24  # rows gathered at once: ≤ 16M floats (64 MB) per anchor chunk
-
-
-def _acc(anchor: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(anchor.dtype, torch.float32)  # fp32 math (fp64 for fp64 anchors)
 
 
 def shard_logits(anchor: torch.Tensor, shard: torch.Tensor, local: torch.Tensor, inside: torch.Tensor,
@@ -45,7 +46,7 @@ def shard_logits(anchor: torch.Tensor, shard: torch.Tensor, local: torch.Tensor,
     """s/T of each entry [G, K+1] whose row is in this shard (``inside``); 0 elsewhere."""
     rows_per_anchor = local.shape[1] * shard.shape[1]
     step = max(1, CHUNK_ELEMENTS // max(rows_per_anchor, 1))
-    acc, out = _acc(anchor), []
+    acc, out = accumulation_dtype(anchor), []
     for start in range(0, local.shape[0], step):
         part = local[start:start + step]
         rows = shard.index_select(0, part.reshape(-1)).to(acc).view(*part.shape, -1)
@@ -90,26 +91,39 @@ def _side(anchor, shard, local, inside, log_z, temperature, num_data, z_momentum
     return loss, updated_log_z(log_z, estimate, z_momentum), grad
 
 
-class _ShardNCE(torch.autograd.Function):
-    """Loss of the sharded step; its anchors' gradients were formed in forward and are scaled here."""
+def nce_shard_reference(anchors: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor, local: torch.Tensor,
+                        inside: torch.Tensor, log_z_s: torch.Tensor, log_z_t: torch.Tensor, temperature: float,
+                        num_data: int, z_momentum: float, z_known: bool):
+    """``fastkd::crd_nce_shard``: (W·partial loss, log Z_s, log Z_t, d(W·partial loss)/d anchors [G, 2D]) for the
+    global batch's anchors [v_s | v_t] against this rank's shards (``local``: the rows' shard indices, valid where
+    ``inside``)."""
+    dim = anchors.shape[1] // 2
+    v_s, v_t = anchors[:, :dim], anchors[:, dim:]
+    loss_s, z_s_new, grad_s = _side(v_s, memory_t, local, inside, log_z_s, temperature, num_data, z_momentum, z_known)
+    loss_t, z_t_new, grad_t = _side(v_t, memory_s, local, inside, log_z_t, temperature, num_data, z_momentum, z_known)
+    return loss_s + loss_t, z_s_new, z_t_new, torch.cat([grad_s, grad_t], dim=1).to(anchors.dtype)
 
-    @staticmethod
-    def forward(ctx, anchors, memory_s, memory_t, local, inside, log_z_s, log_z_t, temperature, num_data, z_momentum,
-                z_known):
-        dim = anchors.shape[1] // 2
-        v_s, v_t = anchors[:, :dim], anchors[:, dim:]
-        loss_s, z_s_new, grad_s = _side(v_s, memory_t, local, inside, log_z_s, temperature, num_data, z_momentum,
-                                        z_known)
-        loss_t, z_t_new, grad_t = _side(v_t, memory_s, local, inside, log_z_t, temperature, num_data, z_momentum,
-                                        z_known)
-        ctx.save_for_backward(torch.cat([grad_s, grad_t], dim=1).to(anchors.dtype))
-        ctx.mark_non_differentiable(z_s_new, z_t_new)
-        return loss_s + loss_t, z_s_new, z_t_new
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_z_s, grad_z_t):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss.to(grad.dtype),) + (None,) * 10
+def _fake(anchors, memory_s, memory_t, local, inside, log_z_s, log_z_t, temperature, num_data, z_momentum, z_known):
+    return (anchors.new_empty((), dtype=accumulation_dtype(anchors)), torch.empty_like(log_z_s),
+            torch.empty_like(log_z_t), anchors.new_empty(anchors.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.save_for_backward(output[3])
+
+
+def _backward(ctx, grad_loss, grad_z_s, grad_z_t, grad_grad):
+    """The anchors' gradients were formed in the forward pass: scale them by the upstream gradient."""
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_loss.to(grad.dtype),) + (None,) * 10
+
+
+CRD_NCE_SHARD = define("crd_nce_shard(Tensor anchors, Tensor memory_s, Tensor memory_t, Tensor local, Tensor inside, "
+                       "Tensor log_z_s, Tensor log_z_t, float temperature, int num_data, float z_momentum, "
+                       "bool z_known) -> (Tensor, Tensor, Tensor, Tensor)", nce_shard_reference, _fake,
+                       Autograd(_setup_context, _backward))
 
 
 def nce_sharded(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor,
@@ -127,8 +141,10 @@ def nce_sharded(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, me
     local = contrast_idx - shard_start
     inside = (local >= 0) & (local < shard_rows)
     local = torch.where(inside, local, torch.zeros_like(local))  # one row, read from cache, masked out
-    return _ShardNCE.apply(torch.cat([v_s, v_t], dim=1), memory_s, memory_t, local, inside, log_z_s, log_z_t,
-                           float(temperature), int(num_data), float(z_momentum), bool(z_known))
+    loss, log_z_s, log_z_t, _ = CRD_NCE_SHARD(torch.cat([v_s, v_t], dim=1), memory_s, memory_t, local, inside,
+                                              log_z_s, log_z_t, float(temperature), int(num_data), float(z_momentum),
+                                              bool(z_known))
+    return loss, log_z_s, log_z_t
 
 
 def global_log_z_estimate(anchor: torch.Tensor, bank: torch.Tensor, contrast_idx: torch.Tensor, temperature: float,

@@ -1,4 +1,4 @@
-"""Triton backend of CRD's fused ops: ``fastkd::crd_nce`` and ``fastkd::crd_bank_update_`` on CUDA tensors.
+"""Triton backend of CRD's fused ops, for CUDA tensors: ``fastkd::crd_nce_triton`` and ``crd_bank_update_triton``.
 
 :func:`nce` has the semantics of :func:`fastkd.ops.crd.nce_with_grad_reference`; :func:`bank_update_` those
 of :func:`fastkd.ops.crd.bank_update_reference`. The kernels are in :mod:`fastkd.kernels.crd`.
@@ -29,11 +29,10 @@ import math
 import torch
 import triton
 
-from fastkd.backends import register
 from fastkd.kernels import crd as kernels
 from fastkd.ops import crd as crd_ops
+from fastkd.ops._library import TRITON_DTYPES, traceable, variant
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 4096           # elements of one side's [BLOCK_K, BLOCK_D] row tile
 _SHARED_TILE = 2048    # the same with shared negatives, where products against BLOCK_B anchors follow
 _PROGRAMS = 4096       # programs the gather kernels aim for (B × splits; both sides in each)
@@ -49,7 +48,7 @@ def _check_nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t
     for name, t in (("v_s", v_s), ("v_t", v_t), ("memory_s", memory_s), ("memory_t", memory_t)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"crd_nce: {name} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
-        if t.dtype not in _FLOATS + (torch.float64,):
+        if t.dtype not in TRITON_DTYPES + (torch.float64,):
             raise TypeError(f"crd_nce: {name} must be float32, float16 or bfloat16, got {t.dtype}")
     crd_ops.check_batch(v_s)
     if not 0 <= z_momentum <= 1:
@@ -156,12 +155,12 @@ def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_s
         sides = ((v_s, memory_t, log_z_s, part_s, d_s), (v_t, memory_s, log_z_t, part_t, d_t))
         blocks = dict(BLOCK_B=block_b, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_SHARED_NUM_WARPS)
         for side, (anchor, bank, z, _, dim) in enumerate(sides):
-            kernels.crd_shared_lse_kernel[grid](
+            traceable(kernels.crd_shared_lse_kernel)[grid](
                 anchor, bank, idx, rng_state, z, lse[side], *anchor.stride(), *bank.stride(),
                 batch, k, num_data, dim, inv_t, per_split, **blocks)
-        kernels.crd_log_z_kernel[(1,)](log_z_s, log_z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
+        traceable(kernels.crd_log_z_kernel)[(1,)](log_z_s, log_z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
         for side, (anchor, bank, z, part, dim) in enumerate(sides):
-            kernels.crd_shared_nce_kernel[grid](
+            traceable(kernels.crd_shared_nce_kernel)[grid](
                 anchor, bank, idx, rng_state, z, log_z[side:], loss_part[side], part, lse[side],
                 *anchor.stride(), *bank.stride(), batch, k, num_data, dim, *nce_args, ESTIMATE=moving, **blocks)
         loss_count = 2 * count
@@ -173,15 +172,15 @@ def nce(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_s
         strides = (*v_s.stride(), *v_t.stride(), *memory_s.stride(), *memory_t.stride(),
                    *(contrast_idx.stride() if has_cidx else (0, 0)), cols, k, num_data, d_s, d_t)
         blocks = dict(HAS_CIDX=has_cidx, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=_NUM_WARPS)
-        kernels.crd_lse_kernel[grid](*common, lse, *strides, inv_t, per_split, **blocks)
-        kernels.crd_log_z_kernel[(1,)](log_z_s, log_z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
-        kernels.crd_nce_kernel[grid](*common, log_z, loss_part, part_s, part_t, lse, *strides, *nce_args,
+        traceable(kernels.crd_lse_kernel)[grid](*common, lse, *strides, inv_t, per_split, **blocks)
+        traceable(kernels.crd_log_z_kernel)[(1,)](log_z_s, log_z_t, lse, log_z, count, log_scale, BLOCK=_REDUCE_BLOCK)
+        traceable(kernels.crd_nce_kernel)[grid](*common, log_z, loss_part, part_s, part_t, lse, *strides, *nce_args,
                                      ESTIMATE=moving, **blocks)
         loss_count = count
-    kernels.crd_grad_reduce_kernel[(batch,)](
+    traceable(kernels.crd_grad_reduce_kernel)[(batch,)](
         part_s, part_t, grad_s, grad_t, n_split, d_s, d_t, *grad_s.stride(), *grad_t.stride(),
         BLOCK_S=16, BLOCK_D=block_d)
-    kernels.crd_finish_kernel[(1,)](
+    traceable(kernels.crd_finish_kernel)[(1,)](
         log_z_s, log_z_t, lse, loss_part, loss, z_s_new, z_t_new, count, loss_count, log_scale, log_m, log_1m,
         -1.0 / batch, BLOCK=_REDUCE_BLOCK, MOVING=moving)
     return loss, z_s_new, z_t_new, grad_s, grad_t
@@ -199,15 +198,15 @@ def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, m
     if bank.dtype == torch.float64:
         crd_ops.bank_update_reference(bank, index, value, momentum)
         return
-    if bank.dtype not in _FLOATS:
+    if bank.dtype not in TRITON_DTYPES:
         raise TypeError(f"crd_bank_update: bank must be float32, float16 or bfloat16, got {bank.dtype}")
     if index.shape[0] == 0:
         return
-    kernels.crd_bank_update_kernel[(index.shape[0],)](
+    traceable(kernels.crd_bank_update_kernel)[(index.shape[0],)](
         bank, index.contiguous(), value, index.shape[0], bank.shape[0], bank.shape[1], *bank.stride(), *value.stride(),
         float(momentum), 1.0 - float(momentum),
         BLOCK_B=256, BLOCK_D=max(16, triton.next_power_of_2(bank.shape[1])), num_warps=_NUM_WARPS)
 
 
-register("crd_nce", "triton", nce, devices=("cuda",))
-register("crd_bank_update", "triton", bank_update_, devices=("cuda",))
+NCE = variant(crd_ops.CRD_NCE, "triton", "cuda", nce)
+BANK_UPDATE = variant(crd_ops.CRD_BANK_UPDATE, "triton", "cuda", bank_update_)

@@ -1,4 +1,5 @@
-"""Triton backend of the logit-loss ops (``fastkd::kd_loss``, ``fastkd::dkd_loss`` and their backward ops).
+"""Triton backend of the logit-loss ops: ``fastkd::kd_loss_triton``, ``dkd_loss_triton`` and their backward ops
+``kd_loss_backward_triton``, ``dkd_loss_backward_triton`` (which the two forward ops' autograd formulas call).
 
 Each function has the semantics of the reference of the same role in :mod:`fastkd.ops.logits`; the kernels
 are in :mod:`fastkd.kernels.logits`. One program per row, BLOCK columns per chunk: the forward passes keep
@@ -13,8 +14,8 @@ import triton
 
 from fastkd.kernels import logits as kernels
 from fastkd.ops import logits as logits_ops
+from fastkd.ops._library import TRITON_DTYPES, traceable, variant
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BLOCK = 4096
 
 
@@ -23,11 +24,23 @@ def _rows(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor) -> tuple[torc
     if logits_s.dim() != 2 or logits_s.shape != logits_t.shape or logits_s.numel() == 0:
         raise ValueError(f"{op}: logits_s and logits_t must be non-empty [B, C] of one shape, got "
                          f"{tuple(logits_s.shape)} and {tuple(logits_t.shape)}")
-    if logits_s.dtype not in _FLOATS or logits_t.dtype != logits_s.dtype:
+    if logits_s.dtype not in TRITON_DTYPES or logits_t.dtype != logits_s.dtype:
         raise TypeError(f"{op}: the logits must share a dtype among float32, float16, bfloat16, got "
                         f"{logits_s.dtype} and {logits_t.dtype}")
     unit = lambda x: x if x.stride(1) == 1 else x.contiguous()  # noqa: E731
     return unit(logits_s), unit(logits_t)
+
+
+def _gradients(xs: torch.Tensor, xt: torch.Tensor, teacher_grad: bool):
+    """The backward ops' outputs, the student's gradient and the teacher's (an empty [0] tensor without
+    ``teacher_grad``), and the kernel's teacher-gradient argument: that gradient, or a one-element stand-in where
+    nothing is written (TEACHER False), so that no output is passed twice to one launch (torch.compile copies
+    each written argument apart)."""
+    grad_s = torch.empty(xs.shape, dtype=xs.dtype, device=xs.device)
+    if teacher_grad:
+        grad_t = torch.empty_like(grad_s)
+        return grad_s, grad_t, grad_t
+    return grad_s, xt.new_empty(0), grad_s.new_empty(1)
 
 
 def _launch(classes: int, block: int | None) -> dict:
@@ -42,7 +55,7 @@ def kd_loss(logits_s, logits_t, temperature, *, block=None):
     xs, xt = _rows("kd_loss", logits_s, logits_t)
     batch, classes = xs.shape
     stats = torch.empty(batch, 5, dtype=torch.float32, device=xs.device)
-    kernels.kd_forward_kernel[(batch,)](xs, xt, stats, classes, xs.stride(0), xt.stride(0), 1.0 / temperature,
+    traceable(kernels.kd_forward_kernel)[(batch,)](xs, xt, stats, classes, xs.stride(0), xt.stride(0), 1.0 / temperature,
                                         **_launch(classes, block))
     return stats[:, 2].sum() * (temperature**2 / batch), stats
 
@@ -53,10 +66,9 @@ def kd_loss_backward(grad, logits_s, logits_t, stats, temperature, teacher_grad,
         return logits_ops.kd_backward_reference(grad, logits_s, logits_t, stats, temperature, teacher_grad)
     xs, xt = _rows("kd_loss_backward", logits_s, logits_t)
     batch, classes = xs.shape
-    grad_s = torch.empty(batch, classes, dtype=xs.dtype, device=xs.device)
-    grad_t = torch.empty_like(grad_s) if teacher_grad else xt.new_empty(0)
-    kernels.kd_backward_kernel[(batch,)](
-        grad.contiguous(), xs, xt, stats.float().contiguous(), grad_s, grad_t if teacher_grad else grad_s, classes,
+    grad_s, grad_t, grad_t_arg = _gradients(xs, xt, teacher_grad)
+    traceable(kernels.kd_backward_kernel)[(batch,)](
+        grad.contiguous(), xs, xt, stats.float().contiguous(), grad_s, grad_t_arg, classes,
         xs.stride(0), xt.stride(0), 1.0 / temperature, temperature / batch, TEACHER=bool(teacher_grad),
         **_launch(classes, block))
     return grad_s, grad_t
@@ -83,7 +95,7 @@ def dkd_loss(logits_s, logits_t, target, alpha, beta, temperature, *, block=None
     batch, classes = xs.shape
     y = _check_target("dkd_loss", target, batch, classes)
     stats = torch.empty(batch, 7, dtype=torch.float32, device=xs.device)
-    kernels.dkd_forward_kernel[(batch,)](xs, xt, y, stats, classes, xs.stride(0), xt.stride(0), 1.0 / temperature,
+    traceable(kernels.dkd_forward_kernel)[(batch,)](xs, xt, y, stats, classes, xs.stride(0), xt.stride(0), 1.0 / temperature,
                                          **_launch(classes, block))
     terms = stats[:, 2] * alpha + stats[:, 3] * beta
     return terms.sum() * (temperature**2 / batch), stats
@@ -98,10 +110,16 @@ def dkd_loss_backward(grad, logits_s, logits_t, target, stats, alpha, beta, temp
     xs, xt = _rows("dkd_loss_backward", logits_s, logits_t)
     batch, classes = xs.shape
     y = _check_target("dkd_loss_backward", target, batch, classes)
-    grad_s = torch.empty(batch, classes, dtype=xs.dtype, device=xs.device)
-    grad_t = torch.empty_like(grad_s) if teacher_grad else xt.new_empty(0)
-    kernels.dkd_backward_kernel[(batch,)](
-        grad.contiguous(), xs, xt, y, stats.float().contiguous(), grad_s, grad_t if teacher_grad else grad_s,
+    grad_s, grad_t, grad_t_arg = _gradients(xs, xt, teacher_grad)
+    traceable(kernels.dkd_backward_kernel)[(batch,)](
+        grad.contiguous(), xs, xt, y, stats.float().contiguous(), grad_s, grad_t_arg,
         classes, xs.stride(0), xt.stride(0), 1.0 / temperature, temperature / batch, float(alpha), float(beta),
         TEACHER=bool(teacher_grad), **_launch(classes, block))
     return grad_s, grad_t
+
+
+KD_LOSS_BACKWARD = variant(logits_ops.KD_LOSS_BACKWARD, "triton", "cuda", kd_loss_backward)
+DKD_LOSS_BACKWARD = variant(logits_ops.DKD_LOSS_BACKWARD, "triton", "cuda", dkd_loss_backward)
+KD_LOSS = variant(logits_ops.KD_LOSS, "triton", "cuda", kd_loss, autograd=logits_ops.kd_autograd(KD_LOSS_BACKWARD))
+DKD_LOSS = variant(logits_ops.DKD_LOSS, "triton", "cuda", dkd_loss,
+                   autograd=logits_ops.dkd_autograd(DKD_LOSS_BACKWARD))

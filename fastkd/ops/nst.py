@@ -16,17 +16,32 @@ form needs a quarter of the multiply-adds).
 ``fastkd::nst_loss(Tensor f_s, Tensor f_t) -> (Tensor loss, Tensor grad_s, Tensor grad_t)`` takes
 [B, C, HW] maps of one HW; the gradients (for a unit upstream gradient, in the inputs' dtype) are
 computed in the same pass, so backward only scales them. Loss in fp32 (fp64 for fp64 inputs).
-Kernels: the reference (any device), native C++ on CPU, Triton on CUDA
-(:func:`fastkd.ops.similarity_triton.nst_loss`).
-:func:`nst_with_grad_reference` is its contract, written in the channel form.
+Kernels: the reference (any device), native C++ on CPU, Triton on CUDA (an op of the Triton backend's
+module). :func:`nst_with_grad_reference` is its contract, written in the channel form;
+:func:`nst_reference` the published computation (the ``torch`` backend); :func:`nst` runs one pair of maps on
+the backend the table picks.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from fastkd import _native
-from fastkd.backends import dispatch, register
-from fastkd.ops.similarity import ROWNORM_EPS, accumulation_dtype, rownorm_backward
+from fastkd._precision import accumulation_dtype, upcast
+from fastkd.backends import kernel_for
+from fastkd.ops._library import Autograd, define
+from fastkd.ops.similarity import ROWNORM_EPS, rownorm_backward
+
+
+def _poly_kernel_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean over (batch, row of a, row of b) of (a_i · b_j)²: NST's polynomial kernel."""
+    return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+
+def nst_reference(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """RepDistiller's ``NSTLoss`` on [B, C, HW] maps, in the accumulation dtype: mean k(t, t) (no gradient)
+    + mean k(s, s) − 2 mean k(s, t) over the channels normalised over space."""
+    s, t = F.normalize(upcast(f_s), dim=2), F.normalize(upcast(f_t), dim=2)
+    return _poly_kernel_mean(t, t).detach() + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)
 
 
 def nst_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):
@@ -47,20 +62,7 @@ def nst_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):
     return loss, grad_s.view_as(f_s).to(f_s.dtype), grad_t.view_as(f_t).to(f_t.dtype)
 
 
-_lib = torch.library.Library("fastkd", "FRAGMENT")
-_lib.define("nst_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor, Tensor)")
-_lib.impl("nst_loss", nst_with_grad_reference, "CompositeExplicitAutograd")
-
-
-def _on_cuda(*args):
-    return dispatch("nst_loss", "cuda")(*args)
-
-
-_lib.impl("nst_loss", _on_cuda, "CUDA")
-
-
-@torch.library.register_fake("fastkd::nst_loss", lib=_lib)
-def _nst_fake(f_s, f_t):
+def _fake(f_s, f_t):
     return f_s.new_empty((), dtype=accumulation_dtype(f_s)), torch.empty_like(f_s), torch.empty_like(f_t)
 
 
@@ -69,21 +71,17 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *unused):
-    """The gradients were taken in the forward pass: scale them by the upstream gradient."""
+    """The gradients were taken in the forward pass: scale them by the upstream gradient (new tensors: the
+    saved ones are also outputs of the op, which a .grad must not alias)."""
     grad_s, grad_t = ctx.saved_tensors
     return grad_s * grad_loss.to(grad_s.dtype), grad_t * grad_loss.to(grad_t.dtype)
 
 
-torch.library.register_autograd("fastkd::nst_loss", _backward, setup_context=_setup_context, lib=_lib)
+AUTOGRAD = Autograd(_setup_context, _backward)
+NST = define("nst_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor, Tensor)", nst_with_grad_reference, _fake, AUTOGRAD)
 
 
-def _triton(*args):
-    from fastkd.ops import similarity_triton
-
-    return similarity_triton.nst_loss(*args)
-
-
-register("nst_loss", "torch", nst_with_grad_reference)
-register("nst_loss", "native", torch.ops.fastkd.nst_loss.default, devices=("cpu",))
-register("nst_loss", "triton", _triton, devices=("cuda",))
-_native.load()
+def nst(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """NST of one pair of [B, C, HW] maps (one HW) on the chosen backend."""
+    op = kernel_for("nst_loss", f_s)
+    return nst_reference(f_s, f_t) if op is None else op(f_s, f_t)[0]

@@ -29,30 +29,30 @@ has no gradient); ``loss`` and the M's are fp32 for fp16 / bf16 / fp32 inputs, f
 
 Inputs are [B, D] (the callers flatten), D may differ between student and teacher. The readable
 contract of each op is its ``*_with_grad_reference`` below: the default kernel, the oracle of the
-native and Triton kernels. The published computations (autograd through eager torch) stay in
-:mod:`fastkd.functional.similarity` as the ``torch`` backend.
+native and Triton kernels. The published computations (eager torch, differentiated by autograd:
+:func:`sp_reference` ... :func:`rkd_angle_reference`) are the ``torch`` backend; :func:`sp`, :func:`cckd`,
+:func:`pkt`, :func:`rkd_distance` and :func:`rkd_angle` run one loss on the backend the table picks. The
+backward of every op is one product per side, ∂L/∂X = grad·M·X: the op ``fastkd::relation_grad`` (a backend
+binds :func:`relation_autograd` to its own product op).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
-from fastkd import _native
-from fastkd.backends import dispatch, register
+from fastkd._precision import accumulation_dtype, upcast
+from fastkd.backends import kernel_for
+from fastkd.ops._library import Autograd, define
 
 ROWNORM_EPS = 1e-12   # F.normalize's eps (SP's row norms, CCKD's embedding norms)
 RKD_DIST_EPS = 1e-12  # RepDistiller's clamp of the squared distances
 
 
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for fp16 / bf16 / fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def gram(x: torch.Tensor) -> torch.Tensor:
     """G = XXᵀ of [B, D] X, accumulated in fp32 (fp64 for fp64 X)."""
-    q = x.to(accumulation_dtype(x))
+    q = upcast(x)
     return q @ q.T
 
 
@@ -267,32 +267,107 @@ def rkd_angle_with_grad_reference(f_s: torch.Tensor, f_t: torch.Tensor):
     return loss, symmetrized(grad_g)
 
 
+# --- the published computations (the torch backend; RepDistiller's code, the CCKD paper's form) ------
+
+def sp_reference(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """‖F.normalize(G_t) − F.normalize(G_s)‖²_F / B² on [B, D] inputs: RepDistiller's ``Similarity``."""
+    b = f_s.shape[0]
+    return (F.normalize(gram(f_t), dim=1) - F.normalize(gram(f_s), dim=1)).pow(2).sum() / (b * b)
+
+
+def taylor_rbf(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    """Σ_{p=0..P} c_p · g^p with g = ê êᵀ, evaluated by Horner's rule from 0 (so that k is a function of g for
+    every P: at P = 0, a constant with a zero gradient, as the fused op gives)."""
+    unit = F.normalize(upcast(e), dim=1)
+    g = unit @ unit.T
+    k = torch.zeros_like(g)
+    for c in reversed(taylor_coefficients(gamma, order)):
+        k = k * g + c
+    return k
+
+
+def cckd_reference(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    """mean over the B² entries of (k(g_s) − k(g_t))²: the CCKD paper's kernel form."""
+    return (taylor_rbf(e_s, gamma, order) - taylor_rbf(e_t, gamma, order)).pow(2).mean()
+
+
+def cosine_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows of (x̂x̂ᵀ + 1)/2, x̂ = x / (‖x‖ + eps), each divided by its sum."""
+    x = upcast(x)
+    unit = x / (x.norm(dim=1, keepdim=True) + eps)
+    sim = (unit @ unit.T + 1.0) / 2.0
+    return sim / sim.sum(dim=1, keepdim=True)
+
+
+def pkt_reference(f_s: torch.Tensor, f_t: torch.Tensor, eps: float) -> torch.Tensor:
+    """mean over the B² entries of P_t · log((P_t + eps) / (P_s + eps)): RepDistiller's ``PKT``."""
+    p_s, p_t = cosine_probabilities(f_s, eps), cosine_probabilities(f_t, eps)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def pairwise_distances(e: torch.Tensor) -> torch.Tensor:
+    """RepDistiller's ``pdist``: sqrt(clamp(|e_i|² + |e_j|² − 2 e_i·e_j, min=1e-12)), diagonal 0."""
+    sq = e.pow(2).sum(dim=1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * (e @ e.T)).clamp(min=RKD_DIST_EPS).sqrt()
+    diagonal = torch.eye(e.shape[0], dtype=torch.bool, device=e.device)
+    return d.masked_fill(diagonal, 0.0)
+
+
+def normalized_distances(e: torch.Tensor) -> torch.Tensor:
+    """Distances divided by their mean over the entries > 0, without a boolean-mask gather (a host sync)."""
+    d = pairwise_distances(e)
+    positive = (d > 0).to(d.dtype)
+    return d / ((d * positive).sum() / positive.sum())
+
+
+def angles(e: torch.Tensor) -> torch.Tensor:
+    """[i, j, k] = cosine between e_j − e_i and e_k − e_i (0 where a difference is 0)."""
+    unit = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+    return torch.bmm(unit, unit.transpose(1, 2))
+
+
+def rkd_distance_reference(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """smooth_l1(d_s / μ_s, d_t / μ_t) on [B, D] inputs (in the accumulation dtype), no gradient to the teacher."""
+    with torch.no_grad():
+        d_t = normalized_distances(upcast(f_t))
+    return F.smooth_l1_loss(normalized_distances(upcast(f_s)), d_t)
+
+
+def rkd_angle_reference(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """smooth_l1(a_s, a_t) over the B³ angles, no gradient to the teacher."""
+    with torch.no_grad():
+        a_t = angles(upcast(f_t))
+    return F.smooth_l1_loss(angles(upcast(f_s)), a_t)
+
+
 # --- the ops ----------------------------------------------------------------------------------
 
-_OUT3 = "(Tensor, Tensor, Tensor)"
-SCHEMAS = {
-    "sp_loss": f"sp_loss(Tensor f_s, Tensor f_t) -> {_OUT3}",
-    "cckd_loss": f"cckd_loss(Tensor e_s, Tensor e_t, float gamma, int order) -> {_OUT3}",
-    "pkt_loss": f"pkt_loss(Tensor f_s, Tensor f_t, float eps) -> {_OUT3}",
-    "rkd_distance_loss": "rkd_distance_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)",
-    "rkd_angle_loss": "rkd_angle_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)",
-}
-REFERENCES = {
-    "sp_loss": sp_with_grad_reference,
-    "cckd_loss": cckd_with_grad_reference,
-    "pkt_loss": pkt_with_grad_reference,
-    "rkd_distance_loss": rkd_distance_with_grad_reference,
-    "rkd_angle_loss": rkd_angle_with_grad_reference,
-}
-
-_lib = torch.library.Library("fastkd", "FRAGMENT")
+def relation_grad_reference(x: torch.Tensor, m: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``fastkd::relation_grad``: ∂L/∂X = grad_loss · M·X, in X's dtype (the product accumulated in M's dtype)."""
+    return ((m * grad_loss.to(m.dtype)) @ x.to(m.dtype)).to(x.dtype)
 
 
-def _on_cuda(op: str):
-    def kernel(*args):
-        return dispatch(op, "cuda")(*args)
+RELATION_GRAD = define("relation_grad(Tensor x, Tensor m, Tensor grad_loss) -> Tensor", relation_grad_reference,
+                       lambda x, m, grad_loss: x.new_empty(x.shape))
 
-    return kernel
+
+def relation_autograd(relation_grad: torch._ops.OpOverload) -> Autograd:
+    """The relation ops' autograd formula for a backend whose M·X product is the op ``relation_grad``: the M's
+    of the forward pass are saved with the inputs, and ∂L/∂X = grad·M·X for each input that needs it."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0], inputs[1], *output[1:])
+
+    def backward(ctx, grad_loss, *unused):
+        f_s, f_t, *ms = ctx.saved_tensors
+        grads = [relation_grad(x, m, grad_loss) if ctx.needs_input_grad[i] else None
+                 for i, (x, m) in enumerate(zip((f_s, f_t), ms))]
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
+
+    return Autograd(setup_context, backward)
+
+
+AUTOGRAD = relation_autograd(RELATION_GRAD)
 
 
 def _fake(f_s, f_t, *args):
@@ -304,52 +379,72 @@ def _fake_rkd(f_s, f_t):
     return _fake(f_s, f_t)[:2]
 
 
-def relation_grad(x: torch.Tensor, m: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """∂L/∂X = grad_loss · M·X, in X's dtype (the product accumulated in M's dtype)."""
-    return dispatch("relation_grad", x.device.type)(x, m, grad_loss)
+_OUT3 = "(Tensor, Tensor, Tensor)"
+SP = define(f"sp_loss(Tensor f_s, Tensor f_t) -> {_OUT3}", sp_with_grad_reference, _fake, AUTOGRAD)
+CCKD = define(f"cckd_loss(Tensor e_s, Tensor e_t, float gamma, int order) -> {_OUT3}", cckd_with_grad_reference,
+              _fake, AUTOGRAD)
+PKT = define(f"pkt_loss(Tensor f_s, Tensor f_t, float eps) -> {_OUT3}", pkt_with_grad_reference, _fake, AUTOGRAD)
+RKD_DISTANCE = define("rkd_distance_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)",
+                      rkd_distance_with_grad_reference, _fake_rkd, AUTOGRAD)
+RKD_ANGLE = define("rkd_angle_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)", rkd_angle_with_grad_reference,
+                   _fake_rkd, AUTOGRAD)
+OPS = {op._opname: op for op in (SP, CCKD, PKT, RKD_DISTANCE, RKD_ANGLE)}
+REFERENCES = {
+    "sp_loss": sp_with_grad_reference,
+    "cckd_loss": cckd_with_grad_reference,
+    "pkt_loss": pkt_with_grad_reference,
+    "rkd_distance_loss": rkd_distance_with_grad_reference,
+    "rkd_angle_loss": rkd_angle_with_grad_reference,
+}
 
 
-def relation_grad_reference(x: torch.Tensor, m: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    return ((m * grad_loss.to(m.dtype)) @ x.to(m.dtype)).to(x.dtype)
+# --- the losses on the chosen backend ------------------------------------------------------------
+
+LEAST_FUSED_WIDTH = 3  # RKD and PKT with fewer features per sample run the published computation
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], *output[1:])
+def _fused_op(name: str, f_s: torch.Tensor, f_t: torch.Tensor) -> torch._ops.OpOverload | None:
+    """The op that runs ``name`` on [B, D] inputs, or None for the published computation: on the ``torch``
+    backend, and where a side has fewer than LEAST_FUSED_WIDTH features per sample. With one or two features
+    pairs of samples are (nearly) parallel, antiparallel or close together as a rule, where the fused ops' Gram
+    route (distances and cosines from G = XXᵀ, RKD's angles by the law of cosines, gradients as M·X) rounds and
+    the published computation, which forms the differences and normalises each row, does not: with one feature
+    RKD's angles are exactly ±1; in the plane the Gram route's RKD angle gradients were measured 30-3,000× and
+    PKT's 10× further from float64 than the published computation's (fp32, 8-33 samples). From 3 features on
+    such pairs are the exception (RKD's angle term rounds each angle to ε·max‖x‖² / (‖x_j − x_i‖·‖x_k − x_i‖),
+    see the angle section above): measured within the fuzz tests' bound but for one draw of 128 samples in 3
+    dimensions. The published computation is cheap at these widths."""
+    if f_s.shape[1] < LEAST_FUSED_WIDTH or f_t.shape[1] < LEAST_FUSED_WIDTH:
+        return None
+    return kernel_for(name, f_s)
 
 
-def _backward(ctx, grad_loss, *unused):
-    f_s, f_t, *ms = ctx.saved_tensors
-    grads = [relation_grad(x, m, grad_loss) if ctx.needs_input_grad[i] else None
-             for i, (x, m) in enumerate(zip((f_s, f_t), ms))]
-    grads += [None] * (len(ctx.needs_input_grad) - len(grads))
-    return tuple(grads)
+def sp(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """SP of [B, D] inputs on the chosen backend."""
+    op = kernel_for("sp_loss", f_s)
+    return sp_reference(f_s, f_t) if op is None else op(f_s, f_t)[0]
 
 
-for _name, _schema in SCHEMAS.items():
-    _lib.define(_schema)
-    _lib.impl(_name, REFERENCES[_name], "CompositeExplicitAutograd")
-    _lib.impl(_name, _on_cuda(_name), "CUDA")
-    torch.library.register_fake(f"fastkd::{_name}", _fake_rkd if _name.startswith("rkd_") else _fake, lib=_lib)
-    torch.library.register_autograd(f"fastkd::{_name}", _backward, setup_context=_setup_context, lib=_lib)
-    register(_name, "torch", REFERENCES[_name])
-    # on CPU the native library's kernels are registered on the op itself (CPU key)
-    register(_name, "native", getattr(torch.ops.fastkd, _name).default, devices=("cpu",))
-register("relation_grad", "torch", relation_grad_reference)
+def cckd(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    """CCKD of [B, D] embeddings on the chosen backend."""
+    op = kernel_for("cckd_loss", e_s)
+    return cckd_reference(e_s, e_t, gamma, order) if op is None else op(e_s, e_t, gamma, order)[0]
 
 
-def _triton_relations():
-    from fastkd.ops import similarity_triton
-
-    return similarity_triton
-
-
-def _triton(name: str):
-    def kernel(*args):
-        return getattr(_triton_relations(), name)(*args)
-
-    return kernel
+def pkt(f_s: torch.Tensor, f_t: torch.Tensor, eps: float) -> torch.Tensor:
+    """PKT of [B, D] inputs on the chosen backend (the published computation below LEAST_FUSED_WIDTH features)."""
+    op = _fused_op("pkt_loss", f_s, f_t)
+    return pkt_reference(f_s, f_t, eps) if op is None else op(f_s, f_t, eps)[0]
 
 
-for _name in (*SCHEMAS, "relation_grad"):
-    register(_name, "triton", _triton(_name), devices=("cuda",))
-_native.load()
+def rkd_distance(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """RKD's distance term of [B, D] inputs on the chosen backend; no gradient reaches the teacher."""
+    op = _fused_op("rkd_distance_loss", f_s, f_t)
+    return rkd_distance_reference(f_s, f_t) if op is None else op(f_s, f_t.detach())[0]
+
+
+def rkd_angle(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """RKD's angle term of [B, D] inputs on the chosen backend (the fused op never forms the [B, B, D]
+    differences; see the angle section for (near-)duplicated rows); no gradient reaches the teacher."""
+    op = _fused_op("rkd_angle_loss", f_s, f_t)
+    return rkd_angle_reference(f_s, f_t) if op is None else op(f_s, f_t.detach())[0]

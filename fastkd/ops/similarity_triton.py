@@ -1,5 +1,6 @@
 """Triton backend of the batch-relation ops (``fastkd::sp_loss``, ``cckd_loss``, ``pkt_loss``,
-``rkd_distance_loss``, ``rkd_angle_loss``) and of their backward product M·X, on CUDA tensors.
+``rkd_distance_loss``, ``rkd_angle_loss``) and of their backward product M·X (``relation_grad``), on CUDA
+tensors: the Triton ops ``fastkd::<op>_triton``, whose autograd formula's product is ``relation_grad_triton``.
 
 Each op has the semantics of its ``*_with_grad_reference`` in :mod:`fastkd.ops.similarity`; the
 kernels are in :mod:`fastkd.kernels.similarity`. Per call: two Gram launches (``matmul_kernel``,
@@ -15,10 +16,9 @@ import torch
 import triton
 
 from fastkd.kernels import similarity as kernels
-from fastkd.ops import cosine
 from fastkd.ops import similarity as ops
+from fastkd.ops._library import TRITON_DTYPES, traceable, variant
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_BATCH = 1024
 _BLOCK = 32  # M, N and K tiles of matmul_kernel
 _ANGLE_TILE = 2048  # entries of one [BLOCK_J, BLOCK_B] tile of rkd_angle_rows_kernel
@@ -28,7 +28,7 @@ def _check(name: str, f_s: torch.Tensor, f_t: torch.Tensor) -> None:
     for arg, x in (("student", f_s), ("teacher", f_t)):
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{name}: the {arg} input must be a [B, D] tensor, got {getattr(x, 'shape', type(x))}")
-        if x.dtype not in _FLOATS + (torch.float64,):
+        if x.dtype not in TRITON_DTYPES + (torch.float64,):
             raise TypeError(f"{name}: the {arg} input must be float32, float16 or bfloat16, got {x.dtype}")
     if f_s.shape[0] != f_t.shape[0] or not 0 < f_s.shape[0] <= _MAX_BATCH:
         raise ValueError(f"{name}: expected one batch size between 1 and {_MAX_BATCH}, "
@@ -48,7 +48,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, scale: torch.Ten
     n = b3.shape[2]
     half = a.dtype in (torch.float16, torch.bfloat16) and b.dtype == a.dtype
     grid = (triton.cdiv(m, _BLOCK), triton.cdiv(n, _BLOCK), z)
-    kernels.matmul_kernel[grid](a3, b3, c3, scale if scale is not None else a3, row if row is not None else a3,
+    traceable(kernels.matmul_kernel)[grid](a3, b3, c3, scale if scale is not None else a3, row if row is not None else a3,
                                 col if col is not None else a3, m, n, k, *a3.stride(), *b3.stride(), *c3.stride(),
                                 BLOCK_M=_BLOCK, BLOCK_N=_BLOCK, BLOCK_K=_BLOCK, HALF=half,
                                 HAS_SCALE=scale is not None, HAS_ROW_COL=row is not None)
@@ -79,7 +79,7 @@ def _launch(f_s, f_t):
 def _symmetrize(d, g, factor, block, norm_path):
     b = g.shape[0]
     m = torch.empty_like(g)
-    kernels.symmetrize_kernel[(b,)](d, g, factor if factor is not None else d, m, b, NORM_PATH=norm_path,
+    traceable(kernels.symmetrize_kernel)[(b,)](d, g, factor if factor is not None else d, m, b, NORM_PATH=norm_path,
                                     BLOCK_B=block)
     return m
 
@@ -89,7 +89,7 @@ def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor):
     if f_s.dtype == torch.float64:
         return ops.sp_with_grad_reference(f_s, f_t)
     b, g_s, g_t, d, rows, block = _launch(f_s, f_t)
-    kernels.sp_rows_kernel[(b,)](g_s, g_t, d[0], d[1], rows, b, 2.0 / (b * b), ops.ROWNORM_EPS, BLOCK_B=block)
+    traceable(kernels.sp_rows_kernel)[(b,)](g_s, g_t, d[0], d[1], rows, b, 2.0 / (b * b), ops.ROWNORM_EPS, BLOCK_B=block)
     return rows.sum() / (b * b), _symmetrize(d[0], g_s, None, block, False), _symmetrize(d[1], g_t, None, block, False)
 
 
@@ -100,7 +100,7 @@ def cckd_loss(e_s: torch.Tensor, e_t: torch.Tensor, gamma: float, order: int):
     b, g_s, g_t, d, rows, block = _launch(e_s, e_t)
     coef = torch.tensor(ops.taylor_coefficients(gamma, order), dtype=torch.float32).to(e_s.device, non_blocking=True)
     factor = torch.empty(2, b, dtype=torch.float32, device=e_s.device)
-    kernels.cckd_rows_kernel[(b,)](g_s, g_t, d[0], d[1], factor[0], factor[1], rows, coef, b, 2.0 / (b * b),
+    traceable(kernels.cckd_rows_kernel)[(b,)](g_s, g_t, d[0], d[1], factor[0], factor[1], rows, coef, b, 2.0 / (b * b),
                                    ops.ROWNORM_EPS, ORDER=order, BLOCK_B=block)
     return (rows.sum() / (b * b), _symmetrize(d[0], g_s, factor[0], block, True),
             _symmetrize(d[1], g_t, factor[1], block, True))
@@ -112,7 +112,7 @@ def pkt_loss(f_s: torch.Tensor, f_t: torch.Tensor, eps: float):
         return ops.pkt_with_grad_reference(f_s, f_t, eps)
     b, g_s, g_t, d, rows, block = _launch(f_s, f_t)
     factor = torch.empty(2, b, dtype=torch.float32, device=f_s.device)
-    kernels.pkt_rows_kernel[(b,)](g_s, g_t, d[0], d[1], factor[0], factor[1], rows, b, 1.0 / (b * b), eps,
+    traceable(kernels.pkt_rows_kernel)[(b,)](g_s, g_t, d[0], d[1], factor[0], factor[1], rows, b, 1.0 / (b * b), eps,
                                   BLOCK_B=block)
     return (rows.sum() / (b * b), _symmetrize(d[0], g_s, factor[0], block, True),
             _symmetrize(d[1], g_t, factor[1], block, True))
@@ -126,11 +126,11 @@ def rkd_distance_loss(f_s: torch.Tensor, f_t: torch.Tensor):
     f32 = dict(dtype=torch.float32, device=f_s.device)
     sums, weighted = torch.empty(3, b, **f32), torch.empty(b, **f32)
     eps = ops.RKD_DIST_EPS
-    kernels.rkd_sums_kernel[(b,)](g_s, g_t, sums, b, eps, BLOCK_B=block)
-    kernels.rkd_rows_kernel[(b,)](g_s, g_t, sums, d[0], rows, weighted, b, 1.0 / (b * b), eps, BLOCK_B=block)
-    kernels.rkd_grad_kernel[(b,)](g_s, sums, d[0], weighted, d[1], b, eps, BLOCK_B=block)
+    traceable(kernels.rkd_sums_kernel)[(b,)](g_s, g_t, sums, b, eps, BLOCK_B=block)
+    traceable(kernels.rkd_rows_kernel)[(b,)](g_s, g_t, sums, d[0], rows, weighted, b, 1.0 / (b * b), eps, BLOCK_B=block)
+    traceable(kernels.rkd_grad_kernel)[(b,)](g_s, sums, d[0], weighted, d[1], b, eps, BLOCK_B=block)
     m_s = torch.empty_like(g_s)
-    kernels.rkd_finish_kernel[(b,)](d[1], m_s, b, BLOCK_B=block)
+    traceable(kernels.rkd_finish_kernel)[(b,)](d[1], m_s, b, BLOCK_B=block)
     return rows.sum() / (b * b), m_s
 
 
@@ -141,89 +141,21 @@ def rkd_angle_loss(f_s: torch.Tensor, f_t: torch.Tensor):
     b, g_s, g_t, d, rows, block = _launch(f_s, f_t)
     q_s, r_s, rho_s, q_t, r_t = torch.empty(5, b, b, dtype=torch.float32, device=f_s.device)
     tol, eps = ops.RKD_ANGLE_ZERO_TOL * torch.finfo(torch.float32).eps, ops.RKD_ANGLE_EPS
-    kernels.rkd_angle_pairs_kernel[(b,)](g_s, q_s, r_s, rho_s, b, tol, eps, HAS_RHO=True, BLOCK_B=block)
-    kernels.rkd_angle_pairs_kernel[(b,)](g_t, q_t, r_t, r_t, b, tol, eps, HAS_RHO=False, BLOCK_B=block)
-    kernels.rkd_angle_rows_kernel[(b,)](q_s, r_s, rho_s, q_t, r_t, d[0], d[1], rows, b, 1.0 / b**3,
+    traceable(kernels.rkd_angle_pairs_kernel)[(b,)](g_s, q_s, r_s, rho_s, b, tol, eps, HAS_RHO=True, BLOCK_B=block)
+    traceable(kernels.rkd_angle_pairs_kernel)[(b,)](g_t, q_t, r_t, r_t, b, tol, eps, HAS_RHO=False, BLOCK_B=block)
+    traceable(kernels.rkd_angle_rows_kernel)[(b,)](q_s, r_s, rho_s, q_t, r_t, d[0], d[1], rows, b, 1.0 / b**3,
                                         BLOCK_J=max(1, min(block, _ANGLE_TILE // block)), BLOCK_B=block,
                                         num_warps=8 if block >= 128 else 4)
     d[0] += d[1]
     m_s = torch.empty_like(g_s)
-    kernels.rkd_finish_kernel[(b,)](d[0], m_s, b, BLOCK_B=block)
+    traceable(kernels.rkd_finish_kernel)[(b,)](d[0], m_s, b, BLOCK_B=block)
     return rows.sum() / b**3, m_s
 
 
-# --- NST ----------------------------------------------------------------------------------------
-
-_NST_BLOCK = 1024
-
-
-def _sumsq_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Σ x² of a contiguous fp32 tensor (on the device), x scaled in place afterwards."""
-    blocks = triton.cdiv(x.numel(), _NST_BLOCK)
-    partial = torch.empty(blocks, dtype=torch.float32, device=x.device)
-    kernels.sumsq_scale_kernel[(blocks,)](x, partial, x.numel(), scale, BLOCK=_NST_BLOCK)
-    return partial.sum()
-
-
-def nst_loss(f_s: torch.Tensor, f_t: torch.Tensor):
-    """``fastkd::nst_loss`` on [B, C, HW] maps: (loss, ∂loss/∂f_s, ∂loss/∂f_t), the spatial or channel form
-    by the same size rule as the CPU kernel."""
-    from fastkd.ops import nst as nst_ops
-
-    for arg, x in (("student", f_s), ("teacher", f_t)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"nst_loss: the {arg} map must be a [B, C, HW] tensor, got {getattr(x, 'shape', type(x))}")
-        if x.dtype not in _FLOATS + (torch.float64,):
-            raise TypeError(f"nst_loss: the {arg} map must be float32, float16 or bfloat16, got {x.dtype}")
-    if f_s.shape[0] != f_t.shape[0] or f_s.shape[2] != f_t.shape[2] or f_s.dtype != f_t.dtype:
-        raise ValueError(f"nst_loss: the maps must share batch size, HW and dtype, got {tuple(f_s.shape)} "
-                         f"{f_s.dtype} and {tuple(f_t.shape)} {f_t.dtype}")
-    if f_s.dtype == torch.float64:
-        return nst_ops.nst_with_grad_reference(f_s, f_t)
-    b, c_s, hw = f_s.shape
-    c_t = f_t.shape[1]
-    f32 = dict(dtype=torch.float32, device=f_s.device)
-    block = max(16, triton.next_power_of_2(hw))
-    eps = ops.ROWNORM_EPS
-    units, norms = [], []
-    for x in (f_s.contiguous(), f_t.contiguous()):
-        unit, norm = torch.empty(x.shape, **f32), torch.empty(x.shape[0] * x.shape[1], **f32)
-        kernels.rownorm_kernel[(unit.shape[0] * unit.shape[1],)](x, unit, norm, hw, eps, BLOCK=block)
-        units.append(unit)
-        norms.append(norm)
-    us, ut = units
-    if 2 * hw * hw * (c_s + c_t) < (2 * c_s * c_s + 3 * c_s * c_t + c_t * c_t) * hw:  # spatial form
-        a = matmul(us.transpose(1, 2), us, torch.empty(b, hw, hw, **f32))
-        c = matmul(ut.transpose(1, 2), ut, torch.empty(b, hw, hw, **f32))
-        rows = torch.empty(b * hw, **f32)
-        kernels.nst_spatial_kernel[(b * hw,)](a, c, rows, hw, 1.0 / c_s, 1.0 / c_t, 4.0 / (b * c_s),
-                                              -4.0 / (b * c_s * c_t), BLOCK=block)
-        loss = rows.sum() / b
-        grad_us = matmul(us, a, torch.empty_like(us))
-        grad_ut = matmul(ut, c, torch.empty_like(ut))
-    else:  # channel form
-        kss = matmul(us, us.transpose(1, 2), torch.empty(b, c_s, c_s, **f32))
-        ktt = matmul(ut, ut.transpose(1, 2), torch.empty(b, c_t, c_t, **f32))
-        kst = matmul(us, ut.transpose(1, 2), torch.empty(b, c_s, c_t, **f32))
-        ss = _sumsq_scale(kss, 4.0 / (b * c_s * c_s))
-        tt = _sumsq_scale(ktt, 1.0)
-        st = _sumsq_scale(kst, -4.0 / (b * c_s * c_t))
-        loss = (tt / (c_t * c_t) + ss / (c_s * c_s) - 2 * st / (c_s * c_t)) / b
-        grad_us = matmul(kss, us, torch.empty_like(us)) + matmul(kst, ut, torch.empty_like(us))
-        grad_ut = matmul(kst.transpose(1, 2), us, torch.empty_like(ut))
-    grads = []
-    for x, unit, norm, grad_unit in ((f_s, us, norms[0], grad_us), (f_t, ut, norms[1], grad_ut)):
-        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        kernels.rownorm_backward_kernel[(unit.shape[0] * unit.shape[1],)](unit, norm, grad_unit.contiguous(), grad, hw,
-                                                                           eps, BLOCK=block)
-        grads.append(grad)
-    return loss, grads[0], grads[1]
-
-
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor, eps: float):
-    """fastkd::cosine_matrix: the inverse row norms, then one product with r_a[i]·r_b[j] in its epilogue."""
-    if torch.float64 in (a.dtype, b.dtype) or a.dtype != b.dtype:
-        return cosine.cosine_matrix_reference(a, b, eps)
-    inv_a, inv_b = cosine.inverse_norms(a, eps), cosine.inverse_norms(b, eps)
-    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-    return matmul(a, b.T, out, row=inv_a, col=inv_b), inv_a, inv_b
+RELATION_GRAD = variant(ops.RELATION_GRAD, "triton", "cuda", relation_grad)
+_AUTOGRAD = ops.relation_autograd(RELATION_GRAD)
+SP = variant(ops.SP, "triton", "cuda", sp_loss, autograd=_AUTOGRAD)
+CCKD = variant(ops.CCKD, "triton", "cuda", cckd_loss, autograd=_AUTOGRAD)
+PKT = variant(ops.PKT, "triton", "cuda", pkt_loss, autograd=_AUTOGRAD)
+RKD_DISTANCE = variant(ops.RKD_DISTANCE, "triton", "cuda", rkd_distance_loss, autograd=_AUTOGRAD)
+RKD_ANGLE = variant(ops.RKD_ANGLE, "triton", "cuda", rkd_angle_loss, autograd=_AUTOGRAD)

@@ -16,7 +16,7 @@ RESERVE = 10.0           # seconds kept at the end for the last summary and the 
 STRETCH = 2.0            # a stage may run to this many times its slice (plus the time saved before it)
 
 TRITON_TEST_FILES = ("tests/test_crd_triton.py", "tests/test_logits_triton.py", "tests/test_similarity_triton.py",
-                     "tests/test_cosine_op.py")
+                     "tests/test_cosine_op.py", "tests/test_registered_ops.py")
 BENCHMARKS = {  # stage key -> (file, what it measures)
     "bench-crd": ("benchmarks/test_crd.py",
                   "CRD step, B=256 K=16,384 N=1,281,167 D=128: published vs Triton vs CUDA C++"),
