@@ -18,8 +18,12 @@ Randomness is a function of ``(seed, epoch)`` only, so a resumed run sees the sa
 pass builds a generator on the data's device seeded with ``mix_seed(seed, epoch)`` and draws, in
 this order, the permutation of the epoch (``randperm``, when shuffling), then per batch, when
 augmenting, the crop rows ``top`` and columns ``left`` (``randint(0, 2·padding + 1)`` each) and,
-with ``flip``, the flips (``randint(0, 2)``), and last, with a contrast sampler, the batch's
-contrast indices.
+with ``flip``, the flips (``randint(0, 2)``). A contrast sampler draws the batches' contrast indices
+from a second generator, seeded with ``mix_seed(seed, epoch, CONTRAST_STREAM)``: the images a
+network sees do not depend on whether a loss samples contrast indices, so the teacher outputs cached
+for one recipe's batches (:mod:`fastkd.train.teacher_cache`) are those of every recipe with the same
+data, seed and batch size (as in the worker-fed path, where the transform and the contrast sampler
+are reseeded separately).
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 
 from fastkd.data._seed import mix_seed
 from fastkd.data.contrast import ContrastSampler
+
+CONTRAST_STREAM = 1  # mixed into the contrast generator's seed: its draws never shift the crops
 
 
 def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
@@ -162,10 +168,15 @@ class DeviceLoader:
         """The generator an epoch's pass draws from (a fresh one, seeded from ``seed`` and ``epoch``)."""
         return torch.Generator(device=self.dataset.device).manual_seed(mix_seed(self.seed, epoch))
 
+    def contrast_generator(self, epoch: int) -> torch.Generator:
+        """The generator an epoch's contrast indices are drawn from (apart from the crops' generator)."""
+        return torch.Generator(device=self.dataset.device).manual_seed(mix_seed(self.seed, epoch, CONTRAST_STREAM))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         data, dev = self.dataset, self.dataset.device
         g = self.generator(epoch)
+        g_contrast = self.contrast_generator(epoch) if self.contrast is not None else None
         n = len(data)
         order = torch.randperm(n, generator=g, device=dev) if self.shuffle else torch.arange(n, device=dev)
         width = self.batch_size * self.world_size  # the global batch
@@ -189,6 +200,6 @@ class DeviceLoader:
             x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
             batch = (x, data.labels[index], index)
             if self.contrast is not None:
-                batch = (*batch, self.contrast.draw(every, g)[mine])
+                batch = (*batch, self.contrast.draw(every, g_contrast)[mine])
             if index.numel():  # a rank's slice of the short last batch may be empty
                 yield batch
