@@ -175,6 +175,7 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     """
     from fastkd.train.run import build_teacher, loaders, training_device
 
+    log = log or (lambda line: None)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"--epochs must be an integer >= 1, got {epochs!r}")
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
@@ -203,7 +204,6 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
         topk = {"k": topk, "temperature": next(iter(temperatures.values()), 1.0)}
 
     device = distributed.setup(None if device is None else training_device(device)) or training_device(None)
-    rank, world = distributed.rank(), distributed.world_size()
     torch.manual_seed(recipe.seed)
     train, test, class_names, _ = loaders(recipe, device, None)  # contrast draws do not move the crops
     teacher = build_teacher(recipe, len(class_names), device)
@@ -214,6 +214,25 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     def autocast():
         return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
+    describes = describe_run(recipe, train, _weights_digest(recipe.teacher.checkpoint), device)
+    info = {"recipe": recipe_name, "resolved": recipe.to_dict(), "teacher_checkpoint": recipe.teacher.checkpoint,
+            "device": str(device)}
+    return write(output, train, run_teacher, autocast, names, describes, epochs, topk=topk,
+                 feature_dtype=feature_dtype, test=test, info=info, log=log)
+
+
+def write(output: str, train, run_teacher, autocast, names: Sequence[str], describes: dict, epochs: int, *,
+          topk: dict | None = None, feature_dtype: str | None = None, test=None, info: dict | None = None,
+          log=print) -> TeacherCache:
+    """The cache of any train loader and teacher: ``run_teacher(images) → (features, logits)`` (RepDistiller's
+    feature list; :func:`fastkd.train.distiller.feature_function`) on each batch ``(images, labels, index, ...)``
+    of ``train`` for epochs ``0..epochs-1`` (``train.set_epoch(e)`` selects one), under ``autocast()``, storing
+    the teacher features ``names`` (``logits_t``, ``pooled_t``, ...). ``describes``: what a run must agree on
+    (:func:`describe_run`; it needs ``teacher``, ``batch_size``, ``world_size``, ``compute_dtype`` and
+    ``channels_last``); ``topk``: ``{"k", "temperature"}``; ``test``: a test loader to measure the teacher's
+    accuracy on; ``info``: more manifest entries. :func:`cache_teacher` calls this for a recipe."""
+    log = log or (lambda line: None)
+    rank, world = distributed.rank(), distributed.world_size()
     train.set_epoch(0)
     first = next(iter(train))
     batch = first[0].shape[0]
@@ -235,8 +254,6 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
             feature_dtypes[str(slot)] = dtype_name(feats[slot].dtype)
             fields.append({"name": slot_field(slot), "dtype": dtype_name(half or feats[slot].dtype),
                            "shape": list(feats[slot].shape[1:])})
-    weights = _weights_digest(recipe.teacher.checkpoint)
-    describes = describe_run(recipe, train, weights, device)
     stores = {"slots": stored, "fields": fields, "num_features": len(feats), "classes": classes, "topk": topk,
               "logits_dtype": dtype_name(logits.dtype), "feature_dtypes": feature_dtypes,
               "feature_storage": feature_dtype or "exact"}
@@ -249,14 +266,14 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     for line in storage_lines(fields, batch, steps, epochs, world):
         log(f"cache-teacher: {line}")
     teacher_eval = (previous or {}).get("teacher_eval")
-    if teacher_eval is None:
+    if teacher_eval is None and test is not None:
         teacher_eval = _evaluate(run_teacher, test, autocast)
-        log(f"teacher {recipe.teacher.name}: top-1 {teacher_eval['top1']:.2f} top-5 {teacher_eval['top5']:.2f} on "
+        log(f"teacher {describes['teacher']['name']}: top-1 {teacher_eval['top1']:.2f} top-5 {teacher_eval['top5']:.2f} on "
             "the test set")
     manifest = {"format": FORMAT, "digest": digest, "describes": describes, "stores": stores,
                 "epochs": max(epochs, (previous or {}).get("epochs", 0)), "steps_per_epoch": steps,
-                "recipe": recipe_name, "resolved": recipe.to_dict(), "serves": serves(stored, len(feats), topk),
-                "teacher_eval": teacher_eval, "teacher_checkpoint": recipe.teacher.checkpoint, "device": str(device), "torch": torch.__version__,
+                "serves": serves(stored, len(feats), topk), "teacher_eval": teacher_eval, **(info or {}),
+                "torch": torch.__version__,
                 "created": (previous or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S")}
     if rank == 0:
         with atomic_write(path) as stream:
@@ -324,4 +341,12 @@ def open_cache(recipe: Recipe, loader, device: torch.device) -> TeacherCache:
     epochs = max(recipe.epochs, recipe.init_epochs if staged else 0)
     cache.check(describe_run(recipe, loader, weights, device), needs, epochs, distributed.rank(),
                 logit_temperatures(recipe.losses))
+    made = (cache.manifest.get("torch"), str(cache.manifest.get("device", "")).split(":")[0])
+    if made != (torch.__version__, device.type):
+        import warnings
+
+        warnings.warn(f"teacher.cache {cache.folder} was written by torch {made[0]} on {made[1] or 'an unknown device'}; "
+                      f"this run uses torch {torch.__version__} on {device.type}: the teacher's outputs are the same "
+                      "teacher's on the same batches, but not bit for bit what a live run here would compute",
+                      RuntimeWarning, stacklevel=2)
     return cache
