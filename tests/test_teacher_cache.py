@@ -207,3 +207,26 @@ def test_cli_cache_teacher_then_distill_and_sweep(teacher, tmp_path, capsys, mon
     assert err.startswith("fastkd: error: teacher.cache") and "seed is 0 in the cache, 2 in this run" in err
     assert main(["cache-teacher", *common, "--epochs", "1", "--output", str(tmp_path / "x")]) == 2
     assert "set teacher.name and teacher.checkpoint" in capsys.readouterr().err
+
+
+def test_torchrun_ranks_write_their_slices_of_the_one_process_batches(teacher, tmp_path):
+    """`torchrun --nproc_per_node=2 -m fastkd cache-teacher`: each rank writes its shard, rows [r·b, (r+1)·b) of
+    the batches one process writes at batch 2·b, with the same teacher outputs."""
+    import subprocess
+    import sys
+
+    common = ["digits", KD, *BASE, f"teacher.checkpoint={teacher}", "--epochs", "1", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "fastkd", "cache-teacher", *common, "data.batch_size=64", "--output", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("teacher cache ") == 1  # rank 0 alone prints
+    one = cache_teacher(recipe(KD, f"teacher.checkpoint={teacher}"), str(tmp_path / "one"), 1, log=None)
+    two = TeacherCache(str(tmp_path / "two"))
+    assert two.world_size == 2 and two.epochs(0) == two.epochs(1) == 1
+    for step in range(one.shard(0).steps):
+        whole = one.shard(0).raw(step)
+        halves = [two.shard(0, rank).raw(step) for rank in (0, 1)]
+        assert torch.equal(torch.cat([h["index"] for h in halves]), whole["index"])
+        assert torch.allclose(torch.cat([h["logits"] for h in halves]), whole["logits"], rtol=1e-5, atol=1e-6)
