@@ -93,11 +93,15 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
             _say("--resume: continuing with a changed configuration:\n  " + "\n  ".join(claimed.changed))
         models = f"student {recipe.student.name}"
         if reads_teacher(recipe):
-            models += f", teacher {recipe.teacher.name}" + (f" ({recipe.teacher.checkpoint})" if recipe.teacher.checkpoint
-                                                            else "")
+            models += f", teacher {recipe.teacher.name}" + (
+                f" (cached in {recipe.teacher.cache})" if recipe.teacher.cache else
+                f" ({recipe.teacher.checkpoint})" if recipe.teacher.checkpoint else "")
         _say(f"fastkd {command} {recipe_name}: {models} -> {folder}")
         trainer = make_trainer(recipe, device=device, output=folder)
         _say(f"data: {trainer.meta['data']}")
+        cache = getattr(trainer.distiller, "teacher_cache", None)
+        if cache is not None:  # what the run reads instead of its teacher, and (top-k) how far it is from it
+            _say(cache.summary(recipe.epochs))
         distributed.barrier()  # every rank sees the folder as rank 0 left it
         last = os.path.join(folder, LAST)
         if os.path.isfile(last):
@@ -233,8 +237,9 @@ def cache_teacher(recipe_name: str, overrides: list[str], epochs: int, output: s
     extra = [name.strip() for name in (features or "").split(",") if name.strip()]
     cache = write(recipe, output, epochs, topk=topk, feature_dtype=FEATURE_DTYPES.get(feature_dtype, feature_dtype),
                   features=extra, recipe_name=recipe_name, device=device, log=_say)
-    _say(f"teacher cache {output}: {cache.digest}, {cache.epochs(distributed.rank())} epochs; serves "
-         f"{', '.join(cache.manifest['serves'])}. Use it with: fastkd distill RECIPE teacher.cache={output}")
+    _say(cache.summary())
+    _say(f"{cache.epochs(distributed.rank())} epochs; serves {', '.join(cache.manifest['serves'])}. Use it with: "
+         f"fastkd distill RECIPE teacher.cache={output}")
     distributed.teardown()
     return cache
 

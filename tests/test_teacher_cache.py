@@ -86,8 +86,8 @@ def test_cached_run_resumes_exactly(kd_cache, tmp_path):
 
 @pytest.mark.parametrize("overrides, reason", [
     (["seed=1"], "seed is 0 in the cache, 1 in this run"),
-    (["data.device_augment=false"], "'augment': True.*'augment': False"),
-    (["data.image_size=16"], "data_fingerprint"),
+    (["data.device_augment=false"], "data_fingerprint.augmentation.augment is True in the cache, False in this run"),
+    (["data.image_size=16"], "data.image_size is 8 in the cache, 16 in this run; data_fingerprint.images is"),
     (["data.batch_size=64"], "batch_size is 128 in the cache, 64 in this run"),
     (["epochs=3"], "trains 3 epochs .* the cache holds 2"),
     (["teacher.name=resnet14"], "the teacher is a resnet8 in the cache, a resnet14 in this run"),
@@ -145,6 +145,7 @@ def test_topk_cache_reports_its_difference_and_keeps_its_temperature(teacher, tm
     error = cache.shard(0).header["topk_error"]
     assert 0 < error["mass_mean"] < 1 and 0 < error["kl_mean"] <= error["kl_max"]
     assert cache.stores["topk"] == {"k": 3, "temperature": 4.0} and "crd" in cache.manifest["serves"]
+    assert "top-3 logits at T=4 (approximate): the remaining mass averages" in cache.summary()
     record = cache.read(0, 0)
     assert record["logits"].shape == (128, 10) and record["logits"].dtype == torch.float32
     assert record["feature.4"].dtype == torch.float32  # stored in bf16, read at the compute dtype
@@ -196,6 +197,7 @@ def test_cli_cache_teacher_then_distill_and_sweep(teacher, tmp_path, capsys, mon
                  "--features", "pooled_t"]) == 0
     out = capsys.readouterr().out
     assert "per epoch and rank: 10 steps x 128 samples" in out and "serves" in out and "crd" in out
+    assert "resnet8's logits, feature.4, features exact, full logits: exact" in out
     assert main(["distill", *common, f"teacher.cache={cache}", "--output", "run", "--device", "cpu"]) == 0
     described = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))["run"]["describes"]
     assert described["teacher_cache[digest]"] == json.load(open(os.path.join(cache, "manifest.json")))["digest"]

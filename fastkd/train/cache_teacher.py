@@ -248,14 +248,18 @@ def write(output: str, train, run_teacher, autocast, names: Sequence[str], descr
         fields += topk_fields(topk["k"], classes, dtype_name(logits.dtype)) if topk is not None else \
             [{"name": "logits", "dtype": dtype_name(logits.dtype), "shape": [classes]}]
     half = getattr(torch, feature_dtype) if feature_dtype else None
-    feature_dtypes = {}
+    feature_dtypes, feature_formats = {}, {}
     for slot in stored:
         if slot != "logits":
             feature_dtypes[str(slot)] = dtype_name(feats[slot].dtype)
+            f = feats[slot]
+            feature_formats[str(slot)] = ("channels_last" if f.dim() == 4 and not f.is_contiguous() and
+                                          f.is_contiguous(memory_format=torch.channels_last) else "contiguous")
             fields.append({"name": slot_field(slot), "dtype": dtype_name(half or feats[slot].dtype),
                            "shape": list(feats[slot].shape[1:])})
     stores = {"slots": stored, "fields": fields, "num_features": len(feats), "classes": classes, "topk": topk,
               "logits_dtype": dtype_name(logits.dtype), "feature_dtypes": feature_dtypes,
+              "feature_formats": feature_formats,
               "feature_storage": feature_dtype or "exact"}
     digest = digest_of({"describes": describes, "stores": stores})
     path = os.path.join(output, MANIFEST)

@@ -267,10 +267,12 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     if recipe.student.checkpoint:
         load_weights(student, recipe.student.checkpoint, recipe.student.name, "student")
     teacher = teacher_state = cache = None
-    if recipe.teacher is not None and recipe.teacher.checkpoint and not needs_teacher(recipe.losses):
-        warnings.warn(f"teacher.checkpoint={recipe.teacher.checkpoint} is set, but no loss of this run distils from "
-                      f"a teacher (losses: {', '.join(recipe.losses)}): the file is not read. Add a distillation loss "
-                      "(losses.kd.weight=0.9, ...) or leave teacher.checkpoint out", UserWarning, stacklevel=2)
+    for key in ("checkpoint", "cache"):
+        value = getattr(recipe.teacher, key, None) if recipe.teacher is not None else None
+        if value and not needs_teacher(recipe.losses):
+            warnings.warn(f"teacher.{key}={value} is set, but no loss of this run distils from a teacher (losses: "
+                          f"{', '.join(recipe.losses)}): it is not read. Add a distillation loss (losses.kd.weight=0.9, "
+                          f"...) or leave teacher.{key} out", UserWarning, stacklevel=2)
     if needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")

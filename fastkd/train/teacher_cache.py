@@ -205,6 +205,18 @@ def topk_error(logits: torch.Tensor, approx: torch.Tensor, temperature: float) -
     return mass, kl
 
 
+def _differences(a: Mapping, b: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in ``a``, value in ``b``) for every leaf that differs."""
+    found = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            found += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            found.append((f"{prefix}{key}", x, y))
+    return found
+
+
 # --- reading ------------------------------------------------------------------------------------------
 class Shard:
     """One epoch file of one rank, memory-mapped: :meth:`read` returns a step's fields."""
@@ -276,8 +288,23 @@ class TeacherCache:
         self.logits_dtype = DTYPES[self.stores["logits_dtype"]]
         self.feature_dtypes = {int(k): DTYPES[v] for k, v in self.stores["feature_dtypes"].items()}
         self.compute_dtype = DTYPES[self.describes["compute_dtype"]]
-        self.channels_last = self.describes["channels_last"]
+        self.channels_last = {int(k) for k, v in self.stores.get("feature_formats", {}).items() if v == "channels_last"}
         self._shards: dict[tuple[int, int], Shard] = {}
+
+    def summary(self, epochs: int | None = None, rank: int = 0) -> str:
+        """One line on what the cache stores and, for top-k logits, how far it is from the full teacher over
+        its first ``epochs`` epochs (all it holds by default)."""
+        kept = ", ".join(slot_field(s) for s in self.slots)
+        line = (f"teacher cache {self.folder} ({self.digest}): {self.describes['teacher']['name']}'s {kept}, "
+                f"features {self.stores.get('feature_storage', 'exact')}")
+        if self.topk is None:
+            return line + ", full logits: exact"
+        held = self.epochs(rank) if epochs is None else epochs
+        stats = self.statistics(held, rank)
+        return (line + f"; top-{self.topk['k']} logits at T={self.topk['temperature']:g} (approximate): the remaining "
+                f"mass averages {stats.get('mass_mean', float('nan')):.4g}, the KD target's error T²·KL(p_t ‖ p̂_t) "
+                f"averages {stats.get('kl_mean', float('nan')):.3g} per sample (largest {stats.get('kl_max', float('nan')):.3g}) "
+                f"over epochs 1..{held}")
 
     def __repr__(self) -> str:
         return f"TeacherCache({self.folder!r}, teacher={self.describes['teacher']['name']}, digest={self.digest})"
@@ -324,17 +351,14 @@ class TeacherCache:
         take ``needs`` of the teacher, training ``epochs`` epochs, cannot use this cache ([] when it can).
         ``temperatures``: {loss: its temperature} for the logit losses (checked against a top-k cache)."""
         found = []
-        mine = self.describes
-        for key in sorted(set(mine) | set(describes)):
-            a, b = mine.get(key), describes.get(key)
-            if key == "teacher":
-                if a["name"] != b["name"]:
-                    found.append(f"the teacher is a {a['name']} in the cache, a {b['name']} in this run (teacher.name)")
-                if b.get("weights") is not None and a.get("weights") != b["weights"]:
-                    found.append(f"teacher.checkpoint holds other weights ({b['weights']}) than the cache's teacher "
-                                 f"({a.get('weights')}, from {self.manifest.get('teacher_checkpoint')})")
-            elif a != b:
-                found.append(f"{key} is {a!r} in the cache, {b!r} in this run")
+        mine, theirs = dict(self.describes), dict(describes)
+        a, b = mine.pop("teacher"), theirs.pop("teacher")
+        if a["name"] != b["name"]:
+            found.append(f"the teacher is a {a['name']} in the cache, a {b['name']} in this run (teacher.name)")
+        if b.get("weights") is not None and a.get("weights") != b["weights"]:
+            found.append(f"teacher.checkpoint holds other weights ({b['weights']}) than the cache's teacher "
+                         f"({a.get('weights')}, from {self.manifest.get('teacher_checkpoint')})")
+        found += [f"{key} is {x!r} in the cache, {y!r} in this run" for key, x, y in _differences(mine, theirs)]
         for key, names in needs.items():
             missing = [s for s in slots(names, self.num_features) if s not in self.slots]
             if missing:
@@ -376,7 +400,7 @@ class TeacherCache:
                 continue
             value = fields[f"feature.{slot}"]
             value = value.to(device, dtype=self.feature_dtypes[slot], copy=True)
-            if self.channels_last and value.dim() == 4:
+            if slot in self.channels_last:  # the memory format the live teacher's output had
                 value = value.contiguous(memory_format=torch.channels_last)
             out[f"feature.{slot}"] = value
         return out
