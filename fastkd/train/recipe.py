@@ -90,7 +90,8 @@ class Recipe:
     amp: str = "auto"               # auto | bf16 | fp16 | off
     cuda_graph: bool = False
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True      # networks and batches in channels-last memory format (NHWC; faster convolutions, no
+                                    # layout copies in their backward on the CPU: 20% of a resnet8x4 step)
     sync_bn: bool = False           # torchrun: the student's BatchNorm statistics over the global batch
     seed: int = 0
     output: str | None = None       # the run folder; None: derived from the run (fastkd.train.rundir)
