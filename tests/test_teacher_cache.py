@@ -232,3 +232,33 @@ def test_torchrun_ranks_write_their_slices_of_the_one_process_batches(teacher, t
         halves = [two.shard(0, rank).raw(step) for rank in (0, 1)]
         assert torch.equal(torch.cat([h["index"] for h in halves]), whole["index"])
         assert torch.allclose(torch.cat([h["logits"] for h in halves]), whole["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_image_tree_cached_run_equals_the_live_run(tmp_path):
+    """Worker-fed batches (an image tree on disk, random-resized crops and flips drawn per (seed, epoch, step))."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            (tmp_path / "tree" / split / name).mkdir(parents=True)
+            for i in range(12 if split == "train" else 3):
+                pixels = rng.integers(0, 80, (30 + i, 40, 3), dtype=np.uint8)
+                pixels[..., c] += 150
+                Image.fromarray(pixels).save(tmp_path / "tree" / split / name / f"{i}.png")
+    torch.manual_seed(3)
+    torch.save({"model": models.create("resnet8", num_classes=2).state_dict()}, tmp_path / "t.pt")
+    common = [f"data.root={tmp_path / 'tree'}", "data.image_size=16", "data.batch_size=6", "data.num_workers=2",
+              "teacher.name=resnet8", "student.name=resnet8", "epochs=2", "schedule.milestones=[10]"]
+    live = trained(load_recipe("imagenet_r34_r18_kd", [*common, f"teacher.checkpoint={tmp_path / 't.pt'}"]),
+                   tmp_path / "live")
+    live.close()
+    cache_teacher(load_recipe("imagenet_r34_r18_kd", [*common, f"teacher.checkpoint={tmp_path / 't.pt'}"]),
+                  str(tmp_path / "cache"), 2, log=None)
+    cached = trained(load_recipe("imagenet_r34_r18_kd", [*common, f"teacher.cache={tmp_path / 'cache'}"]),
+                     tmp_path / "cached")
+    cached.close()
+    assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in live.history]
+    for key, value in live.distiller.student.state_dict().items():
+        assert torch.equal(cached.distiller.student.state_dict()[key], value), key

@@ -57,8 +57,12 @@ def data_fingerprint(loader) -> dict:
     if folder is None or not hasattr(folder, "samples"):
         raise ValueError(f"a teacher cache needs a fastkd train loader (in memory or a streamed image tree), got "
                          f"{type(loader).__name__}")
+    transform = getattr(folder, "transform", None)
+    augmentation = {"transform": type(transform).__name__,
+                    **{key: value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
+                       for key, value in sorted(vars(transform).items()) if key != "rng"}} if transform else None
     return {"images": "sha256:" + _fingerprint(folder.root, folder.classes, folder.samples)[:16],
-            "samples": len(folder), "augmentation": repr(getattr(folder, "transform", None))}
+            "samples": len(folder), "augmentation": augmentation}
 
 
 def describe_run(recipe: Recipe, loader, teacher_weights: str | None, device: torch.device) -> dict:
@@ -240,6 +244,9 @@ def write(output: str, train, run_teacher, autocast, names: Sequence[str], descr
         feats, logits = run_teacher(first[0])
     stored = slots(names, len(feats))
     classes = logits.shape[1]
+    if topk is not None and "logits" not in stored:
+        raise ValueError("--topk keeps logits, and no loss of the recipe reads the teacher's logits (add --features "
+                         "logits_t to store them anyway, or leave --topk out)")
     if topk is not None and topk["k"] >= classes:
         raise ValueError(f"--topk {topk['k']}: the teacher has {classes} classes; top-k stores fewer (leave --topk out "
                          "to store every logit)")
@@ -276,7 +283,7 @@ def write(output: str, train, run_teacher, autocast, names: Sequence[str], descr
             "the test set")
     manifest = {"format": FORMAT, "digest": digest, "describes": describes, "stores": stores,
                 "epochs": max(epochs, (previous or {}).get("epochs", 0)), "steps_per_epoch": steps,
-                "serves": serves(stored, len(feats), topk), "teacher_eval": teacher_eval, **(info or {}),
+                "serves": serves(stored, len(feats)), "teacher_eval": teacher_eval, **(info or {}),
                 "torch": torch.__version__,
                 "created": (previous or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S")}
     if rank == 0:

@@ -46,7 +46,7 @@ is only computed in the initialisation stage.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ from torch import nn
 from fastkd.losses import FEATURES, Features, LossEntry
 from fastkd.models import FeatureTap, default_taps
 from fastkd.train import terms
+
+if TYPE_CHECKING:
+    from fastkd.train.teacher_cache import TeacherCache
 
 # what the Distiller reads from each network's RepDistiller feature list (and logits), by feature name
 _VIEWS: dict[str, Callable] = {
@@ -97,7 +100,7 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, dict], sample: torch.Tensor,
                  num_data: int, hint_layer: int = 2, student_taps: Sequence[str] | None = None,
-                 teacher_taps: Sequence[str] | None = None, teacher_cache=None):
+                 teacher_taps: Sequence[str] | None = None, teacher_cache: "TeacherCache | None" = None):
         super().__init__()
         self.entries = terms.entries_for(losses, self)
         if teacher is not None and teacher_cache is not None:

@@ -3,7 +3,8 @@
 :class:`Trainer` runs a :class:`~fastkd.train.distiller.Distiller` over batches from any iterable
 of ``(images, labels[, index[, contrast_idx]])`` tuples (a loader with ``set_epoch(epoch)`` gets
 it called, so each epoch's order is a function of the seed and the epoch and a resumed run sees
-the same batches). Before the first epoch the teacher (when there is one) is evaluated on the test
+the same batches). A batch of a run with a teacher cache ends with a dict, the teacher's outputs
+(:class:`~fastkd.train.teacher_cache.CachedBatches`), handed to the distiller as ``teacher=``. Before the first epoch the teacher (when there is one) is evaluated on the test
 set and its accuracy logged, so a wrong checkpoint or normalisation shows at once. Each epoch ends
 with an evaluation and an atomic checkpoint ``last.pt`` holding everything a resumed run needs:
 student, the losses' parameters and state (CRD's banks, Z and sampler offset), optimiser, gradient

@@ -56,7 +56,6 @@ from typing import Any
 
 import torch
 
-from fastkd.data._files import atomic_write
 from fastkd.losses import FEATURES, entry, registered
 
 FORMAT = 1
@@ -135,9 +134,9 @@ def slot_field(slot) -> str:
     return "logits" if slot == "logits" else f"feature.{slot}"
 
 
-def serves(stored: Sequence, num_features: int, logits: dict) -> list[str]:
-    """The registered offline losses whose teacher needs the stored slots cover (under the cache's logit
-    storage: a top-k cache serves the logit losses at its temperature only)."""
+def serves(stored: Sequence, num_features: int) -> list[str]:
+    """The registered offline losses whose teacher needs the stored slots cover (a top-k cache serves the
+    logit losses at its temperature only: :meth:`TeacherCache.problems` checks that per run)."""
     keys = []
     for key, loss in registered().items():
         try:
