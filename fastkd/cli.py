@@ -5,6 +5,11 @@
     fastkd distill RECIPE [key=value..]  one distillation run (a shipped recipe name or a YAML file)
     fastkd train RECIPE [key=value..]    train a network alone (a teacher): losses = cross entropy
     fastkd show RECIPE [key=value..]     the resolved configuration and its run folder, without running
+    fastkd cache-teacher RECIPE [key=value..] --epochs E --output DIR [--topk K] [--feature-dtype bf16]
+                                         run the recipe's teacher once over the exact batches of epochs
+                                         0..E-1 and store what its losses read (fastkd.train.teacher_cache)
+    fastkd sweep RECIPE [RECIPE..] [key=value..] --cache DIR
+                                         run each recipe with teacher.cache=DIR, results side by side
     fastkd eval RUN_DIR                  top-1 / top-5 of a run's student on its test set
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
@@ -88,11 +93,15 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
             _say("--resume: continuing with a changed configuration:\n  " + "\n  ".join(claimed.changed))
         models = f"student {recipe.student.name}"
         if reads_teacher(recipe):
-            models += f", teacher {recipe.teacher.name}" + (f" ({recipe.teacher.checkpoint})" if recipe.teacher.checkpoint
-                                                            else "")
+            models += f", teacher {recipe.teacher.name}" + (
+                f" (cached in {recipe.teacher.cache})" if recipe.teacher.cache else
+                f" ({recipe.teacher.checkpoint})" if recipe.teacher.checkpoint else "")
         _say(f"fastkd {command} {recipe_name}: {models} -> {folder}")
         trainer = make_trainer(recipe, device=device, output=folder)
         _say(f"data: {trainer.meta['data']}")
+        cache = getattr(trainer.distiller, "teacher_cache", None)
+        if cache is not None:  # what the run reads instead of its teacher, and (top-k) how far it is from it
+            _say(cache.summary(recipe.epochs))
         distributed.barrier()  # every rank sees the folder as rank 0 left it
         last = os.path.join(folder, LAST)
         if os.path.isfile(last):
@@ -215,6 +224,36 @@ def image_stats(root: str, size: int | None = None, fit: str = "resize") -> str:
             f"data.mean={values(mean)} data.std={values(std)}")
 
 
+FEATURE_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def cache_teacher(recipe_name: str, overrides: list[str], epochs: int, output: str, topk: int | None,
+                  feature_dtype: str | None, features: str | None, device: str | None):
+    """``fastkd cache-teacher``: see :func:`fastkd.train.cache_teacher.cache_teacher`."""
+    from fastkd.train import distributed
+    from fastkd.train.cache_teacher import cache_teacher as write
+
+    recipe = load_recipe(recipe_name, overrides)
+    extra = [name.strip() for name in (features or "").split(",") if name.strip()]
+    cache = write(recipe, output, epochs, topk=topk, feature_dtype=FEATURE_DTYPES.get(feature_dtype, feature_dtype),
+                  features=extra, recipe_name=recipe_name, device=device, log=_say)
+    _say(cache.summary())
+    _say(f"{cache.epochs(distributed.rank())} epochs; serves {', '.join(cache.manifest['serves'])}. Use it with: "
+         f"fastkd distill RECIPE teacher.cache={output}")
+    distributed.teardown()
+    return cache
+
+
+def sweep(recipes: list[str], overrides: list[str], cache: str, device: str | None, mode: str = "auto"):
+    """``fastkd sweep``: each recipe distilled from the teacher cache ``cache``, one after the other, each in
+    its own run folder; their rows."""
+    rows = []
+    for name in recipes:
+        result = _run("distill", name, [*overrides, f"teacher.cache={cache}"], None, device, mode)
+        rows.append((f"{name}: {result['name']}", result))
+    return rows
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +273,23 @@ def _parser() -> argparse.ArgumentParser:
                            help="start over in an existing run folder (its files move to a sibling folder)")
         again.add_argument("--resume", action="store_true",
                            help="continue the run in the folder even though the configuration changed")
+    ct = commands.add_parser("cache-teacher", help="store a recipe's teacher outputs for the exact batches of its "
+                                                   "first epochs (teacher.cache=DIR reads them)")
+    ct.add_argument("recipe", help="a shipped recipe name, a YAML file or a run folder")
+    ct.add_argument("overrides", nargs="*", help="key=value recipe overrides (teacher.checkpoint=..., seed=...)")
+    ct.add_argument("--epochs", type=int, required=True, help="cache epochs 0..E-1 (a run of E epochs or fewer)")
+    ct.add_argument("--output", required=True, help="the cache folder (resumed / extended when it holds this cache)")
+    ct.add_argument("--topk", type=int, help="store the K largest logits and the remaining mass instead of all "
+                                             "(approximate; see the README)")
+    ct.add_argument("--feature-dtype", choices=sorted(FEATURE_DTYPES), help="store features in half precision "
+                                                                           "(approximate; default: as computed)")
+    ct.add_argument("--features", help="teacher views to store beyond the recipe's losses' (comma-separated: "
+                                       "logits_t,pooled_t,last_block_t,blocks_t,hint_layer_t,maps_t)")
+    ct.add_argument("--device")
+    sw = commands.add_parser("sweep", help="distil several recipes from one teacher cache")
+    sw.add_argument("recipes", nargs="+", help="recipes (names, files) and key=value overrides for all of them")
+    sw.add_argument("--cache", required=True, help="the teacher cache folder (fastkd cache-teacher)")
+    sw.add_argument("--device")
     ev = commands.add_parser("eval", help="evaluate a run folder or a checkpoint")
     ev.add_argument("target", help="a run folder, or a zoo model name (fastkd.models.names()) followed by a checkpoint")
     ev.add_argument("checkpoint", nargs="?", help="with a model name: its checkpoint (.pt, .pth or .safetensors)")
@@ -274,6 +330,17 @@ def _command(args, parser) -> int:
 
         weights, info = export(args.run, args.output, args.which)
         print(f"wrote {weights} and {info}")
+        return 0
+    if args.command == "cache-teacher":
+        cache_teacher(args.recipe, args.overrides, args.epochs, args.output, args.topk, args.feature_dtype,
+                      args.features, args.device)
+        return 0
+    if args.command == "sweep":
+        names = [r for r in args.recipes if "=" not in r]
+        rows = sweep(names, [r for r in args.recipes if "=" in r] + getattr(args, "overrides", []), args.cache,
+                     args.device)
+        print()
+        print(_table(rows))
         return 0
     if args.command == "eval":
         result = evaluate(args.target, args.checkpoint, args.overrides, args.recipe, args.device, args.which)

@@ -27,6 +27,7 @@ RepDistiller's ``percent`` option (a fixed random part of each pool) is not supp
 from __future__ import annotations
 
 import numbers
+import threading
 
 import numpy as np
 import torch
@@ -98,6 +99,16 @@ class ContrastSampler:
         self._pos = torch.empty(0, dtype=torch.int64, device=self.device)
         self._ones = torch.empty(0, dtype=torch.uint8, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self._lock = threading.Lock()  # draws share the buffers above: one at a time (loaders draw in threads)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"ContrastSampler(num_data={self.num_data}, num_classes={self.num_classes}, "
@@ -113,7 +124,12 @@ class ContrastSampler:
         return self.draw(index, generator)
 
     def draw(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """:meth:`__call__` without its input checks (no host sync), for callers whose indices are valid."""
+        """:meth:`__call__` without its input checks (no host sync), for callers whose indices are valid.
+        Thread-safe: concurrent calls (loaders drawing ahead in worker threads) take turns."""
+        with self._lock:
+            return self._draw(index, generator)
+
+    def _draw(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         g = self.generator if generator is None else generator
         y = self.labels[index]
         out = torch.empty(index.numel(), self.num_negatives + 1, dtype=torch.int64, device=self.device)

@@ -18,8 +18,12 @@ Randomness is a function of ``(seed, epoch)`` only, so a resumed run sees the sa
 pass builds a generator on the data's device seeded with ``mix_seed(seed, epoch)`` and draws, in
 this order, the permutation of the epoch (``randperm``, when shuffling), then per batch, when
 augmenting, the crop rows ``top`` and columns ``left`` (``randint(0, 2·padding + 1)`` each) and,
-with ``flip``, the flips (``randint(0, 2)``), and last, with a contrast sampler, the batch's
-contrast indices.
+with ``flip``, the flips (``randint(0, 2)``). A contrast sampler draws the batches' contrast indices
+(on the CPU one batch ahead, in a worker thread) from a second generator, seeded with ``mix_seed(seed, epoch, CONTRAST_STREAM)``: the images a
+network sees do not depend on whether a loss samples contrast indices, so the teacher outputs cached
+for one recipe's batches (:mod:`fastkd.train.teacher_cache`) are those of every recipe with the same
+data, seed and batch size (as in the worker-fed path, where the transform and the contrast sampler
+are reseeded separately).
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 
 from fastkd.data._seed import mix_seed
 from fastkd.data.contrast import ContrastSampler
+
+CONTRAST_STREAM = 1  # mixed into the contrast generator's seed: its draws never shift the crops
 
 
 def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
@@ -162,15 +168,25 @@ class DeviceLoader:
         """The generator an epoch's pass draws from (a fresh one, seeded from ``seed`` and ``epoch``)."""
         return torch.Generator(device=self.dataset.device).manual_seed(mix_seed(self.seed, epoch))
 
+    def contrast_generator(self, epoch: int) -> torch.Generator:
+        """The generator an epoch's contrast indices are drawn from (apart from the crops' generator)."""
+        return torch.Generator(device=self.dataset.device).manual_seed(mix_seed(self.seed, epoch, CONTRAST_STREAM))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         data, dev = self.dataset, self.dataset.device
         g = self.generator(epoch)
+        g_contrast = self.contrast_generator(epoch) if self.contrast is not None else None
         n = len(data)
         order = torch.randperm(n, generator=g, device=dev) if self.shuffle else torch.arange(n, device=dev)
         width = self.batch_size * self.world_size  # the global batch
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for start in range(0, len(self) * width, width):
+        starts = range(0, len(self) * width, width)
+        draws = None
+        if self.contrast is not None:
+            draws = _drawn_ahead(self.contrast, [order[start:start + width] for start in starts], g_contrast,
+                                 background=dev.type == "cpu")
+        for start in starts:
             every = order[start:start + width]
             index = every[mine]
             images = data.images[index]
@@ -188,7 +204,32 @@ class DeviceLoader:
                 x = x.expand(-1, self.channels, -1, -1)
             x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
             batch = (x, data.labels[index], index)
-            if self.contrast is not None:
-                batch = (*batch, self.contrast.draw(every, g)[mine])
+            if draws is not None:
+                batch = (*batch, next(draws)[mine])
             if index.numel():  # a rank's slice of the short last batch may be empty
                 yield batch
+
+
+def _drawn_ahead(sampler: ContrastSampler, batches: list[torch.Tensor], generator: torch.Generator,
+                 background: bool) -> Iterator[torch.Tensor]:
+    """The contrast indices of each of ``batches`` (global batches of dataset indices), in order, from
+    ``generator``. With ``background`` (CPU data) each batch's draw is made in a worker thread while the
+    previous batch trains, one batch ahead: the same draws in the same order (one thread, one generator), off
+    the step's critical path (CRD's class-aware draw of 64 × 16,384 negatives takes ~60 ms on one CPU core, as
+    long as the fused CRD op itself). On a GPU the draws are queued kernels already and run inline."""
+    if not background:
+        for every in batches:
+            yield sampler.draw(every, generator)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastkd-contrast")
+    try:
+        pending = [pool.submit(sampler.draw, every, generator) for every in batches[:1]]
+        for position in range(len(batches)):
+            drawn = pending.pop(0).result()
+            if position + 1 < len(batches):
+                pending.append(pool.submit(sampler.draw, batches[position + 1], generator))
+            yield drawn
+    finally:  # an abandoned pass waits for its draw in flight: the sampler's buffers are not shared
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -25,6 +25,13 @@ and ``epoch``. Each loss is built by its registered adapter from the features of
 regressors, CRD's embeds, SRD's projector, CC's embeds, AB's connector, FT's translator) are
 built here from those shapes, and are trained with the student.
 
+With a teacher cache (``teacher_cache=``, a :class:`~fastkd.train.teacher_cache.TeacherCache`; the
+recipe's ``teacher.cache``) there is no teacher network: each batch carries the teacher's outputs
+(``forward(..., teacher={"logits": ..., "feature.i": ...})``, appended to the batch by
+:meth:`~fastkd.train.teacher_cache.TeacherCache.batches`), and the losses are built from the cache's
+first record. Everything else is the same computation, so a cache that holds exact outputs gives the
+live run's numbers to the bit.
+
 FT, AB and FSP have an initialisation stage before the main one, RepDistiller's ``init()``
 (:meth:`Distiller.init_stage`, run by the trainer for the recipe's ``init_epochs``, 30 in
 RepDistiller): FT trains the paraphraser as an autoencoder of the teacher's ``features[-2]`` (MSE
@@ -39,7 +46,7 @@ is only computed in the initialisation stage.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +55,9 @@ from torch import nn
 from fastkd.losses import FEATURES, Features, LossEntry
 from fastkd.models import FeatureTap, default_taps
 from fastkd.train import terms
+
+if TYPE_CHECKING:
+    from fastkd.train.teacher_cache import TeacherCache
 
 # what the Distiller reads from each network's RepDistiller feature list (and logits), by feature name
 _VIEWS: dict[str, Callable] = {
@@ -80,7 +90,8 @@ class Distiller(nn.Module):
 
     ``losses``: {name: {"weight": w, **options}} as a recipe's ``losses``; ``sample`` is one input
     batch used to probe feature shapes; ``num_data`` the training-set size (CRD's memory banks).
-    The teacher is put in eval mode, frozen, and kept so by :meth:`train`.
+    The teacher is put in eval mode, frozen, and kept so by :meth:`train`. ``teacher_cache``: the
+    teacher's outputs come from this cache instead (``teacher`` is then ``None``; see the module doc).
     """
 
     OBJECTIVE, WHAT, CE = "offline", "the offline Distiller", True
@@ -89,12 +100,15 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, dict], sample: torch.Tensor,
                  num_data: int, hint_layer: int = 2, student_taps: Sequence[str] | None = None,
-                 teacher_taps: Sequence[str] | None = None):
+                 teacher_taps: Sequence[str] | None = None, teacher_cache: "TeacherCache | None" = None):
         super().__init__()
         self.entries = terms.entries_for(losses, self)
-        if teacher is None and self.entries:
+        if teacher is not None and teacher_cache is not None:
+            raise ValueError("give the teacher or its cache (teacher_cache=), not both")
+        if teacher is None and teacher_cache is None and self.entries:
             raise ValueError(f"losses {sorted(self.entries)} need a teacher")
         self.student, self.teacher, self.hint_layer = student, teacher, hint_layer
+        self.teacher_cache = teacher_cache
         self.weights = terms.weights(losses)
         if teacher is not None:
             teacher.eval()
@@ -104,16 +118,29 @@ class Distiller(nn.Module):
         if self.entries:
             preact = any(loss.preact for loss in self.entries.values())
             self._features_s = feature_function(student, student_taps, preact)
-            self._features_t = feature_function(teacher, teacher_taps, preact)
+            self._features_t = feature_function(teacher, teacher_taps, preact) if teacher is not None else None
             self._taken = {name for loss in self.entries.values() for name in (*loss.takes, *loss.init_takes)}
             with torch.no_grad():
                 was = student.training
                 student.eval()
                 feat_s, logit_s = self._features_s(sample)
                 student.train(was)
-                feat_t, logit_t = self._features_t(sample)
+                probe = None if teacher_cache is None else teacher_cache.probe(sample.shape[0], device=sample.device)
+                feat_t, logit_t = self._teacher_outputs(sample, probe)
             probe = self._features(feat_s, logit_s, feat_t, logit_t, num_data=num_data)
             self.criteria = terms.build_criteria(self.entries, losses, probe)
+
+    def _teacher_outputs(self, images: torch.Tensor, cached: dict | None = None):
+        """The teacher's (features, logits) on ``images``: run (no gradient), or, with a teacher cache, read
+        from ``cached`` (the batch's record; feature positions the cache does not hold are ``None``)."""
+        if self.teacher_cache is None:
+            with torch.no_grad():
+                feat_t, logit_t = self._features_t(images)
+            return [f.detach() for f in feat_t], logit_t
+        if cached is None:
+            raise ValueError("this Distiller reads its teacher from a cache, and the batch carries no teacher outputs: "
+                             "iterate the train loader through TeacherCache.batches(loader)")
+        return [cached.get(f"feature.{i}") for i in range(self.teacher_cache.num_features)], cached.get("logits")
 
     def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, **batch) -> Features:
         """The features the losses take, from each network's feature list and logits (``None``: that
@@ -166,11 +193,10 @@ class Distiller(nn.Module):
             modules.append(feat_modules())
         reads_student = any(FEATURES[name].side == "student" for loss in staged.values() for name in loss.init_takes)
 
-        def loss(images: torch.Tensor) -> torch.Tensor:
+        def loss(images: torch.Tensor, teacher: dict | None = None) -> torch.Tensor:
             feat_s, logit_s = self._features_s(images) if reads_student else (None, None)
-            with torch.no_grad():
-                feat_t, logit_t = self._features_t(images)
-            features = self._features(feat_s, logit_s, [f.detach() for f in feat_t], logit_t.detach())
+            feat_t, logit_t = self._teacher_outputs(images, teacher)
+            features = self._features(feat_s, logit_s, feat_t, logit_t)
             total = 0.0
             for name, staged_loss in staged.items():
                 total = total + staged_loss.init_loss(self.criteria[name], features).float()
@@ -179,13 +205,12 @@ class Distiller(nn.Module):
         return modules, loss
 
     def forward(self, images: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None,
-                contrast_idx: torch.Tensor | None = None, epoch: int | None = None):
+                contrast_idx: torch.Tensor | None = None, epoch: int | None = None, teacher: dict | None = None):
+        """``teacher``: the batch's teacher outputs, with a teacher cache (see the module doc)."""
         needs_features = any(self.weights[name] != 0 for name in self.criteria)
         if needs_features:
             feat_s, logit_s = self._features_s(images)
-            with torch.no_grad():
-                feat_t, logit_t = self._features_t(images)
-            feat_t = [f.detach() for f in feat_t]
+            feat_t, logit_t = self._teacher_outputs(images, teacher)
         else:
             logit_s = self.student(images)
         parts = {}

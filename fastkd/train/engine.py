@@ -3,7 +3,8 @@
 :class:`Trainer` runs a :class:`~fastkd.train.distiller.Distiller` over batches from any iterable
 of ``(images, labels[, index[, contrast_idx]])`` tuples (a loader with ``set_epoch(epoch)`` gets
 it called, so each epoch's order is a function of the seed and the epoch and a resumed run sees
-the same batches). Before the first epoch the teacher (when there is one) is evaluated on the test
+the same batches). A batch of a run with a teacher cache ends with a dict, the teacher's outputs
+(:class:`~fastkd.train.teacher_cache.CachedBatches`), handed to the distiller as ``teacher=``. Before the first epoch the teacher (when there is one) is evaluated on the test
 set and its accuracy logged, so a wrong checkpoint or normalisation shows at once. Each epoch ends
 with an evaluation and an atomic checkpoint ``last.pt`` holding everything a resumed run needs:
 student, the losses' parameters and state (CRD's banks, Z and sampler offset), optimiser, gradient
@@ -108,6 +109,7 @@ class Trainer:
         self.init_stage = stage() if stage is not None else None
         self.init_done = self.init_stage is None or recipe.init_epochs == 0
         self.epoch = self._epoch = 0
+        self._teacher_keys: tuple[str, ...] = ()
         self.history: list[dict] = []
         self.teacher_eval: dict | None = None  # the teacher's test accuracy, measured before the first epoch
         # a progress bar (or line) refreshed once a second, on rank 0 (fastkd.train.progress)
@@ -147,7 +149,7 @@ class Trainer:
         watch = not distributed.active()
         finite_until, looked, done = 0, start, 0
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
-            images, target, *rest = batch
+            images, target, *rest = self._flat(batch)
             lr = learning_rate(self.recipe, epoch + (step / steps if steps else 0.0))
             if self.graph is None:
                 for group in self.optimizer.param_groups:
@@ -195,11 +197,27 @@ class Trainer:
             "(optim.lr), fp16 overflow (amp=bf16 or amp=off), a loss weight far from the recipe's, or inputs "
             "that are not finite.")
 
+    def _flat(self, batch: tuple) -> tuple:
+        """A batch as tensors only: the teacher outputs a cached run's batch ends with (a dict, see
+        :mod:`fastkd.train.teacher_cache`) become trailing tensors (so :class:`GraphedStep` copies them into
+        its static inputs like the images), their names kept in ``_teacher_keys`` for :meth:`_step`."""
+        if batch and isinstance(batch[-1], dict):
+            teacher = batch[-1]
+            self._teacher_keys = tuple(teacher)
+            return (*batch[:-1], *teacher.values())
+        self._teacher_keys = ()
+        return batch
+
     def _step(self, images: torch.Tensor, target: torch.Tensor, *rest) -> tuple[torch.Tensor, dict]:
         """Forward, backward and optimiser update of one batch (gradients already reset); no host
         sync, so :class:`GraphedStep` can capture it. Returns the detached total and terms."""
+        extra = {}
+        if self._teacher_keys:  # the batch's cached teacher outputs, flattened by _flat
+            count = len(self._teacher_keys)
+            extra["teacher"] = dict(zip(self._teacher_keys, rest[-count:]))
+            rest = rest[:-count]
         with self._autocast(cache=self.graph is None):
-            total, parts, _ = self.step_module(images, target, *rest, epoch=self._epoch)
+            total, parts, _ = self.step_module(images, target, *rest, epoch=self._epoch, **extra)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -214,9 +232,10 @@ class Trainer:
             self.distiller.train(False)
             modules.train()
             total, seen = 0.0, 0
-            for images, *_ in self._batches(self.train_data, epoch):
+            for batch in self._batches(self.train_data, epoch):
+                images, teacher = batch[0], batch[-1] if isinstance(batch[-1], dict) else None
                 with self._autocast():
-                    loss = loss_fn(images)
+                    loss = loss_fn(images, teacher) if teacher is not None else loss_fn(images)
                 optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 distributed.average_gradients(modules.parameters())  # the stage runs outside DDP
@@ -320,6 +339,14 @@ class Trainer:
         """The teacher's top-1 / top-5 on the test set (``None`` without a teacher), logged with a warning
         when it is near chance: a wrong checkpoint or normalisation would otherwise show only in the student."""
         teacher = getattr(self.distiller, "teacher", None)
+        cache = getattr(self.distiller, "teacher_cache", None)
+        if teacher is None and cache is not None:  # measured by cache-teacher, recorded in the cache's manifest
+            self.teacher_eval = dict(cache.manifest.get("teacher_eval") or {})
+            if log is not None and self.teacher_eval:
+                log(f"teacher {cache.describes['teacher']['name']} (cached in {cache.folder}): top-1 "
+                    f"{self.teacher_eval['top1']:.2f} top-5 {self.teacher_eval['top5']:.2f} on the test set, as "
+                    "cache-teacher measured it")
+            return self.teacher_eval
         if teacher is None:
             return None
         self.teacher_eval = self.evaluate(model=teacher)

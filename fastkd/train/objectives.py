@@ -51,9 +51,11 @@ def reads_teacher_state(losses: dict[str, dict]) -> bool:
 
 
 def build_objective(losses: dict[str, dict], student: nn.Module, teacher: nn.Module | None, sample: torch.Tensor,
-                    num_data: int, teacher_state: dict | None = None) -> nn.Module:
+                    num_data: int, teacher_state: dict | None = None, teacher_cache=None) -> nn.Module:
     """The objective for ``losses``. ``teacher_state``: the teacher's checkpoint as loaded (SSKD's
-    second stage reads the stage-1 head from its ``losses`` entry)."""
+    second stage reads the stage-1 head from its ``losses`` entry). ``teacher_cache``: a
+    :class:`~fastkd.train.teacher_cache.TeacherCache` standing in for ``teacher`` (the offline Distiller's
+    batches then carry the teacher's outputs)."""
     objective = OBJECTIVES[objective_of(losses)]
     if objective is OnlineDistiller:  # before the teacher checks: online runs have none
         return OnlineDistiller(student, losses)
@@ -68,4 +70,4 @@ def build_objective(losses: dict[str, dict], student: nn.Module, teacher: nn.Mod
         return MixupDistiller(student, teacher, losses)
     if isinstance(student, MultiBranchResNet) and teacher is None:  # branches trained alone (CE only)
         return OnlineDistiller(student, losses)
-    return Distiller(student, teacher, losses, sample, num_data)
+    return Distiller(student, teacher, losses, sample, num_data, teacher_cache=teacher_cache)

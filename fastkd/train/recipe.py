@@ -53,6 +53,13 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    # a folder written by `fastkd cache-teacher` (fastkd.train.teacher_cache): the teacher is not built or
+    # run, each batch reads the teacher's outputs from the cache, which must match this run
+    cache: str | None = None
+
+
+@dataclass
 class OptimConfig:
     name: str = "sgd"               # sgd | adamw
     lr: float = 0.05
@@ -73,7 +80,7 @@ class ScheduleConfig:
 @dataclass
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: ModelConfig | None = field(default_factory=lambda: ModelConfig("resnet32x4"))
+    teacher: TeacherConfig | None = field(default_factory=lambda: TeacherConfig("resnet32x4"))
     student: ModelConfig = field(default_factory=ModelConfig)
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ce": {"weight": 1.0}})
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -83,7 +90,8 @@ class Recipe:
     amp: str = "auto"               # auto | bf16 | fp16 | off
     cuda_graph: bool = False
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True      # networks and batches in channels-last memory format (NHWC; faster convolutions, no
+                                    # layout copies in their backward on the CPU: 20% of a resnet8x4 step)
     sync_bn: bool = False           # torchrun: the student's BatchNorm statistics over the global batch
     seed: int = 0
     output: str | None = None       # the run folder; None: derived from the run (fastkd.train.rundir)
@@ -96,7 +104,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "teacher": ModelConfig, "student": ModelConfig, "optim": OptimConfig,
+_SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "student": ModelConfig, "optim": OptimConfig,
              "schedule": ScheduleConfig}
 _CHOICES = {("data", "name"): ("digits", "cifar10", "cifar100", "imagefolder"), ("data", "fit"): ("resize", "pad", "crop"),
             ("data", "contrast_mode"): (None, "exact", "relax"),

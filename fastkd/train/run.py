@@ -237,6 +237,22 @@ def contrast_negatives(recipe: Recipe) -> int | None:
     return None
 
 
+def build_teacher(recipe: Recipe, classes: int, device: torch.device) -> torch.nn.Module:
+    """The recipe's teacher with its checkpoint's weights, on ``device`` (channels-last when the recipe says so).
+
+    Built under a forked RNG: its random initialisation, overwritten by the checkpoint, leaves the run's
+    random stream as it was, so the losses' parameters (CRD's embeds, ...) start the same whether the
+    teacher is built (a live run) or read from a cache (``teacher.cache``): the two runs are one.
+    """
+    with torch.random.fork_rng(devices=[]):
+        teacher = models.create(recipe.teacher.name, num_classes=classes)
+    load_weights(teacher, recipe.teacher.checkpoint, recipe.teacher.name, "teacher")
+    teacher.eval().to(device)
+    if recipe.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    return teacher
+
+
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
     """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default; under
     torchrun this rank's GPU, after :func:`fastkd.train.distributed.setup`)."""
@@ -250,34 +266,41 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     student = models.create(recipe.student.name, num_classes=classes)
     if recipe.student.checkpoint:
         load_weights(student, recipe.student.checkpoint, recipe.student.name, "student")
-    teacher = teacher_state = None
-    if recipe.teacher is not None and recipe.teacher.checkpoint and not needs_teacher(recipe.losses):
-        warnings.warn(f"teacher.checkpoint={recipe.teacher.checkpoint} is set, but no loss of this run distils from "
-                      f"a teacher (losses: {', '.join(recipe.losses)}): the file is not read. Add a distillation loss "
-                      "(losses.kd.weight=0.9, ...) or leave teacher.checkpoint out", UserWarning, stacklevel=2)
+    teacher = teacher_state = cache = None
+    for key in ("checkpoint", "cache"):
+        value = getattr(recipe.teacher, key, None) if recipe.teacher is not None else None
+        if value and not needs_teacher(recipe.losses):
+            warnings.warn(f"teacher.{key}={value} is set, but no loss of this run distils from a teacher (losses: "
+                          f"{', '.join(recipe.losses)}): it is not read. Add a distillation loss (losses.kd.weight=0.9, "
+                          f"...) or leave teacher.{key} out", UserWarning, stacklevel=2)
     if needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
-        if not recipe.teacher.checkpoint:
-            raise ValueError("teacher.checkpoint must name the teacher's weights (a RepDistiller {'model': ...} "
-                             "file or a fastkd checkpoint; `fastkd train` makes one)")
-        teacher = models.create(recipe.teacher.name, num_classes=classes)
-        load_weights(teacher, recipe.teacher.checkpoint, recipe.teacher.name, "teacher")
-        if reads_teacher_state(recipe.losses):  # SSKD's second stage also reads the stage-1 head
-            teacher_state = load_checkpoint(recipe.teacher.checkpoint)
-        teacher.to(device)
+        if recipe.teacher.cache:  # the teacher's outputs come with the batches; the teacher is not built
+            from fastkd.train.cache_teacher import open_cache
+
+            cache = open_cache(recipe, train, device)
+        else:
+            if not recipe.teacher.checkpoint:
+                raise ValueError("teacher.checkpoint must name the teacher's weights (a RepDistiller {'model': ...} "
+                                 "file or a fastkd checkpoint; `fastkd train` makes one), or teacher.cache a teacher "
+                                 "cache (`fastkd cache-teacher`)")
+            teacher = build_teacher(recipe, classes, device)
+            if reads_teacher_state(recipe.losses):  # SSKD's second stage also reads the stage-1 head
+                teacher_state = load_checkpoint(recipe.teacher.checkpoint)
     student.to(device)
     if recipe.channels_last:
         student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
     if recipe.compile:
         # in place, so state_dict keys stay the model's own; FASTKD_COMPILE_BACKEND picks another backend
         student.compile(backend=os.environ.get("FASTKD_COMPILE_BACKEND", "inductor"))
+    shown = train  # the data as loaded (a cached run's batches also carry the teacher's outputs)
+    if cache is not None:
+        train = cache.batches(train, distributed.rank(), device)
     sample = next(iter(train))[0][:8]
-    distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state)
+    distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state, cache)
     # the model the run trains and saves as its student (SSKD's first stage trains a head on its teacher)
     saved = recipe.teacher.name if teacher is not None and distiller.student is teacher else recipe.student.name
     meta = {"student": saved, "num_classes": classes, "classes": class_names,
-            "data": data_summary(recipe, train, test, classes, num_data)}
+            "data": data_summary(recipe, shown, test, classes, num_data)}
     return Trainer(recipe, distiller, train, test, device=device, output=output, meta=meta)

@@ -1,7 +1,7 @@
 """Run folders: one folder per run configuration, so that no run resumes or reports another run.
 
-A run's folder holds ``config.yaml`` (what the run is: the resolved recipe and a digest of every
-file of weights it starts from), ``last.pt``, ``best.pt``, the metrics files and, while a process
+A run's folder holds ``config.yaml`` (what the run is: the resolved recipe, a digest of every
+file of weights it starts from and, for a run with ``teacher.cache``, the cache's manifest digest), ``last.pt``, ``best.pt``, the metrics files and, while a process
 trains in it, a lock. By default the folder is derived from the run itself,
 ``runs/<recipe>/<student>[-from-<teacher>]-<id>``, where ``<id>`` is a hash of the configuration
 (:func:`run_id`), so two different runs never share a folder and the same command finds its own
@@ -42,7 +42,7 @@ LOCK = ".lock"
 RUNS = "runs"
 # dotted keys that do not change what a run computes
 IGNORED = ("output", "data.num_workers", "data.download", "checkpoint_every", "eval_every", "logger",
-           "logger_project")
+           "logger_project", "teacher.cache")  # a teacher cache is compared by its manifest's digest, not its path
 MODES = ("auto", "fresh", "resume")
 
 
@@ -85,7 +85,22 @@ def describe(recipe: Recipe) -> dict[str, Any]:
         files["teacher.checkpoint"] = recipe.teacher.checkpoint
     weights = {key: weights_digest(path) if os.path.isfile(path) else "missing"
                for key, path in files.items() if path}
-    return {**config, **{f"weights[{key}]": digest for key, digest in weights.items()}}
+    cached = {}
+    if reads_teacher(recipe) and recipe.teacher.cache:  # the teacher's outputs come from a cache: which one
+        cached["teacher_cache[digest]"] = cache_digest(recipe.teacher.cache)
+    return {**config, **{f"weights[{key}]": digest for key, digest in weights.items()}, **cached}
+
+
+def cache_digest(folder: str) -> str:
+    """The digest a teacher cache's manifest gives itself (what the cache holds and was made for), or
+    ``"missing"``."""
+    from fastkd.train.teacher_cache import MANIFEST
+
+    try:
+        with open(os.path.join(folder, MANIFEST)) as stream:
+            return str(json.load(stream).get("digest", "missing"))
+    except (OSError, ValueError):
+        return "missing"
 
 
 def run_id(description: dict[str, Any]) -> str:
