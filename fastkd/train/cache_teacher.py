@@ -4,8 +4,9 @@ store what the recipe's losses read from it (:mod:`fastkd.train.teacher_cache` h
 :func:`cache_teacher` builds the recipe's training loader exactly as a run of the recipe does (same seed,
 order, crops, flips, normalisation, batch size and rank slices), runs the teacher on each batch as the
 Distiller does (eval mode, no gradient, the recipe's autocast, its memory format) and writes, per epoch
-and rank, one file of records. :func:`describe_run` is what a cache and a run must agree on; the run
-side (:func:`open_cache`) refuses a cache that disagrees, before anything trains.
+and rank, one file of records, with :func:`fastkd.train.cache_check.describe_run` (what a cache and a run
+must agree on) in its manifest; a run's side, :func:`fastkd.train.cache_check.open_cache`, refuses a cache
+that disagrees, before anything trains.
 
 Under torchrun every rank writes the shards of its own slices of the global batches; rank 0 writes the
 manifest. An interrupted command, run again, skips the epochs whose files are complete; a larger
@@ -13,8 +14,6 @@ manifest. An interrupted command, run again, skips the epochs whose files are co
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -23,72 +22,15 @@ from collections.abc import Sequence
 import torch
 
 from fastkd.data._files import atomic_write
-from fastkd.data.device import DeviceLoader
 from fastkd.losses import entry
 from fastkd.train import distributed
+from fastkd.train.cache_check import _weights_digest, describe_run, logit_temperatures
 from fastkd.train.distiller import feature_function
 from fastkd.train.engine import accuracy, amp_dtype
 from fastkd.train.recipe import Recipe
 from fastkd.train.teacher_cache import (CACHEABLE, FORMAT, HALF, HEADER_BYTES, MANIFEST, TeacherCache, checksums,
                                         decode_topk, digest_of, dtype_name, encode_topk, layout, serves, shard_name,
                                         slot_field, slots, teacher_needs, topk_error, topk_fields, write_header)
-
-# recipe data keys that do not change the batches' pixels (where the data is, how it is loaded, CRD's contrast
-# draws, which have their own generator), or that are compared on their own (batch size)
-_NOT_PIXELS = ("root", "num_workers", "download", "contrast_mode", "batch_size")
-
-
-def data_fingerprint(loader) -> dict:
-    """What the batches of ``loader`` are made from: a digest of the training images and labels as held
-    (after resizing) with the normalisation, and the augmentation (an in-memory set); the file list (a
-    streamed tree)."""
-    if isinstance(loader, DeviceLoader):
-        data = loader.dataset
-        digest = hashlib.sha256()
-        digest.update(data.images.detach().cpu().contiguous().numpy().tobytes())
-        digest.update(data.labels.detach().cpu().numpy().tobytes())
-        digest.update(f"{data.mean.tolist()} {data.std.tolist()} {loader.channels}".encode())
-        return {"images": "sha256:" + digest.hexdigest()[:16], "samples": len(data),
-                "augmentation": {"augment": loader.augment, "padding": loader.padding, "flip": loader.flip,
-                                 "shuffle": loader.shuffle}}
-    from fastkd.data.folder import _fingerprint
-
-    folder = getattr(getattr(loader, "dataset", None), "dataset", None)
-    if folder is None or not hasattr(folder, "samples"):
-        raise ValueError(f"a teacher cache needs a fastkd train loader (in memory or a streamed image tree), got "
-                         f"{type(loader).__name__}")
-    transform = getattr(folder, "transform", None)
-    augmentation = {"transform": type(transform).__name__,
-                    **{key: value if isinstance(value, (int, float, str, bool, type(None))) else repr(value)
-                       for key, value in sorted(vars(transform).items()) if key != "rng"}} if transform else None
-    return {"images": "sha256:" + _fingerprint(folder.root, folder.classes, folder.samples)[:16],
-            "samples": len(folder), "augmentation": augmentation}
-
-
-def describe_run(recipe: Recipe, loader, teacher_weights: str | None, device: torch.device) -> dict:
-    """What a run's teacher sees and computes, for comparison with a cache's manifest: the teacher (name,
-    digest of its weights — ``None`` when the run names no checkpoint), the seed, batch size and world
-    size, the data and its fingerprint, the compute dtype, memory format and whether features are read
-    before their activation (AB)."""
-    amp = amp_dtype(recipe, device)
-    data = {key: value for key, value in dataclasses.asdict(recipe.data).items() if key not in _NOT_PIXELS}
-    return {"teacher": {"name": recipe.teacher.name, "weights": teacher_weights},
-            "seed": recipe.seed, "batch_size": recipe.data.batch_size, "world_size": distributed.world_size(),
-            "data": data, "data_fingerprint": data_fingerprint(loader),
-            "compute_dtype": dtype_name(amp or torch.float32), "channels_last": recipe.channels_last,
-            "preact": any(entry(key).preact for key in recipe.losses if key != "ce")}
-
-
-def logit_temperatures(losses: dict) -> dict[str, float]:
-    """{loss: temperature} of the losses that read the teacher's logits and have a temperature (KD, DKD)."""
-    found = {}
-    for key, options in losses.items():
-        if key == "ce" or "logits_t" not in entry(key).takes:
-            continue
-        if "temperature" in entry(key).options:
-            found[key] = float(options.get("temperature", entry(key).default("temperature")))
-    return found
-
 
 def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -310,12 +252,6 @@ def write(output: str, train, run_teacher, autocast, names: Sequence[str], descr
     return cache
 
 
-def _weights_digest(path: str) -> str:
-    from fastkd.train.rundir import weights_digest
-
-    return weights_digest(path)
-
-
 def _previous(path: str, digest: str, output: str) -> dict | None:
     """The manifest already in ``output`` (a cache being resumed or extended), or ``None``; ``ValueError``
     when it is the cache of another run or the folder holds other files."""
@@ -336,28 +272,3 @@ def _previous(path: str, digest: str, output: str) -> dict | None:
     return previous
 
 
-def open_cache(recipe: Recipe, loader, device: torch.device) -> TeacherCache:
-    """The cache ``teacher.cache`` names, checked against the run ``recipe`` describes (``loader``: its train
-    loader); ``ValueError`` with every reason it does not match."""
-    from fastkd.train.objectives import objective_of
-
-    objective = objective_of(recipe.losses)
-    if objective != "offline":
-        raise ValueError(f"teacher.cache serves the offline distiller's losses; this recipe's losses run in the "
-                         f"{objective} objective, whose teacher sees inputs made inside the step")
-    cache = TeacherCache(recipe.teacher.cache)
-    needs = teacher_needs(recipe.losses)
-    weights = _weights_digest(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
-    staged = any(entry(key).init is not None for key in recipe.losses if key != "ce")
-    epochs = max(recipe.epochs, recipe.init_epochs if staged else 0)
-    cache.check(describe_run(recipe, loader, weights, device), needs, epochs, distributed.rank(),
-                logit_temperatures(recipe.losses))
-    made = (cache.manifest.get("torch"), str(cache.manifest.get("device", "")).split(":")[0])
-    if made != (torch.__version__, device.type):
-        import warnings
-
-        warnings.warn(f"teacher.cache {cache.folder} was written by torch {made[0]} on {made[1] or 'an unknown device'}; "
-                      f"this run uses torch {torch.__version__} on {device.type}: the teacher's outputs are the same "
-                      "teacher's on the same batches, but not bit for bit what a live run here would compute",
-                      RuntimeWarning, stacklevel=2)
-    return cache

@@ -277,7 +277,7 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
         if recipe.teacher.cache:  # the teacher's outputs come with the batches; the teacher is not built
-            from fastkd.train.cache_teacher import open_cache
+            from fastkd.train.cache_check import open_cache
 
             cache = open_cache(recipe, train, device)
         else:

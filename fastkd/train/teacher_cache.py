@@ -346,7 +346,7 @@ class TeacherCache:
     # --- a run against the cache --------------------------------------------------------------------
     def problems(self, describes: Mapping[str, Any], needs: Mapping[str, list[str]], epochs: int,
                  rank: int = 0, temperatures: Mapping[str, float] | None = None) -> list[str]:
-        """Why a run described by ``describes`` (:func:`fastkd.train.cache_teacher.describe_run`), whose losses
+        """Why a run described by ``describes`` (:func:`fastkd.train.cache_check.describe_run`), whose losses
         take ``needs`` of the teacher, training ``epochs`` epochs, cannot use this cache ([] when it can).
         ``temperatures``: {loss: its temperature} for the logit losses (checked against a top-k cache)."""
         found = []
