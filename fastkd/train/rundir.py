@@ -80,9 +80,9 @@ def describe(recipe: Recipe) -> dict[str, Any]:
     """What a run computes: the resolved recipe (less :data:`IGNORED`) and, for each checkpoint it
     starts from, the digest of its weights (``"missing"`` for a file that is not there)."""
     config = {key: value for key, value in dotted(recipe.to_dict()).items() if not _ignored(key)}
-    files = {"student.checkpoint": recipe.student.checkpoint}
+    files = {"student.checkpoint": recipe.student.checkpoint, "student.weights": recipe.student.weights}
     if reads_teacher(recipe):
-        files["teacher.checkpoint"] = recipe.teacher.checkpoint
+        files.update({"teacher.checkpoint": recipe.teacher.checkpoint, "teacher.weights": recipe.teacher.weights})
     weights = {key: weights_digest(path) if os.path.isfile(path) else "missing"
                for key, path in files.items() if path}
     return {**config, **{f"weights[{key}]": digest for key, digest in weights.items()}}
@@ -100,13 +100,18 @@ def recipe_stem(recipe_name: str | None) -> str:
     return os.path.splitext(os.path.basename(recipe_name.rstrip("/")))[0] or "run"
 
 
+def _in_path(model: str) -> str:
+    """A model name as part of a folder name: ``timm:vit_tiny_patch16_224`` → ``timm-vit_tiny_patch16_224``."""
+    return model.replace(":", "-").replace("/", "-")
+
+
 def default_folder(recipe_name: str | None, recipe: Recipe, description: dict[str, Any] | None = None,
                    root: str = RUNS) -> str:
     """``runs/<recipe>/<student>[-from-<teacher>]-<id>``: the folder a run writes to unless told otherwise."""
     description = describe(recipe) if description is None else description
-    name = recipe.student.name
+    name = _in_path(recipe.student.name)
     if reads_teacher(recipe):
-        name += f"-from-{recipe.teacher.name}"
+        name += f"-from-{_in_path(recipe.teacher.name)}"
     return os.path.join(root, recipe_stem(recipe_name), f"{name}-{run_id(description)}")
 
 
