@@ -135,6 +135,9 @@ class FeatureReader:
         logits, features = self.tap(x)
         image = tuple(x.shape[-2:])
         maps = [as_map(f, image, self.patch, self.channels_last) for f in features[:-1]]
+        if isinstance(logits, (tuple, list)) and len(logits) == 2 and all(isinstance(t, torch.Tensor) for t in logits) \
+                and logits[0].shape == logits[1].shape:  # DeiT's distilled training: (class, distillation) logits
+            return [*maps, as_vector(features[-1], self.channels_last)], tuple(logits)
         return [*maps, as_vector(features[-1], self.channels_last)], _first_tensor(logits)
 
     def remove(self) -> None:

@@ -71,6 +71,13 @@ def feature_function(model: nn.Module, taps: Sequence[str] | None = None, preact
     return FeatureReader(model, taps, preact)
 
 
+def _distilled(logits):
+    """(class logits, distillation-token logits or None): a DeiT student in distilled training gives both."""
+    if isinstance(logits, (tuple, list)):
+        return logits[0], (logits[1] if len(logits) > 1 else None)
+    return logits, None
+
+
 def paired(maps: list, count: int) -> list:
     """``count`` of ``maps`` spread evenly, ending at the last: how the longer of two networks' stage lists
     meets the shorter one (a ResNet's 4 stages against a 2-block ViT: stages 2 and 4)."""
@@ -114,7 +121,7 @@ class Distiller(nn.Module):
 
     OBJECTIVE, WHAT, CE = "offline", "the offline Distiller", True
     OFFERS = frozenset({f"{view}_{side}" for view in _VIEWS for side in "st"}
-                       | {"target", "index", "contrast_idx", "epoch"})
+                       | {"dist_logits_s", "target", "index", "contrast_idx", "epoch"})
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, dict],
                  sample: torch.Tensor | None = None, num_data: int | None = None, hint_layer: int = 2,
@@ -142,6 +149,8 @@ class Distiller(nn.Module):
                                  "training set's size) and batches that carry dataset indices")
             if sample is None:
                 sample = probe_input(student, teacher)
+            if "dist_logits_s" in self._taken and callable(getattr(student, "set_distilled_training", None)):
+                student.set_distilled_training(True)  # DeiT: training steps give (class, distillation) logits
             with torch.no_grad():
                 was = student.training
                 student.eval()
@@ -170,7 +179,7 @@ class Distiller(nn.Module):
                 raise ValueError(f"loss {name!r} cannot take what these models give ({given}): "
                                  f"{str(exc).strip().splitlines()[0]}") from None
 
-    def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, **batch) -> Features:
+    def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, dist_s=None, **batch) -> Features:
         """The features the losses take, from each network's feature list and logits (``None``: that
         network did not run) and the batch's ``target`` / ``contrast_idx`` / ``epoch`` (or the probe's
         ``num_data``); a batch without dataset indices offers no ``index``."""
@@ -184,6 +193,8 @@ class Distiller(nn.Module):
                                                             paired(values[f"{view}_t"], count))
         if index is not None:
             values["index"] = index
+        if "dist_logits_s" in self._taken and feat_s is not None:
+            values["dist_logits_s"] = logit_s if dist_s is None else dist_s
         return Features(self.WHAT, values, **batch)
 
     def train(self, mode: bool = True):
@@ -248,12 +259,13 @@ class Distiller(nn.Module):
             feat_t = [f.detach() for f in feat_t]
         else:
             logit_s = self.student(images)
+        logit_s, dist_s = _distilled(logit_s)
         parts = {}
         if "ce" in self.weights:
             parts["ce"] = F.cross_entropy(logit_s.float(), target)
         if needs_features:
             features = self._features(feat_s, logit_s, feat_t, logit_t, target=target, index=index,
-                                      contrast_idx=contrast_idx, epoch=epoch)
+                                      contrast_idx=contrast_idx, epoch=epoch, dist_s=dist_s)
             # a weight-0 loss is kept for its initialisation stage only (AB and FSP as published)
             active = {name: criterion for name, criterion in self.criteria.items() if self.weights[name] != 0}
             parts.update(terms.evaluate(self.entries, active, features))
