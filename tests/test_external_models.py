@@ -200,7 +200,7 @@ def test_weights_of_another_model_are_refused_with_the_keys_that_differ(tmp_path
         load_weights(_vit(), str(path), VIT, "teacher", "weights")
     message = str(refused.value)
     assert "0 tensors differ in shape; 0 are missing; 12 are not the model's (blocks.2.attn.proj.bias, " in message
-    assert "Is teacher.name right (and teacher.kwargs, e.g. num_classes or img_size)?" in message
+    assert "Is teacher.name right? (and teacher.kwargs: a timm model's img_size, depth, ...)" in message
     err = cli_error(capsys, ["distill", "digits", f"teacher.name={VIT}", *[o.replace("student", "teacher")
                                                                           for o in VIT_OVERRIDES],
                              f"teacher.weights={path}", "--output", str(tmp_path / "run"),

@@ -179,7 +179,7 @@ def test_weights_from_any_file_round_trip_and_a_misfit_is_reported(tmp_path):
     assert message.startswith(f"teacher.weights {tmp_path / 'plain.pt'} does not hold weights of a resnet14: "
                               "0 tensors differ in shape; 36 are missing (layer1.1.bn1.bias, layer1.1.bn1.num_batches_tracked, "
                               "layer1.1.bn1.running_mean, layer1.1.bn1.running_var, … (32 more)); "), message
-    assert "0 are not the model's. Is teacher.name right (and teacher.kwargs" in message
+    assert "0 are not the model's. Is teacher.name right? (and teacher.kwargs" in message
 
 
 def test_a_wrong_tap_lists_the_module_names_that_exist(capsys, tmp_path):

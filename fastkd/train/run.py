@@ -224,7 +224,7 @@ def load_weights(model: torch.nn.Module, path: str, name: str | None = None, rol
         report = [f"{len(shapes)} tensors differ in shape" + (f" ({_listed(shapes, 2)})" if shapes else ""),
                   f"{len(missing)} are missing" + (f" ({_listed(missing)})" if missing else ""),
                   f"{len(unexpected)} are not the model's" + (f" ({_listed(unexpected)})" if unexpected else "")]
-        fix = (f"Is {role}.name right (and {role}.kwargs, e.g. num_classes or img_size)?" if role
+        fix = (f"Is {role}.name right? (and {role}.kwargs: a timm model's img_size, depth, ...)" if role
                else "Is the model name right?")
         raise ValueError(f"{where} does not hold weights of a {name or type(model).__name__}: {'; '.join(report)}. "
                          + fix)
@@ -300,17 +300,19 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     classes = len(class_names)
     student = build_model(recipe.student, classes, "student")
     teacher = teacher_state = None
-    given = recipe.teacher is not None and (recipe.teacher.checkpoint or recipe.teacher.weights)
+    given = [f"teacher.{key}={getattr(recipe.teacher, key)}" for key in ("checkpoint", "weights")
+             if recipe.teacher is not None and getattr(recipe.teacher, key)]
     if given and not needs_teacher(recipe.losses):
-        warnings.warn(f"teacher weights {given} are set, but no loss of this run distils from "
+        warnings.warn(f"{' and '.join(given)} is set, but no loss of this run distils from "
                       f"a teacher (losses: {', '.join(recipe.losses)}): the file is not read. Add a distillation loss "
                       "(losses.kd.weight=0.9, ...) or leave teacher.checkpoint out", UserWarning, stacklevel=2)
     if needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
         if not (recipe.teacher.checkpoint or recipe.teacher.weights):
-            raise ValueError("teacher.checkpoint (a fastkd checkpoint or a RepDistiller {'model': ...} file; `fastkd "
-                             "train` makes one) or teacher.weights (any file of weights) must name the teacher's weights")
+            raise ValueError("teacher.checkpoint must name the teacher's weights (a RepDistiller {'model': ...} "
+                             "file or a fastkd checkpoint; `fastkd train` makes one), or teacher.weights any file of "
+                             "weights (safetensors, a state_dict, a timm / torchvision checkpoint)")
         teacher = build_model(recipe.teacher, classes, "teacher")
         if reads_teacher_state(recipe.losses):  # SSKD's second stage also reads the stage-1 head
             teacher_state = load_checkpoint(recipe.teacher.checkpoint)
