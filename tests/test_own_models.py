@@ -220,3 +220,21 @@ def test_hard_distillation_loss_is_cross_entropy_against_the_teachers_top_class(
     with pytest.raises(ValueError, match="must match"):
         fastkd.functional.hard_distillation_loss(s, t[:, :4])
     assert float(F.cross_entropy(s.float(), t.argmax(1))) == pytest.approx(float(value), rel=1e-6)
+
+
+def test_run_folders_before_the_new_keys_keep_their_ids_and_names_lose_the_colon():
+    from fastkd.train.recipe import load_recipe
+    from fastkd.train.rundir import default_folder, describe
+
+    plain = describe(load_recipe("digits"))
+    assert not any(key.startswith(("student.kwargs", "student.weights", "student.taps")) for key in plain)
+    told = describe(load_recipe("digits", ["student.kwargs.drop_rate=0.1"]))
+    assert told["student.kwargs.drop_rate"] == 0.1
+    folder = default_folder("cifar100_vit_srd", load_recipe("cifar100_vit_srd", ["teacher=null"]))
+    assert os.path.basename(os.path.dirname(folder)) == "cifar100_vit_srd"
+    assert os.path.basename(folder).startswith("timm-vit_tiny_patch16_224-") and ":" not in folder
+
+
+def test_the_class_count_comes_from_the_data(capsys, tmp_path):
+    err = cli_error(capsys, ["train", "digits", "student.kwargs.num_classes=5", "--output", str(tmp_path / "r")])
+    assert "student.kwargs.num_classes: the class count comes from the data (10); leave it out" in err, err
