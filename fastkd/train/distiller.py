@@ -3,9 +3,10 @@
 Models follow RepDistiller's convention, ``model(x, is_feat=True, preact=False)`` →
 ``(features, logits)``, where ``features`` lists the stem output, each stage's output and, last,
 the pooled penultimate feature (every model of :mod:`fastkd.models` does this). Any other model
-(torchvision, timm, your own) is read through a :class:`~fastkd.models.FeatureTap`: name its
+(torchvision, timm, your own) is read through a :class:`~fastkd.models.FeatureReader`: name its
 modules with ``student_taps`` / ``teacher_taps`` in that order (stem, stages…, pooled feature),
-or let :func:`~fastkd.models.default_taps` find them for ResNet-style models. Which features
+or let :func:`~fastkd.models.default_taps` find them (ResNet-style models, torchvision's and timm's
+families); a vision transformer's tokens come as maps, its class token as the pooled feature. Which features
 each loss takes is declared by the loss itself, where it registers its recipe key
 (:mod:`fastkd.losses._registry`): RepDistiller's ``train_student.py`` choice for the published ones.
 This objective offers each network's

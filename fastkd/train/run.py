@@ -235,7 +235,7 @@ def build_model(config, classes: int, role: str) -> torch.nn.Module:
     """The recipe section ``config``'s (``student`` / ``teacher``) model for ``classes`` classes, with its
     ``kwargs``, and its weights when ``checkpoint`` or ``weights`` names a file."""
     kwargs = dict(config.kwargs)
-    if "num_classes" in kwargs:
+    if kwargs.pop("num_classes", classes) != classes:
         raise ValueError(f"{role}.kwargs.num_classes: the class count comes from the data ({classes}); leave it out")
     try:
         model = models.create(config.name, num_classes=classes, **kwargs)
