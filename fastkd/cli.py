@@ -14,6 +14,7 @@
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
+    fastkd models [PATTERN]              the model names recipes take: the zoo, tv:NAME, timm:NAME ('*vit*')
     fastkd stats DIR                     an image tree's mean / std, as data.mean= data.std= overrides
     fastkd build [--force]               compile the native kernels for the installed torch (else done on first use)
     fastkd doctor                        versions, backends, the native build, settings; exit 1 if something is missing
@@ -196,14 +197,17 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
             overrides = [checkpoint, *overrides]
         recipe = load_recipe(target, overrides)
         model_name, weights = recipe.student.name, os.path.join(target, BEST if which == "best" else LAST)
+        kwargs = dict(recipe.student.kwargs)
     else:
         if checkpoint is None:
             raise ValueError(f"{target!r} is not a run folder; evaluate a checkpoint as: fastkd eval MODEL CHECKPOINT")
         recipe = load_recipe(recipe_name or "digits", overrides)
         model_name, weights = target, checkpoint
+        kwargs = dict(recipe.student.kwargs)  # student.kwargs.img_size=32 ... for a timm / torchvision model
+    models.check(model_name)
     device = training_device(device)
     _, test, classes, _ = loaders(recipe, device, None)
-    model = models.create(model_name, num_classes=len(classes)).to(device)
+    model = models.create(model_name, num_classes=len(classes), **kwargs).to(device)
     load_weights(model, weights, model_name)
     objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
     trainer = Trainer(recipe, objective, [], test, device=device, output=os.path.dirname(os.path.abspath(weights)))
@@ -304,6 +308,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--from", dest="which", choices=("last", "best"), default="last",
                     help="the run's last.pt (default) or best.pt")
     commands.add_parser("recipes", help="list the shipped recipes")
+    listed = commands.add_parser("models", help="list the model names student.name / teacher.name take")
+    listed.add_argument("pattern", nargs="?", help="a shell-style pattern: '*vit*', 'timm:deit*', 'tv:*' (default: all)")
     stats = commands.add_parser("stats", help="the per-channel mean / std of an image tree, as data.mean / data.std")
     stats.add_argument("root", help="an image tree: root/train/<class>/<image> (or root/<class>/<image>)")
     stats.add_argument("--image-size", type=int, help="bring the images to this size first, as data.image_size")
@@ -318,6 +324,17 @@ def _command(args, parser) -> int:
     if args.command == "recipes":
         print("\n".join(shipped()))
         return 0
+    if args.command == "models":
+        from fastkd.models.sources import listing
+
+        found, problems = listing(args.pattern)
+        if found:
+            print("\n".join(found))
+        for line in problems:
+            print(f"fastkd: {line}", file=sys.stderr)
+        if not found:
+            print(f"fastkd: no model name matches {args.pattern!r}", file=sys.stderr)
+        return 0 if found else 1
     if args.command == "stats":
         print(image_stats(args.root, args.image_size, args.fit))
         return 0

@@ -42,6 +42,8 @@ CASES = {
                lambda b: fk.kd_loss(rows(b, 10), rows(b, 10, 1))),
     "DKDLoss": (fastkd.DKDLoss, lambda b: (rows(b, 10), rows(b, 10, 1), labels(b)), "logits_s",
                 lambda b: fk.dkd_loss(rows(b, 10), rows(b, 10, 1), labels(b))),
+    "HardDistillationLoss": (fastkd.HardDistillationLoss, lambda b: (rows(b, 10), rows(b, 10, 1)), "logits_s",
+                             lambda b: fk.hard_distillation_loss(rows(b, 10), rows(b, 10, 1))),
     "HintLoss": (fastkd.HintLoss, lambda b: (maps(b, 4, 3), maps(b, 4, 3, 1)), "f_s",
                  lambda b: fk.hint_loss(maps(b, 4, 3), maps(b, 4, 3, 1))),
     "ConvReg": (lambda: fastkd.ConvReg((1, 3, 8, 8), (1, 4, 4, 4)), lambda b: (maps(b, 3, 8),), "f_s", None),

@@ -17,7 +17,7 @@ import torch
 from fastkd import _checks
 from fastkd.ops import logits as ops
 
-__all__ = ["kd_loss", "dkd_loss"]
+__all__ = ["kd_loss", "dkd_loss", "hard_distillation_loss"]
 
 
 def _check_logits(logits_s, logits_t) -> None:
@@ -64,3 +64,14 @@ def dkd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tenso
         raise ValueError(f"logits_s has {num_classes} class; DKD needs at least 2 (the target and another)")
     _checks.index("target", target, num_classes, shape=(batch,), device=logits_s.device)
     return ops.dkd(logits_s, logits_t, target, alpha, beta, temperature)
+
+
+def hard_distillation_loss(logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
+    """DeiT's hard-label distillation (Touvron et al., "Training data-efficient image transformers &
+    distillation through attention", ICML 2021): CE(z_s, argmax_c z_t), the cross entropy of the student's
+    logits (its distillation token's, in DeiT) against the teacher's top class, mean over the batch, in fp32.
+    DeiT weights it ½ beside ½ CE on the labels."""
+    _checks.tensor("logits_s", logits_s, ndim=2)
+    _checks.tensor("logits_t", logits_t, ndim=2)
+    _checks.pair("logits_s", logits_s, "logits_t", logits_t, same_shape=True)
+    return torch.nn.functional.cross_entropy(logits_s.float(), logits_t.argmax(dim=1))

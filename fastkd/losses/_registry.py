@@ -81,6 +81,8 @@ _PAIRED = {
 FEATURES: dict[str, Feature] = {
     **{f"{name}_{side[0]}": Feature(f"the {side}'s {what}", side) for name, what in _PAIRED.items()
        for side in ("student", "teacher")},
+    "dist_logits_s": Feature("the student's distillation-token logits (a timm distilled ViT, DeiT), else its logits",
+                             "student"),
     "branch_logits": Feature("the branches' logits [m, B, K] of a multi-branch student", "student"),
     "ensemble_logits": Feature("the ensemble logits [B, K] of a multi-branch student", "student"),
     "branch_pooled": Feature("the branches' pooled features [m, B, C] of a multi-branch student", "student"),

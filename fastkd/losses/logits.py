@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from fastkd import _checks
-from fastkd.functional.logits import dkd_loss, kd_loss
+from fastkd.functional.logits import dkd_loss, hard_distillation_loss, kd_loss
 from fastkd.losses._registry import register
 
-__all__ = ["KDLoss", "DKDLoss"]
+__all__ = ["KDLoss", "DKDLoss", "HardDistillationLoss"]
 
 
 @register("kd", takes=("logits_s", "logits_t"))
@@ -57,3 +57,19 @@ class DKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, warmup={self.warmup}"
+
+
+@register("deit", takes=("dist_logits_s", "logits_t"))
+class HardDistillationLoss(nn.Module):
+    """DeiT's hard-label distillation (Touvron et al. 2021): CE(z_dist, argmax z_t); see
+    :func:`fastkd.functional.hard_distillation_loss`.
+
+    In an objective, ``z_dist`` is the student's distillation-token logits when it has that token (timm's
+    ``deit_*_distilled_*`` ViTs: the objective turns on their distilled training, so the class token
+    learns from the labels and the distillation token from the teacher; evaluation averages the two
+    heads, as DeiT does), else the student's logits (DeiT's hard distillation without the token).
+    DeiT's weights: ½ CE + ½ this loss.
+    """
+
+    def forward(self, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
+        return hard_distillation_loss(logits_s, logits_t)

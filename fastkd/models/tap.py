@@ -229,11 +229,21 @@ def _is_resnet_like(model: nn.Module) -> bool:
 def default_taps(model: nn.Module, preact: bool = False) -> list[str]:
     """The tap names whose features equal what ``model(x, is_feat=True, preact=preact)`` returns
     for a zoo model (block outputs, then the pooled penultimate feature), for CIFAR-sized input;
-    for a torchvision/timm-style ResNet, :func:`resnet_taps`."""
+    for a torchvision/timm-style ResNet, :func:`resnet_taps`; for other timm and torchvision models,
+    their family's (:mod:`fastkd.models.families`: stem, stages, pooled feature). Pre-activation
+    features (``preact``) are known for the zoo and ResNets only."""
+    from fastkd.models import families
+
     method = getattr(model, "feature_taps", None)
     if callable(method):
         return list(method(preact))
     if _is_resnet_like(model):
         return resnet_taps(model, preact)
+    if families.is_timm(model) or families.is_torchvision(model):
+        if preact:
+            raise ValueError(f"no pre-activation taps are known for {type(model).__name__} (a loss such as AB reads "
+                             "the stages before their last activation): name them with student.taps / teacher.taps "
+                             "('module:input' of each stage's last activation)")
+        return families.timm_taps(model) if families.is_timm(model) else families.torchvision_taps(model)
     raise TypeError(f"no default taps for {type(model).__name__}; name the modules to tap "
-                    "(see model.named_modules()) and pass them to FeatureTap")
+                    "(see model.named_modules()) and pass them to FeatureTap (a recipe: student.taps / teacher.taps)")

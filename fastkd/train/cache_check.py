@@ -75,6 +75,11 @@ def logit_temperatures(losses: dict) -> dict[str, float]:
     return found
 
 
+def teacher_file(recipe: Recipe) -> str | None:
+    """The file the recipe's teacher weights come from: ``teacher.checkpoint``, else ``teacher.weights``."""
+    return recipe.teacher.checkpoint or recipe.teacher.weights if recipe.teacher is not None else None
+
+
 def _weights_digest(path: str) -> str:
     from fastkd.train.rundir import weights_digest
 
@@ -92,7 +97,7 @@ def open_cache(recipe: Recipe, loader, device: torch.device) -> TeacherCache:
                          f"{objective} objective, whose teacher sees inputs made inside the step")
     cache = TeacherCache(recipe.teacher.cache)
     needs = teacher_needs(recipe.losses)
-    weights = _weights_digest(recipe.teacher.checkpoint) if recipe.teacher.checkpoint else None
+    weights = _weights_digest(teacher_file(recipe)) if teacher_file(recipe) else None
     staged = any(entry(key).init is not None for key in recipe.losses if key != "ce")
     epochs = max(recipe.epochs, recipe.init_epochs if staged else 0)
     cache.check(describe_run(recipe, loader, weights, device), needs, epochs, distributed.rank(),

@@ -24,7 +24,7 @@ import torch
 from fastkd.data._files import atomic_write
 from fastkd.losses import entry
 from fastkd.train import distributed
-from fastkd.train.cache_check import _weights_digest, describe_run, logit_temperatures
+from fastkd.train.cache_check import _weights_digest, describe_run, logit_temperatures, teacher_file
 from fastkd.train.distiller import feature_function
 from fastkd.train.engine import accuracy, amp_dtype
 from fastkd.train.recipe import Recipe
@@ -129,8 +129,9 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     if feature_dtype not in (None, *HALF):
         raise ValueError(f"--feature-dtype must be one of {', '.join(HALF)} (or left out: the compute dtype), "
                          f"got {feature_dtype!r}")
-    if recipe.teacher is None or not recipe.teacher.checkpoint:
-        raise ValueError("cache-teacher runs the recipe's teacher: set teacher.name and teacher.checkpoint")
+    if teacher_file(recipe) is None:
+        raise ValueError("cache-teacher runs the recipe's teacher: set teacher.name and teacher.checkpoint (or "
+                         "teacher.weights)")
     if recipe.teacher.cache:
         raise ValueError(f"teacher.cache={recipe.teacher.cache} is set: cache-teacher computes the teacher itself; "
                          "leave teacher.cache out (--output names the cache folder)")
@@ -160,8 +161,8 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     def autocast():
         return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
-    describes = describe_run(recipe, train, _weights_digest(recipe.teacher.checkpoint), device)
-    info = {"recipe": recipe_name, "resolved": recipe.to_dict(), "teacher_checkpoint": recipe.teacher.checkpoint,
+    describes = describe_run(recipe, train, _weights_digest(teacher_file(recipe)), device)
+    info = {"recipe": recipe_name, "resolved": recipe.to_dict(), "teacher_checkpoint": teacher_file(recipe),
             "device": str(device)}
     return write(output, train, run_teacher, autocast, names, describes, epochs, topk=topk,
                  feature_dtype=feature_dtype, test=test, info=info, log=log)

@@ -3,9 +3,10 @@
 Models follow RepDistiller's convention, ``model(x, is_feat=True, preact=False)`` →
 ``(features, logits)``, where ``features`` lists the stem output, each stage's output and, last,
 the pooled penultimate feature (every model of :mod:`fastkd.models` does this). Any other model
-(torchvision, timm, your own) is read through a :class:`~fastkd.models.FeatureTap`: name its
+(torchvision, timm, your own) is read through a :class:`~fastkd.models.FeatureReader`: name its
 modules with ``student_taps`` / ``teacher_taps`` in that order (stem, stages…, pooled feature),
-or let :func:`~fastkd.models.default_taps` find them for ResNet-style models. Which features
+or let :func:`~fastkd.models.default_taps` find them (ResNet-style models, torchvision's and timm's
+families); a vision transformer's tokens come as maps, its class token as the pooled feature. Which features
 each loss takes is declared by the loss itself, where it registers its recipe key
 (:mod:`fastkd.losses._registry`): RepDistiller's ``train_student.py`` choice for the published ones.
 This objective offers each network's
@@ -45,6 +46,7 @@ is only computed in the initialisation stage.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -52,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd.losses import FEATURES, Features, LossEntry
-from fastkd.models import FeatureTap, default_taps
+from fastkd.losses import FEATURES, Features, LossEntry, MissingFeature
+from fastkd.models import FeatureReader, fixed_input_size, input_size
 from fastkd.train import terms
 
 if TYPE_CHECKING:
@@ -72,36 +74,73 @@ _VIEWS: dict[str, Callable] = {
 
 def feature_function(model: nn.Module, taps: Sequence[str] | None = None, preact: bool = False) -> Callable:
     """x → (features, logits) for ``model``: its own ``is_feat`` when it has one and no taps are
-    named, else a :class:`~fastkd.models.FeatureTap` on ``taps`` (or the model's default taps);
-    ``preact`` asks for the stage outputs before their last activation."""
+    named, else a :class:`~fastkd.models.FeatureReader` on ``taps`` (or the model's default taps:
+    torchvision's and timm's families too), which gives maps ``[B, C, h, w]`` of a transformer's
+    tokens; ``preact`` asks for the stage outputs before their last activation."""
     if taps is None and "is_feat" in inspect.signature(model.forward).parameters:
         return lambda x: model(x, is_feat=True, preact=preact)
-    tap = FeatureTap(model, taps if taps is not None else default_taps(model, preact))
+    return FeatureReader(model, taps, preact)
 
-    def run(x):
-        logits, features = tap(x)
-        return list(features), logits
 
-    return run
+def _distilled(logits):
+    """(class logits, distillation-token logits or None): a DeiT student in distilled training gives both."""
+    if isinstance(logits, (tuple, list)):
+        return logits[0], (logits[1] if len(logits) > 1 else None)
+    return logits, None
+
+
+def paired(maps: list, count: int) -> list:
+    """``count`` of ``maps`` spread evenly, ending at the last: how the longer of two networks' stage lists
+    meets the shorter one (a ResNet's 4 stages against a 2-block ViT: stages 2 and 4)."""
+    if len(maps) <= count:
+        return list(maps)
+    return [maps[(i + 1) * len(maps) // count - 1] for i in range(count)]
+
+
+def _shapes(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "x".join(map(str, value.shape)) if value.dim() else "scalar"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shapes(v) for v in value) + "]"
+    return type(value).__name__
+
+
+def probe_input(model: nn.Module, other: nn.Module | None = None, batch: int = 4) -> torch.Tensor:
+    """A batch of zeros, on ``model``'s device, of the size one of the models only takes
+    (:func:`fastkd.models.fixed_input_size`: a ViT's), else the size ``model`` is built for
+    (:func:`fastkd.models.input_size`)."""
+    h, w = fixed_input_size(model) or (fixed_input_size(other) if other is not None else None) or input_size(model)
+    parameter = next(model.parameters(), None)
+    return torch.zeros(batch, 3, h, w, device=parameter.device if parameter is not None else "cpu")
 
 
 class Distiller(nn.Module):
     """Σ weight · loss for one batch; ``forward`` returns (total, {name: unweighted loss}, student logits).
 
-    ``losses``: {name: {"weight": w, **options}} as a recipe's ``losses``; ``sample`` is one input
-    batch used to probe feature shapes; ``num_data`` the training-set size (CRD's memory banks).
-    The teacher is put in eval mode, frozen, and kept so by :meth:`train`. ``teacher_cache``: the
-    teacher's outputs come from this cache instead (``teacher`` is then ``None``; see the module doc).
+    ``losses``: {name: {"weight": w, **options}} as a recipe's ``losses`` (or {name: w}); ``sample``
+    is one input batch used to probe feature shapes (default: zeros of the student's input size,
+    :func:`fastkd.models.input_size`); ``num_data`` the training-set size, needed only by losses
+    that keep a bank per sample (CRD). ``student_taps`` / ``teacher_taps`` name the modules to read
+    (default: :func:`fastkd.models.default_taps`). The teacher is put in eval mode, frozen, and kept
+    so by :meth:`train`. ``teacher_cache``: the teacher's outputs come from this cache instead
+    (``teacher`` is then ``None``; see the module doc).
+
+    Each loss is tried once on the probe's features when it is built, so a loss that cannot take
+    what the models give (vectors where it needs maps, channels that must match) is refused here
+    with the features' shapes, not at the first step. Where the two networks give different
+    numbers of stages, the longer list is :func:`paired` down to the shorter.
     """
 
     OBJECTIVE, WHAT, CE = "offline", "the offline Distiller", True
     OFFERS = frozenset({f"{view}_{side}" for view in _VIEWS for side in "st"}
-                       | {"target", "index", "contrast_idx", "epoch"})
+                       | {"dist_logits_s", "target", "index", "contrast_idx", "epoch"})
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, dict], sample: torch.Tensor,
-                 num_data: int, hint_layer: int = 2, student_taps: Sequence[str] | None = None,
-                 teacher_taps: Sequence[str] | None = None, teacher_cache: "TeacherCache | None" = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, losses: dict[str, dict],
+                 sample: torch.Tensor | None = None, num_data: int | None = None, hint_layer: int = 2,
+                 student_taps: Sequence[str] | None = None, teacher_taps: Sequence[str] | None = None,
+                 teacher_cache: "TeacherCache | None" = None):
         super().__init__()
+        losses = terms.normalised(losses)
         self.entries = terms.entries_for(losses, self)
         if teacher is not None and teacher_cache is not None:
             raise ValueError("give the teacher or its cache (teacher_cache=), not both")
@@ -120,6 +159,14 @@ class Distiller(nn.Module):
             self._features_s = feature_function(student, student_taps, preact)
             self._features_t = feature_function(teacher, teacher_taps, preact) if teacher is not None else None
             self._taken = {name for loss in self.entries.values() for name in (*loss.takes, *loss.init_takes)}
+            needs_banks = sorted(name for name, loss in self.entries.items() if "num_data" in loss.derived)
+            if num_data is None and needs_banks:
+                raise ValueError(f"losses {needs_banks} keep a memory bank per training sample: give num_data= (the "
+                                 "training set's size) and batches that carry dataset indices")
+            if sample is None:
+                sample = probe_input(student, teacher)
+            if "dist_logits_s" in self._taken and callable(getattr(student, "set_distilled_training", None)):
+                student.set_distilled_training(True)  # DeiT: training steps give (class, distillation) logits
             with torch.no_grad():
                 was = student.training
                 student.eval()
@@ -127,8 +174,11 @@ class Distiller(nn.Module):
                 student.train(was)
                 probe = None if teacher_cache is None else teacher_cache.probe(sample.shape[0], device=sample.device)
                 feat_t, logit_t = self._teacher_outputs(sample, probe)
-            probe = self._features(feat_s, logit_s, feat_t, logit_t, num_data=num_data)
+            probe = self._features(feat_s, logit_s, feat_t, logit_t, **({} if num_data is None else
+                                                                        {"num_data": num_data}))
             self.criteria = terms.build_criteria(self.entries, losses, probe)
+            target = logit_t.argmax(dim=1) if logit_t is not None else None
+            self._try_on(self._features(feat_s, logit_s, feat_t, logit_t, target=target, contrast_idx=None, epoch=1))
 
     def _teacher_outputs(self, images: torch.Tensor, cached: dict | None = None):
         """The teacher's (features, logits) on ``images``: run (no gradient), or, with a teacher cache, read
@@ -142,15 +192,38 @@ class Distiller(nn.Module):
                              "iterate the train loader through TeacherCache.batches(loader)")
         return [cached.get(f"feature.{i}") for i in range(self.teacher_cache.num_features)], cached.get("logits")
 
-    def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, **batch) -> Features:
+    def _try_on(self, features: Features) -> None:
+        """Each loss once on the probe's features (on a copy: no state such as BatchNorm statistics or a
+        memory bank moves); a loss that fails is refused with the shapes of what it takes."""
+        for name, loss in self.entries.items():
+            if "index" in loss.takes:  # a bank per sample: its inputs are the pooled vectors, sized by the build
+                continue
+            try:
+                with torch.no_grad():
+                    loss.loss(copy.deepcopy(self.criteria[name]), features)
+            except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+                if isinstance(exc, MissingFeature):
+                    raise
+                given = ", ".join(f"{key} {_shapes(features[key])}" for key in loss.takes if key in features)
+                raise ValueError(f"loss {name!r} cannot take what these models give ({given}): "
+                                 f"{str(exc).strip().splitlines()[0]}") from None
+
+    def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, dist_s=None, **batch) -> Features:
         """The features the losses take, from each network's feature list and logits (``None``: that
         network did not run) and the batch's ``target`` / ``contrast_idx`` / ``epoch`` (or the probe's
         ``num_data``); a batch without dataset indices offers no ``index``."""
         values = {f"{view}_{side}": read(feats, logits, self.hint_layer)
                   for side, feats, logits in (("s", feat_s, logit_s), ("t", feat_t, logit_t)) if feats is not None
                   for view, read in _VIEWS.items() if f"{view}_{side}" in self._taken}
+        for view in ("blocks", "maps"):  # stage lists of different lengths meet at the shorter one's
+            if f"{view}_s" in values and f"{view}_t" in values:
+                count = min(len(values[f"{view}_s"]), len(values[f"{view}_t"]))
+                values[f"{view}_s"], values[f"{view}_t"] = (paired(values[f"{view}_s"], count),
+                                                            paired(values[f"{view}_t"], count))
         if index is not None:
             values["index"] = index
+        if "dist_logits_s" in self._taken and feat_s is not None:
+            values["dist_logits_s"] = logit_s if dist_s is None else dist_s
         return Features(self.WHAT, values, **batch)
 
     def train(self, mode: bool = True):
@@ -213,12 +286,13 @@ class Distiller(nn.Module):
             feat_t, logit_t = self._teacher_outputs(images, teacher)
         else:
             logit_s = self.student(images)
+        logit_s, dist_s = _distilled(logit_s)
         parts = {}
         if "ce" in self.weights:
             parts["ce"] = F.cross_entropy(logit_s.float(), target)
         if needs_features:
             features = self._features(feat_s, logit_s, feat_t, logit_t, target=target, index=index,
-                                      contrast_idx=contrast_idx, epoch=epoch)
+                                      contrast_idx=contrast_idx, epoch=epoch, dist_s=dist_s)
             # a weight-0 loss is kept for its initialisation stage only (AB and FSP as published)
             active = {name: criterion for name, criterion in self.criteria.items() if self.weights[name] != 0}
             parts.update(terms.evaluate(self.entries, active, features))

@@ -71,16 +71,58 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[torc
     return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
+def plain_recipe(distiller: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs) -> Recipe:
+    """The :class:`Recipe` a trainer built without one records (run folder, checkpoints): ``epochs``, the
+    models' class names, the losses' weights and the optimiser's kind and first learning rate."""
+    from fastkd.train.recipe import ModelConfig, OptimConfig
+
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"Trainer without a recipe needs epochs= (an int >= 1), got {epochs!r}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError("Trainer without a recipe needs optimizer= (a torch.optim.Optimizer over "
+                        f"distiller.trainable_parameters()), got {type(optimizer).__name__}")
+    group = optimizer.param_groups[0]
+    optim = OptimConfig(name="adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd", lr=float(group["lr"]),
+                        momentum=float(group.get("momentum", 0.0) or 0.0),
+                        weight_decay=float(group.get("weight_decay", 0.0)))
+    teacher = getattr(distiller, "teacher", None)
+    weights = getattr(distiller, "weights", {}) or {}
+    return Recipe(student=ModelConfig(type(distiller.student).__name__),
+                  teacher=ModelConfig(type(teacher).__name__) if teacher is not None else None,
+                  losses={name: {"weight": w} for name, w in weights.items()} or {"ce": {"weight": 1.0}},
+                  optim=optim, epochs=epochs)
+
+
 class Trainer:
     """Trains ``distiller``'s student (and its losses' parameters) by ``recipe``; see the module doc.
 
     ``output``: the run folder (the recipe's ``output``, else one derived from the recipe:
     :func:`fastkd.train.rundir.default_folder`). ``meta``: what an export of the student needs to know,
     saved in the checkpoints (``{"student": model name, "num_classes": ..., "classes": [names]}``).
+
+    Without a recipe: ``Trainer(distiller, train_data, test_data, optimizer=..., epochs=...,
+    schedule=...)``. The optimiser must hold ``distiller.trainable_parameters()`` (the student's and
+    the losses' projectors, embeds, regressors). ``schedule``: a function of the (fractional) epoch
+    giving a factor of each parameter group's initial learning rate, set at every step; or a
+    ``torch.optim.lr_scheduler`` scheduler, stepped after each epoch; ``None`` keeps the learning
+    rate. The rest (AMP on CUDA, evaluation and checkpoints every epoch) is a recipe's default.
     """
 
-    def __init__(self, recipe: Recipe, distiller: Distiller, train_data: Iterable, test_data: Iterable,
-                 device: str | torch.device = "cpu", output: str | None = None, meta: dict | None = None):
+    def __init__(self, recipe: Recipe | torch.nn.Module, distiller: Distiller | Iterable | None = None,
+                 train_data: Iterable | None = None, test_data: Iterable | None = None,
+                 device: str | torch.device = "cpu", output: str | None = None, meta: dict | None = None, *,
+                 optimizer: torch.optim.Optimizer | None = None, schedule=None, epochs: int | None = None):
+        if not isinstance(recipe, Recipe) and isinstance(recipe, torch.nn.Module):  # Trainer(distiller, train, test)
+            if test_data is not None:
+                device = test_data
+            recipe, distiller, train_data, test_data = None, recipe, distiller, train_data
+        if recipe is None:
+            recipe = plain_recipe(distiller, optimizer, epochs)
+        elif optimizer is not None or schedule is not None or epochs is not None:
+            raise ValueError("give either a recipe or optimizer= / schedule= / epochs=, not both (the recipe's optim, "
+                             "schedule and epochs say the same)")
+        if train_data is None or test_data is None:
+            raise TypeError("Trainer needs train_data and test_data (iterables of (images, labels[, index]) batches)")
         self.recipe, self.distiller = recipe, distiller.to(device)
         self.train_data, self.test_data = train_data, test_data
         self.device = torch.device(device)
@@ -102,7 +144,16 @@ class Trainer:
         elif recipe.cuda_graph and self.device.type != "cuda":
             warnings.warn("cuda_graph=true needs a CUDA device: the run uses eager steps, the same run as "
                           "cuda_graph=false", RuntimeWarning, stacklevel=2)
-        self.optimizer = make_optimizer(recipe, distiller.trainable_parameters())
+        self.schedule = schedule
+        if optimizer is not None:
+            self.optimizer = optimizer
+            self._check_optimizer()
+            self._initial_lrs = [group["lr"] for group in optimizer.param_groups]
+        else:
+            self.optimizer = make_optimizer(recipe, distiller.trainable_parameters())
+            self._initial_lrs = None
+        if schedule is not None and not (callable(schedule) or hasattr(schedule, "step")):
+            raise TypeError(f"schedule must be a function of the epoch or a torch lr scheduler, got {schedule!r}")
         if recipe.cuda_graph and self.device.type == "cuda" and self.amp != torch.float16 and not distributed.active():
             self.use_graph_step()
         stage = getattr(distiller, "init_stage", None)  # FT / AB / FSP: run before the first epoch
@@ -114,6 +165,29 @@ class Trainer:
         self.teacher_eval: dict | None = None  # the teacher's test accuracy, measured before the first epoch
         # a progress bar (or line) refreshed once a second, on rank 0 (fastkd.train.progress)
         self.progress = progress.wanted()
+
+    def _check_optimizer(self) -> None:
+        """A plain optimiser must train every trainable parameter of the distiller (a loss's projector too)."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        left = [p for p in self.distiller.trainable_parameters() if p.requires_grad and id(p) not in held]
+        if left:
+            raise ValueError(f"the optimizer leaves out {len(left)} trainable parameter tensors of the distiller (its "
+                             "student's, or its losses' projectors / embeds / regressors): build it over "
+                             "distiller.trainable_parameters()")
+
+    def _set_lr(self, epoch: float) -> float:
+        """Set the learning rate for a (fractional) epoch, by the recipe or the plain schedule; return it."""
+        if self._initial_lrs is None:
+            lr = learning_rate(self.recipe, epoch)
+            if self.graph is None:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+            return lr
+        if callable(self.schedule) and not hasattr(self.schedule, "step"):
+            factor = float(self.schedule(epoch))
+            for group, initial in zip(self.optimizer.param_groups, self._initial_lrs):
+                group["lr"] = initial * factor
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def use_graph_step(self) -> None:
         """Steps through :class:`GraphedStep`: the learning rate becomes a device tensor and the optimiser
@@ -150,10 +224,7 @@ class Trainer:
         finite_until, looked, done = 0, start, 0
         for step, batch in enumerate(self._batches(self.train_data, epoch)):
             images, target, *rest = self._flat(batch)
-            lr = learning_rate(self.recipe, epoch + (step / steps if steps else 0.0))
-            if self.graph is None:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+            lr = self._set_lr(epoch + (step / steps if steps else 0.0))
             # the first step of an epoch validates the batch's values (NaN, index ranges); the rest skip
             # those data-reading checks, which are host syncs on a GPU
             checks = contextlib.nullcontext() if step == 0 else value_checks(False)
@@ -174,6 +245,8 @@ class Trainer:
                 shown.update(step + 1, seen, sums["loss"])  # reads the loss sum once a second at most
         if shown is not None:
             shown.close()
+        if hasattr(self.schedule, "step"):  # a torch lr scheduler: once per epoch
+            self.schedule.step()
         elapsed = time.perf_counter() - start
         totals = distributed.reduce_sums({**sums, "seen": seen})  # over the ranks; one sync per epoch
         seen = int(totals.pop("seen"))
@@ -379,7 +452,8 @@ class Trainer:
         return {"student": self.distiller.student.state_dict(), "losses": self.distiller.criteria.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "init_done": self.init_done, "teacher_eval": self.teacher_eval, "meta": self.meta,
-                "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict()}
+                "history": self.history, "rng": rng_state(), "recipe": self.recipe.to_dict(),
+                **({"schedule": self.schedule.state_dict()} if hasattr(self.schedule, "state_dict") else {})}
 
     def save(self, path: str) -> None:
         """Write the checkpoint (from rank 0 under torchrun; see fastkd.train.distributed.save)."""
@@ -395,6 +469,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr
         self.scaler.load_state_dict(state["scaler"])
+        if "schedule" in state and hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(state["schedule"])
         self.epoch, self.history = state["epoch"], state["history"]
         self.init_done = state.get("init_done", True)
         self.teacher_eval = state.get("teacher_eval")

@@ -5,7 +5,7 @@ the JSON says what they are: the zoo model name, the number and names of the cla
 test accuracy they come from. Loading them back::
 
     from safetensors.torch import load_file
-    model = fastkd.models.create(info["model"], num_classes=info["num_classes"])
+    model = fastkd.models.create(info["model"], num_classes=info["num_classes"], **info["kwargs"])
     model.load_state_dict(load_file("student.safetensors"))
 
 ``fastkd eval MODEL student.safetensors`` evaluates them; ``teacher.checkpoint=student.safetensors``
@@ -56,7 +56,9 @@ def export(run: str, output: str | None = None, which: str = "last") -> tuple[st
             "classes": meta.get("classes"), "epoch": state.get("epoch"),
             "test_top1": state.get("test_top1", record.get("test_top1")),
             "test_top5": state.get("test_top5", record.get("test_top5")),
-            "data": (recipe.get("data") or {}).get("name"), "source": os.path.abspath(source)}
+            "data": (recipe.get("data") or {}).get("name"), "source": os.path.abspath(source),
+            # the builder's keyword arguments (a timm ViT's img_size, patch_size, depth, ...): create(model, **kwargs)
+            "kwargs": (recipe.get("student") or {}).get("kwargs") or {}}
     folder = output or run
     os.makedirs(folder, exist_ok=True)
     weights, described = os.path.join(folder, WEIGHTS), os.path.join(folder, INFO)

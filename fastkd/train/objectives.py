@@ -51,11 +51,14 @@ def reads_teacher_state(losses: dict[str, dict]) -> bool:
 
 
 def build_objective(losses: dict[str, dict], student: nn.Module, teacher: nn.Module | None, sample: torch.Tensor,
-                    num_data: int, teacher_state: dict | None = None, teacher_cache=None) -> nn.Module:
+                    num_data: int, teacher_state: dict | None = None, student_taps: list[str] | None = None,
+                    teacher_taps: list[str] | None = None, teacher_cache=None) -> nn.Module:
     """The objective for ``losses``. ``teacher_state``: the teacher's checkpoint as loaded (SSKD's
-    second stage reads the stage-1 head from its ``losses`` entry). ``teacher_cache``: a
-    :class:`~fastkd.train.teacher_cache.TeacherCache` standing in for ``teacher`` (the offline Distiller's
-    batches then carry the teacher's outputs)."""
+    second stage reads the stage-1 head from its ``losses`` entry). ``student_taps`` / ``teacher_taps``:
+    the modules to read features from (a recipe's ``student.taps`` / ``teacher.taps``; default: the
+    models' own). ``teacher_cache``: a :class:`~fastkd.train.teacher_cache.TeacherCache` standing in for
+    ``teacher`` (the offline Distiller's batches then carry the teacher's outputs)."""
+    taps = {"student_taps": student_taps, "teacher_taps": teacher_taps}
     objective = OBJECTIVES[objective_of(losses)]
     if objective is OnlineDistiller:  # before the teacher checks: online runs have none
         return OnlineDistiller(student, losses)
@@ -63,11 +66,11 @@ def build_objective(losses: dict[str, dict], student: nn.Module, teacher: nn.Mod
         if teacher is None:
             raise ValueError(f"{objective.WHAT} (losses {sorted(losses)}) trains a head on a teacher: set "
                              "teacher.name and teacher.checkpoint")
-        return SSKDTeacherStage(teacher, losses, sample)
+        return SSKDTeacherStage(teacher, losses, sample, taps=teacher_taps)
     if objective is SSKDDistiller:
-        return SSKDDistiller(student, teacher, losses, sample, (teacher_state or {}).get("losses", {}))
+        return SSKDDistiller(student, teacher, losses, sample, (teacher_state or {}).get("losses", {}), **taps)
     if objective is MixupDistiller:
         return MixupDistiller(student, teacher, losses)
     if isinstance(student, MultiBranchResNet) and teacher is None:  # branches trained alone (CE only)
         return OnlineDistiller(student, losses)
-    return Distiller(student, teacher, losses, sample, num_data, teacher_cache=teacher_cache)
+    return Distiller(student, teacher, losses, sample, num_data, teacher_cache=teacher_cache, **taps)

@@ -48,8 +48,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # a zoo name (resnet8x4), tv:NAME (torchvision) or timm:NAME (timm): fastkd.models.create; `fastkd models` lists them
     name: str = "resnet8x4"
     checkpoint: str | None = None   # a RepDistiller-style {'model': state_dict} file, or a fastkd checkpoint
+    # weights from any local file: safetensors, a state_dict, {'model': ...}, {'state_dict': ...}, torchvision /
+    # timm checkpoints (DDP's 'module.' prefix taken off); missing / unexpected keys are reported and refused
+    weights: str | None = None
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of the model's builder (timm: img_size, patch_size, ...)
+    taps: list[str] | None = None   # modules to read features from (stem, stages..., pooled); null: the model's defaults
 
 
 @dataclass
@@ -196,13 +202,18 @@ def _unknown(where: str, keys, valid) -> None:
 
 def _typed(where: str, value, annotation: str):
     """Check a leaf against its dataclass annotation (the few types recipes use)."""
-    expect = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[int]": list, "list[float]": list}
+    expect = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[int]": list, "list[float]": list,
+              "list[str]": list, "dict": dict}
     for option in annotation.replace(" ", "").split("|"):
         if option == "None" and value is None:
             return value
         kind = expect.get(option)
         if kind is not None and isinstance(value, kind) and not (option in ("int", "float") and isinstance(value, bool)):
             if option == "list[int]" and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                continue
+            if option == "list[str]" and not (value and all(isinstance(v, str) and v for v in value)):
+                continue
+            if option == "dict" and not all(isinstance(k, str) for k in value):
                 continue
             if option == "list[float]":
                 if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
@@ -288,6 +299,11 @@ def build(tree: dict[str, Any]) -> Recipe:
                 raise ValueError(f"{key} must be one of {choices}, got {value!r}")
     recipe = Recipe(**values)
     _in_range(recipe)
+    for role in ("student", "teacher"):
+        config = getattr(recipe, role)
+        if config is not None and config.checkpoint and config.weights:
+            raise ValueError(f"{role}.checkpoint and {role}.weights both name a file of weights: give one "
+                             f"({role}.weights for any file of weights, {role}.checkpoint for a fastkd run's checkpoint)")
     if recipe.data.download and recipe.data.name == "imagefolder":
         raise ValueError("data.download=true fetches CIFAR-10 / CIFAR-100 only: an imagefolder tree must already be "
                          "under data.root (set data.download=false)")

@@ -184,29 +184,79 @@ def data_summary(recipe: Recipe, train, test, classes: int, num_data: int) -> st
     return f"{data.name}{where}: {classes} classes, {num_data} training / {tested} test images, {shape}"
 
 
-def load_weights(model: torch.nn.Module, path: str, name: str | None = None, role: str | None = None) -> None:
+def _strip_prefix(state: dict, expected: dict) -> dict:
+    """``state`` without a DDP / compile wrapper's key prefix (``module.``, ``_orig_mod.``) when the model's keys
+    have none: torchvision's and timm's training scripts save such checkpoints."""
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _listed(keys: list[str], most: int = 4) -> str:
+    shown = ", ".join(keys[:most])
+    return shown + (f", … ({len(keys) - most} more)" if len(keys) > most else "")
+
+
+def load_weights(model: torch.nn.Module, path: str, name: str | None = None, role: str | None = None,
+                 key: str = "checkpoint") -> None:
     """Load ``path``'s weights into ``model``: a fastkd checkpoint or export, a RepDistiller checkpoint
-    ({'model': state_dict}) or a bare state_dict, read without running pickled code (see
-    :func:`fastkd.train.checkpoint.read_model`). ``name`` (the zoo name ``model`` was built from) is checked
-    against the name a fastkd file records, and weights that do not fit ``model`` are refused in one message
-    (``role``, e.g. ``teacher``, names the recipe section to fix)."""
+    ({'model': state_dict}), {'state_dict': ...} (timm's scripts), a ``.safetensors`` file or a bare
+    state_dict (a DDP ``module.`` prefix is taken off), read without running pickled code (see
+    :func:`fastkd.train.checkpoint.read_model`). ``name`` (the model name ``model`` was built from) is
+    checked against the name a fastkd file records, and weights that do not fit ``model`` are refused
+    with a report of the tensors that differ in shape, the model's keys missing from the file and the
+    file's keys the model does not have (``role``, e.g. ``teacher``, and ``key``, ``checkpoint`` or
+    ``weights``, name the recipe keys to fix)."""
     state, recorded = read_model(path)
+    where = f"{role}.{key} {path}" if role else path
     if name is not None and recorded is not None and recorded != name:
         if role is None:
             raise ValueError(f"{path} holds a {recorded} (its file says so), not a {name}")
-        raise ValueError(f"{role}.checkpoint {path} holds a {recorded} (its file says so) but {role}.name is {name}: "
-                         f"set {role}.name={recorded}, or give {role}.checkpoint the weights of a {name}")
+        raise ValueError(f"{where} holds a {recorded} (its file says so) but {role}.name is {name}: "
+                         f"set {role}.name={recorded}, or give {role}.{key} the weights of a {name}")
     expected = model.state_dict()
-    shapes = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+    state = _strip_prefix(state, expected)
+    shapes = [f"{k} {list(v.shape)} in the file, {list(expected[k].shape)} in the model" for k, v in state.items()
               if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)]
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if shapes or missing or unexpected:
-        first = (f"{shapes[0][0]} is {list(shapes[0][1])} in the file, {list(shapes[0][2])} in the model" if shapes
-                 else f"{missing[0]} is missing from the file" if missing else f"{unexpected[0]} is not one of the model's")
-        raise ValueError(f"{path} does not hold weights of a {name or type(model).__name__}: {len(shapes)} tensors differ "
-                         f"in shape, {len(missing)} are missing, {len(unexpected)} are not the model's (first: {first}). "
-                         + (f"Is {role}.name right?" if role else "Is the model name right?"))
+        report = [f"{len(shapes)} tensors differ in shape" + (f" ({_listed(shapes, 2)})" if shapes else ""),
+                  f"{len(missing)} are missing" + (f" ({_listed(missing)})" if missing else ""),
+                  f"{len(unexpected)} are not the model's" + (f" ({_listed(unexpected)})" if unexpected else "")]
+        fix = (f"Is {role}.name right? (and {role}.kwargs: a timm model's img_size, depth, ...)" if role
+               else "Is the model name right?")
+        raise ValueError(f"{where} does not hold weights of a {name or type(model).__name__}: {'; '.join(report)}. "
+                         + fix)
     model.load_state_dict(state)
+
+
+def build_model(config, classes: int, role: str) -> torch.nn.Module:
+    """The recipe section ``config``'s (``student`` / ``teacher``) model for ``classes`` classes, with its
+    ``kwargs``, and its weights when ``checkpoint`` or ``weights`` names a file."""
+    kwargs = dict(config.kwargs)
+    if kwargs.pop("num_classes", classes) != classes:
+        raise ValueError(f"{role}.kwargs.num_classes: the class count comes from the data ({classes}); leave it out")
+    try:
+        model = models.create(config.name, num_classes=classes, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{role}.name={config.name} with {role}.kwargs={kwargs}: {exc}") from None
+    for key in ("checkpoint", "weights"):
+        if getattr(config, key):
+            load_weights(model, getattr(config, key), config.name, role, key)
+    return model
+
+
+def check_models(recipe: Recipe) -> None:
+    """The recipe's model names exist here (their package installed), checked before any data is loaded."""
+    roles = [("student", recipe.student)]
+    if recipe.teacher is not None and needs_teacher(recipe.losses):
+        roles.append(("teacher", recipe.teacher))
+    for role, config in roles:
+        try:
+            models.check(config.name)
+        except (ValueError, ImportError) as exc:
+            raise type(exc)(f"{role}.name: {exc}") from None
 
 
 def training_device(device: str | torch.device | None) -> torch.device:
@@ -238,15 +288,14 @@ def contrast_negatives(recipe: Recipe) -> int | None:
 
 
 def build_teacher(recipe: Recipe, classes: int, device: torch.device) -> torch.nn.Module:
-    """The recipe's teacher with its checkpoint's weights, on ``device`` (channels-last when the recipe says so).
+    """The recipe's teacher with its weights (``checkpoint`` or ``weights``), on ``device`` (channels-last when the recipe says so).
 
     Built under a forked RNG: its random initialisation, overwritten by the checkpoint, leaves the run's
     random stream as it was, so the losses' parameters (CRD's embeds, ...) start the same whether the
     teacher is built (a live run) or read from a cache (``teacher.cache``): the two runs are one.
     """
     with torch.random.fork_rng(devices=[]):
-        teacher = models.create(recipe.teacher.name, num_classes=classes)
-    load_weights(teacher, recipe.teacher.checkpoint, recipe.teacher.name, "teacher")
+        teacher = build_model(recipe.teacher, classes, "teacher")
     teacher.eval().to(device)
     if recipe.channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -260,19 +309,18 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     for line in budget_warnings(recipe):
         warnings.warn(line, UserWarning, stacklevel=2)
     recipe = distributed.scaled_recipe(recipe)
+    check_models(recipe)
     torch.manual_seed(recipe.seed)
     train, test, class_names, num_data = loaders(recipe, device, contrast_negatives(recipe))
     classes = len(class_names)
-    student = models.create(recipe.student.name, num_classes=classes)
-    if recipe.student.checkpoint:
-        load_weights(student, recipe.student.checkpoint, recipe.student.name, "student")
+    student = build_model(recipe.student, classes, "student")
     teacher = teacher_state = cache = None
-    for key in ("checkpoint", "cache"):
-        value = getattr(recipe.teacher, key, None) if recipe.teacher is not None else None
-        if value and not needs_teacher(recipe.losses):
-            warnings.warn(f"teacher.{key}={value} is set, but no loss of this run distils from a teacher (losses: "
-                          f"{', '.join(recipe.losses)}): it is not read. Add a distillation loss (losses.kd.weight=0.9, "
-                          f"...) or leave teacher.{key} out", UserWarning, stacklevel=2)
+    given = [f"teacher.{key}={getattr(recipe.teacher, key)}" for key in ("checkpoint", "weights", "cache")
+             if recipe.teacher is not None and getattr(recipe.teacher, key)]
+    if given and not needs_teacher(recipe.losses):
+        warnings.warn(f"{' and '.join(given)} is set, but no loss of this run distils from a teacher (losses: "
+                      f"{', '.join(recipe.losses)}): it is not read. Add a distillation loss (losses.kd.weight=0.9, "
+                      f"...) or leave {' and '.join(g.split('=')[0] for g in given)} out", UserWarning, stacklevel=2)
     if needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
@@ -281,10 +329,11 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
 
             cache = open_cache(recipe, train, device)
         else:
-            if not recipe.teacher.checkpoint:
+            if not (recipe.teacher.checkpoint or recipe.teacher.weights):
                 raise ValueError("teacher.checkpoint must name the teacher's weights (a RepDistiller {'model': ...} "
-                                 "file or a fastkd checkpoint; `fastkd train` makes one), or teacher.cache a teacher "
-                                 "cache (`fastkd cache-teacher`)")
+                                 "file or a fastkd checkpoint; `fastkd train` makes one), or teacher.weights any file "
+                                 "of weights (safetensors, a state_dict, a timm / torchvision checkpoint), or "
+                                 "teacher.cache a teacher cache (`fastkd cache-teacher`)")
             teacher = build_teacher(recipe, classes, device)
             if reads_teacher_state(recipe.losses):  # SSKD's second stage also reads the stage-1 head
                 teacher_state = load_checkpoint(recipe.teacher.checkpoint)
@@ -298,7 +347,10 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     if cache is not None:
         train = cache.batches(train, distributed.rank(), device)
     sample = next(iter(train))[0][:8]
-    distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state, cache)
+    taps = {"student_taps": recipe.student.taps,
+            "teacher_taps": recipe.teacher.taps if teacher is not None or cache is not None else None}
+    distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state, teacher_cache=cache,
+                                **taps)
     # the model the run trains and saves as its student (SSKD's first stage trains a head on its teacher)
     saved = recipe.teacher.name if teacher is not None and distiller.student is teacher else recipe.student.name
     meta = {"student": saved, "num_classes": classes, "classes": class_names,

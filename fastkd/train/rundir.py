@@ -50,6 +50,16 @@ class RunFolderError(RuntimeError):
     """A run folder cannot be used as asked (another configuration, another live process)."""
 
 
+# keys added after runs had ids (issue 17's weights / kwargs / taps): left out while unset, so that a run
+# folder made before them keeps its id and resumes
+_ADDED_LATER = {f"{role}.{key}": value for role in ("student", "teacher")
+                for key, value in (("weights", None), ("kwargs", {}), ("taps", None))}
+
+
+def _unset_since(key: str, value: Any) -> bool:
+    return key in _ADDED_LATER and value == _ADDED_LATER[key]
+
+
 def _ignored(key: str) -> bool:
     return any(key == name or key.startswith(name + ".") for name in IGNORED)
 
@@ -79,10 +89,11 @@ def reads_teacher(recipe: Recipe) -> bool:
 def describe(recipe: Recipe) -> dict[str, Any]:
     """What a run computes: the resolved recipe (less :data:`IGNORED`) and, for each checkpoint it
     starts from, the digest of its weights (``"missing"`` for a file that is not there)."""
-    config = {key: value for key, value in dotted(recipe.to_dict()).items() if not _ignored(key)}
-    files = {"student.checkpoint": recipe.student.checkpoint}
+    config = {key: value for key, value in dotted(recipe.to_dict()).items()
+              if not _ignored(key) and not _unset_since(key, value)}
+    files = {"student.checkpoint": recipe.student.checkpoint, "student.weights": recipe.student.weights}
     if reads_teacher(recipe):
-        files["teacher.checkpoint"] = recipe.teacher.checkpoint
+        files.update({"teacher.checkpoint": recipe.teacher.checkpoint, "teacher.weights": recipe.teacher.weights})
     weights = {key: weights_digest(path) if os.path.isfile(path) else "missing"
                for key, path in files.items() if path}
     cached = {}
@@ -115,13 +126,18 @@ def recipe_stem(recipe_name: str | None) -> str:
     return os.path.splitext(os.path.basename(recipe_name.rstrip("/")))[0] or "run"
 
 
+def _in_path(model: str) -> str:
+    """A model name as part of a folder name: ``timm:vit_tiny_patch16_224`` → ``timm-vit_tiny_patch16_224``."""
+    return model.replace(":", "-").replace("/", "-")
+
+
 def default_folder(recipe_name: str | None, recipe: Recipe, description: dict[str, Any] | None = None,
                    root: str = RUNS) -> str:
     """``runs/<recipe>/<student>[-from-<teacher>]-<id>``: the folder a run writes to unless told otherwise."""
     description = describe(recipe) if description is None else description
-    name = recipe.student.name
+    name = _in_path(recipe.student.name)
     if reads_teacher(recipe):
-        name += f"-from-{recipe.teacher.name}"
+        name += f"-from-{_in_path(recipe.teacher.name)}"
     return os.path.join(root, recipe_stem(recipe_name), f"{name}-{run_id(description)}")
 
 
@@ -141,8 +157,8 @@ def stored_description(folder: str) -> dict[str, Any] | None:
     from fastkd.train.checkpoint import load_checkpoint
 
     recipe = load_checkpoint(last).get("recipe")
-    return {key: value for key, value in dotted(recipe).items() if not _ignored(key)} if isinstance(recipe, dict) \
-        else None
+    return {key: value for key, value in dotted(recipe).items() if not _ignored(key) and not _unset_since(key, value)} \
+        if isinstance(recipe, dict) else None
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -45,6 +45,20 @@ def entries_for(losses: Mapping[str, dict], objective) -> dict[str, LossEntry]:
     return entries
 
 
+def normalised(losses: Mapping[str, object]) -> dict[str, dict]:
+    """``losses`` with a bare weight (``{"kd": 0.9}``) written as ``{"kd": {"weight": 0.9}}``; a mapping
+    without a weight is refused."""
+    if not isinstance(losses, Mapping) or not losses:
+        raise ValueError(f"losses must be a non-empty mapping of loss name → weight or options, got {losses!r}")
+    out = {}
+    for name, spec in losses.items():
+        spec = {"weight": spec} if isinstance(spec, (int, float)) and not isinstance(spec, bool) else spec
+        if not isinstance(spec, Mapping) or "weight" not in spec:
+            raise ValueError(f"losses[{name!r}] must be a weight or a mapping with a 'weight', got {spec!r}")
+        out[name] = dict(spec)
+    return out
+
+
 def options(spec: Mapping[str, object]) -> dict[str, object]:
     """A recipe loss's constructor options: its mapping less ``weight``."""
     return {key: value for key, value in spec.items() if key != "weight"}
