@@ -13,7 +13,6 @@ follows RepDistiller: with ``is_feat`` it returns ``(features, logits)``.
 from __future__ import annotations
 
 import difflib
-from typing import Callable
 
 from torch import nn
 
@@ -32,32 +31,7 @@ from fastkd.models.tap import FeatureTap, default_taps, resnet_taps
 from fastkd.models.reader import FeatureReader, fixed_input_size, input_size
 from fastkd.models.vgg import vgg8, vgg11, vgg13, vgg16, vgg19
 from fastkd.models.wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
-
-CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet8": resnet8, "resnet14": resnet14, "resnet20": resnet20, "resnet32": resnet32,
-    "resnet44": resnet44, "resnet56": resnet56, "resnet110": resnet110,
-    "resnet8x4": resnet8x4, "resnet32x4": resnet32x4, "ResNet50": ResNet50,
-    "wrn_16_1": wrn_16_1, "wrn_16_2": wrn_16_2, "wrn_40_1": wrn_40_1, "wrn_40_2": wrn_40_2,
-    "vgg8": vgg8, "vgg11": vgg11, "vgg13": vgg13, "vgg16": vgg16, "vgg19": vgg19,
-    "MobileNetV2": mobilenetv2, "ShuffleV1": ShuffleV1, "ShuffleV2": ShuffleV2,
-}
-"""RepDistiller's ``model_dict`` names → builders (CIFAR, 32×32 inputs, 100 classes by default)."""
-
-IMAGENET_MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "mobilenet_v1": mobilenet_v1,
-}
-"""torchvision's names → builders (ImageNet, 1000 classes by default), and MobileNet v1 (the
-ResNet-50 → MobileNet distillation student; torchvision has none). Note ``resnet50`` is the
-ImageNet model, ``ResNet50`` RepDistiller's CIFAR one."""
-
-_MODELS = {**CIFAR_MODELS, **MULTIBRANCH_MODELS, **IMAGENET_MODELS}
-
-
-def names() -> list[str]:
-    """The names :func:`create` accepts: the CIFAR zoo, the multi-branch CIFAR ResNets of online
-    distillation (``resnet32_mb3`` …, see :mod:`fastkd.models.multibranch`), the ImageNet ResNets."""
-    return list(_MODELS)
-
+from fastkd.models.zoo import CIFAR_MODELS, IMAGENET_MODELS, _MODELS, names
 
 def create(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
     """Build the model ``name`` with ``num_classes`` outputs: a zoo model (default: 100 classes for the

@@ -106,7 +106,7 @@ def input_size(model: nn.Module) -> tuple[int, int]:
     config = getattr(model, "pretrained_cfg", None) or {}
     if len(config.get("input_size", ())) == 3:
         return int(config["input_size"][1]), int(config["input_size"][2])
-    from fastkd.models import CIFAR_MODELS, MULTIBRANCH_MODELS
+    from fastkd.models.zoo import CIFAR_MODELS, MULTIBRANCH_MODELS
 
     zoo = {builder.__module__ for builder in (*CIFAR_MODELS.values(), *MULTIBRANCH_MODELS.values())}
     return (32, 32) if type(model).__module__ in zoo else (224, 224)

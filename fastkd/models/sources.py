@@ -66,7 +66,7 @@ def _names(source: str) -> list[str]:
 def check(name: str) -> str:
     """``name`` itself when :func:`create` can build it here; ``ValueError`` naming close matches (an
     unknown name) or ``ImportError`` (a missing package) otherwise. Cheap: builds nothing."""
-    from fastkd.models import names as zoo_names
+    from fastkd.models.zoo import names as zoo_names
 
     source, bare = split(name)
     known = zoo_names() if source == "zoo" else _names(source)
@@ -105,7 +105,7 @@ def listing(pattern: str | None = None) -> tuple[list[str], list[str]]:
     """(the model names :func:`fastkd.models.create` takes that match the shell-style ``pattern``, lines
     about the sources that cannot be listed here). A pattern without a prefix matches the bare names of
     every source (``'*vit*'``); ``'timm:*'`` lists one source."""
-    from fastkd.models import names as zoo_names
+    from fastkd.models.zoo import names as zoo_names
 
     rows, problems = [], []
     for source in ("zoo", *SOURCES):
