@@ -65,6 +65,7 @@ def native_extension():
 
     plan = _plan_module().plan_for(Path("csrc"))  # relative paths: setuptools wants them so
     flags = {"cxx": list(plan.cxx), "nvcc": list(plan.nvcc)}
+    os.environ.update(_plan_module().cuda_arch_env(plan.cuda))  # no GPU visible: name the architectures
     kind = cpp_extension.CUDAExtension if plan.cuda else cpp_extension.CppExtension
     ext = kind("fastkd._C", list(plan.sources), extra_compile_args=flags, extra_link_args=list(plan.ldflags))
 

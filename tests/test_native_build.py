@@ -278,3 +278,20 @@ def test_doctor_fails_when_the_build_is_missing(tmp_path):
     assert out.returncode == 1, out.stderr
     assert "not built yet for torch" in out.stdout and "- Compile the native kernels now: `fastkd build`" in out.stdout
     assert out.stderr == ""  # the doctor compiles nothing
+
+
+def test_cuda_architectures_are_named_when_no_gpu_can_be_asked(monkeypatch):
+    """A CUDA torch on a machine without a GPU: torch derives the architectures from the visible GPUs and,
+    finding none, fails inside cpp_extension with an IndexError; the build names them instead."""
+    from fastkd._native import plan
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan.cuda_arch_env(True) == {"TORCH_CUDA_ARCH_LIST": plan.DEFAULT_CUDA_ARCHS}
+    assert plan.cuda_arch_env(False) == {}  # a CPU build needs none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert plan.cuda_arch_env(True) == {}  # torch asks the GPU
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan.cuda_arch_env(True) == {}  # the user's list stands

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from fastkd._native import cache
-from fastkd._native.plan import Plan
+from fastkd._native.plan import Plan, cuda_arch_env
 
 # The child: build, and load the result once, which also proves it loads (then exit).
 _CHILD = "import json, sys; from torch.utils.cpp_extension import load; load(**json.loads(sys.argv[1]))"
@@ -81,7 +81,8 @@ def compile_into(folder: Path, plan: Plan) -> None:
     log_path = folder / "build.log"
     with open(log_path, "w") as log:
         done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, cwd=folder, env=dict(os.environ, PATH=tool_path()))
+                              stdin=subprocess.DEVNULL, cwd=folder,
+                              env=dict(os.environ, PATH=tool_path(), **cuda_arch_env(plan.cuda)))
     if done.returncode != 0 or cache.library(folder) is None:
         raise cache.Failed(log_path.read_text(errors="replace"), log_path)
     for path in folder.iterdir():  # object files and ninja's state: a few MB that nothing reads again

@@ -24,8 +24,10 @@ from pathlib import Path
 
 TAG_PREFIX = "fastkd-build:"
 SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
-CXX_FLAGS = ["-O3", "-std=c++17", "-g0"]  # -g0: no debug information (Python's own CFLAGS carry -g)
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math"]
+# No -std: torch's cpp_extension adds the standard its headers need (C++17 up to some release, C++20 since:
+# torch 2.14's headers use std::strong_ordering and concepts), and a -std of ours would replace it.
+CXX_FLAGS = ["-O3", "-g0"]  # -g0: no debug information (Python's own CFLAGS carry -g)
+NVCC_FLAGS = ["-O3", "--use_fast_math"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,24 @@ def plan_for(root: Path) -> Plan:
     cxx = CXX_FLAGS + openmp + (["-DFASTKD_WITH_CUDA"] if cuda else []) + [tag_define(tag)]
     return Plan(root=root, sources=tuple(str(p) for p in cpp + (cuda_sources if cuda else [])), cuda=cuda,
                 tag=tag, cxx=tuple(cxx), nvcc=tuple(NVCC_FLAGS if cuda else ()), ldflags=tuple(openmp))
+
+
+# GPUs the CUDA kernels are compiled for when no GPU is visible to ask (a build machine, a CUDA torch on a
+# CPU-only machine): torch derives the list from the visible GPUs and, finding none, fails with an IndexError
+# inside cpp_extension. Ampere (A100) and Hopper (H100 / H200), plus PTX that newer GPUs compile at load.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def cuda_arch_env(cuda: bool) -> dict[str, str]:
+    """What a build of a plan with CUDA sources needs in its environment: ``TORCH_CUDA_ARCH_LIST`` set to
+    :data:`DEFAULT_CUDA_ARCHS` when the user set none and no GPU is visible (else nothing: torch's own choice,
+    the visible GPUs' architectures, or the user's list)."""
+    if not cuda or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return {}
+    import torch
+
+    return {} if torch.cuda.is_available() and torch.cuda.device_count() > 0 else {"TORCH_CUDA_ARCH_LIST":
+                                                                                     DEFAULT_CUDA_ARCHS}
 
 
 def tag_define(tag: str) -> str:
