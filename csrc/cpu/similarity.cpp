@@ -1,4 +1,5 @@
-// CPU kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance and angle.
+// CPU kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance and angle; and
+// of IUSP (fastkd/ops/iusp.py), SP's epilogue on each sequence's T x T Gram (see iusp_loss at the end).
 //
 // Each loss is a function of the Gram matrices G = X X^T ([B, B]) of the student and teacher
 // batches. A kernel computes G once per side (gram_matrix: the upper triangle, mirrored; in fp32 for fp16/bf16 inputs),
@@ -62,9 +63,11 @@ void add_norm_path(acc_t* m, const acc_t* g, const acc_t* nu, const acc_t* dnu, 
 
 // ---- SP -------------------------------------------------------------------------------------
 
+// SP's epilogue on one pair of [b, b] Grams: returns weight * ||rownorm(G_s) - rownorm(G_t)||_F^2 and writes
+// M = dL/dG + (dL/dG)^T of that loss into ms / mt (SP: weight 1 / b^2; IUSP: 1 / (B L^2) per sequence).
 template <typename acc_t>
-double sp_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b) {
-  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = acc_t(2) / static_cast<acc_t>(b * b);
+double sp_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64_t b, double weight) {
+  const acc_t eps = static_cast<acc_t>(kRownormEps), scale = static_cast<acc_t>(2 * weight);
   std::vector<double> rows(b);
   at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -97,7 +100,7 @@ double sp_epilogue(const acc_t* gs, const acc_t* gt, acc_t* ms, acc_t* mt, int64
   });
   symmetrize(ms, b);
   symmetrize(mt, b);
-  return sum_rows(rows) / static_cast<double>(b * b);
+  return sum_rows(rows) * weight;
 }
 
 // ---- CCKD / PKT: cosines c_ij = G_ij / (nu_i nu_j) ------------------------------------------
@@ -521,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relation(const char* op, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, const at::Tensor& f_t) {
   return relation("sp_loss", f_s, f_t, [](auto* gs, auto* gt, auto* ms, auto* mt, int64_t b) {
-    return sp_epilogue(gs, gt, ms, mt, b);
+    return sp_epilogue(gs, gt, ms, mt, b, 1.0 / static_cast<double>(b * b));
   });
 }
 
@@ -557,6 +560,54 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_loss(const at::Tensor& f_s, const a
     return rkd_angle_epilogue(gs, gt, ms, b);
   });
   return {loss, ms};
+}
+
+// IUSP: for each sequence b, the Grams of its first L_b frames ([L_b, L_b], gram_matrix: the upper triangle,
+// mirrored) and SP's epilogue on them with weight 1 / (B L_b^2), written straight into M's slice [b] when L_b = T
+// (no padding) and through an [L_b, L_b] buffer into the zeroed slice otherwise. The sequences run one after the
+// other (each Gram and epilogue uses the threads itself) and their losses are added in order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> iusp_loss(const at::Tensor& f_s, const at::Tensor& f_t,
+                                                         const at::Tensor& lengths) {
+  TORCH_CHECK(f_s.device().is_cpu() && f_t.device().is_cpu() && lengths.device().is_cpu(),
+              "iusp_loss: the CPU kernel needs CPU tensors");
+  TORCH_CHECK(f_s.dim() == 3 && f_t.dim() == 3, "iusp_loss: expected [B, T, C] inputs, got ", f_s.sizes(), " and ",
+              f_t.sizes());
+  TORCH_CHECK(f_s.size(0) == f_t.size(0) && f_s.size(1) == f_t.size(1),
+              "iusp_loss: student and teacher differ in B or T (", f_s.sizes(), " vs ", f_t.sizes(), ")");
+  TORCH_CHECK(f_s.scalar_type() == f_t.scalar_type(), "iusp_loss: student and teacher dtypes differ");
+  TORCH_CHECK(at::isFloatingType(f_s.scalar_type()), "iusp_loss: expected floating-point inputs, got ",
+              f_s.scalar_type());
+  const int64_t batch = f_s.size(0), frames = f_s.size(1);
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == batch,
+              "iusp_loss: lengths must be int64 [B], got ", lengths.scalar_type(), " ", lengths.sizes());
+  const at::Tensor len = as_contiguous(lengths);
+  const int64_t* lp = len.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= frames, "iusp_loss: lengths[", b, "] = ", lp[b], " is outside [1, ", frames,
+                "]");
+  const at::ScalarType acc = f_s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xs = as_dtype(f_s, acc), xt = as_dtype(f_t, acc);
+  at::Tensor ms = at::empty({batch, frames, frames}, xs.options());
+  at::Tensor mt = at::empty_like(ms);
+  double loss = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = lp[b];
+    const at::Tensor gs = gram_matrix(xs.select(0, b).narrow(0, 0, n));
+    const at::Tensor gt = gram_matrix(xt.select(0, b).narrow(0, 0, n));
+    const bool whole = n == frames;
+    at::Tensor out_s = whole ? ms.select(0, b) : at::empty({n, n}, ms.options());
+    at::Tensor out_t = whole ? mt.select(0, b) : at::empty({n, n}, mt.options());
+    const double weight = 1.0 / (static_cast<double>(batch) * static_cast<double>(n) * static_cast<double>(n));
+    AT_DISPATCH_FLOATING_TYPES(acc, "iusp_epilogue", [&] {
+      loss += sp_epilogue(gs.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), out_s.data_ptr<scalar_t>(),
+                          out_t.data_ptr<scalar_t>(), n, weight);
+    });
+    if (!whole) {
+      ms.select(0, b).zero_().narrow(0, 0, n).narrow(1, 0, n).copy_(out_s);
+      mt.select(0, b).zero_().narrow(0, 0, n).narrow(1, 0, n).copy_(out_t);
+    }
+  }
+  return {at::scalar_tensor(loss, ms.options()), ms, mt};
 }
 
 }  // namespace fastkd::cpu
