@@ -24,7 +24,8 @@ from fastkd.ops import similarity as relations
 
 # loss -> (student shape, teacher shape) per size: CPU sizes at b = 64 (SP / NST on a resnet8x4-like
 # last-stage map, 256 × 8 × 8; CCKD / PKT / RKD on 128-d embeddings); GPU sizes at b = 256, C·H·W = 16,384;
-# IUSP's sizes (benchmarks/test_iusp.py, any device): B = 64 sequences of T = 500 frames of C = 128 or 512.
+# IUSP's: B = 64 sequences of T = 500 frames of C = 128 or 512 (on CPU in benchmarks/test_iusp.py, size "iusp";
+# on GPU with the others, so that gpu-check's bench-similarity stage runs them).
 SIZES = {
     "cpu": {
         "sp": ((64, 256, 8, 8), (64, 256, 8, 8)),
@@ -41,6 +42,8 @@ SIZES = {
         "rkd_distance": ((256, 16384), (256, 16384)),
         "rkd_angle": ((256, 16384), (256, 16384)),
         "nst": ((256, 256, 8, 8), (256, 256, 8, 8)),
+        "iusp_c128": ((64, 500, 128), (64, 500, 128)),
+        "iusp_c512": ((64, 500, 512), (64, 500, 512)),
     },
     "iusp": {
         "iusp_c128": ((64, 500, 128), (64, 500, 128)),
