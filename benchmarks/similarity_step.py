@@ -1,6 +1,7 @@
-"""One step of a batch-relation loss (SP, CCKD, PKT, RKD distance, RKD angle, NST) at a benchmark size, per provider.
+"""One step of a batch-relation loss (SP, CCKD, PKT, RKD distance, RKD angle, NST; IUSP) at a benchmark size, per
+provider.
 
-Used by benchmarks/test_similarity.py, and as a script to measure one provider's peak extra memory in a
+Used by benchmarks/test_similarity.py and benchmarks/test_iusp.py, and as a script to measure one provider's peak extra memory in a
 fresh process (``python benchmarks/similarity_step.py LOSS PROVIDER SIZE`` prints bytes): the peak resident
 memory of a full step (forward + backward) beyond what the process held before it (Linux: VmHWM reset
 through clear_refs), with big buffers mmapped so that freed memory is returned.
@@ -22,7 +23,9 @@ from fastkd import functional as fk
 from fastkd.ops import similarity as relations
 
 # loss -> (student shape, teacher shape) per size: CPU sizes at b = 64 (SP / NST on a resnet8x4-like
-# last-stage map, 256 × 8 × 8; CCKD / PKT / RKD on 128-d embeddings); GPU sizes at b = 256, C·H·W = 16,384.
+# last-stage map, 256 × 8 × 8; CCKD / PKT / RKD on 128-d embeddings); GPU sizes at b = 256, C·H·W = 16,384;
+# IUSP's: B = 64 sequences of T = 500 frames of C = 128 or 512 (on CPU in benchmarks/test_iusp.py, size "iusp";
+# on GPU with the others, so that gpu-check's bench-similarity stage runs them).
 SIZES = {
     "cpu": {
         "sp": ((64, 256, 8, 8), (64, 256, 8, 8)),
@@ -39,6 +42,12 @@ SIZES = {
         "rkd_distance": ((256, 16384), (256, 16384)),
         "rkd_angle": ((256, 16384), (256, 16384)),
         "nst": ((256, 256, 8, 8), (256, 256, 8, 8)),
+        "iusp_c128": ((64, 500, 128), (64, 500, 128)),
+        "iusp_c512": ((64, 500, 512), (64, 500, 512)),
+    },
+    "iusp": {
+        "iusp_c128": ((64, 500, 128), (64, 500, 128)),
+        "iusp_c512": ((64, 500, 512), (64, 500, 512)),
     },
 }
 
@@ -54,7 +63,7 @@ def _rkd_angle(f_s, f_t):
 
 
 LOSSES = {"sp": fk.sp_loss, "cckd": fk.cckd_loss, "pkt": fk.pkt_loss, "rkd_distance": _rkd_distance,
-          "rkd_angle": _rkd_angle, "nst": fk.nst_loss}
+          "rkd_angle": _rkd_angle, "nst": fk.nst_loss, "iusp_c128": fk.iusp_loss, "iusp_c512": fk.iusp_loss}
 
 
 def make_step(loss: str, size: str, mode: str, device: str = "cpu"):

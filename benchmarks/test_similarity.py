@@ -4,7 +4,8 @@ backend) vs fastkd's fused ops, side by side, forward / backward / full step.
     OMP_NUM_THREADS=1 bash scripts/dev bench benchmarks/test_similarity.py \\
         --benchmark-json benchmarks/results/similarity-cpu.json
 
-CPU sizes (b = 64) on any machine; GPU sizes (b = 256, C·H·W = 16,384) only with a GPU. Each full-step
+CPU sizes (b = 64) on any machine; GPU sizes (b = 256, C·H·W = 16,384; and IUSP's B = 64 sequences of T = 500
+frames, C = 128 / 512, whose CPU cases are benchmarks/test_iusp.py's) only with a GPU. Each full-step
 entry's extra_info holds the peak extra memory of one step: on CPU measured in a fresh process so that no
 provider inherits another's freed memory; on GPU torch.cuda.max_memory_allocated.
 """

@@ -27,6 +27,7 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("dkd_loss", &fastkd::cpu::dkd_loss);
   m.impl("dkd_loss_backward", &fastkd::cpu::dkd_loss_backward);
   m.impl("sp_loss", &fastkd::cpu::sp_loss);
+  m.impl("iusp_loss", &fastkd::cpu::iusp_loss);
   m.impl("cckd_loss", &fastkd::cpu::cckd_loss);
   m.impl("pkt_loss", &fastkd::cpu::pkt_loss);
   m.impl("rkd_distance_loss", &fastkd::cpu::rkd_distance_loss);

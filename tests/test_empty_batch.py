@@ -22,6 +22,10 @@ def rows(b, d, seed=0):
     return torch.randn(b, d, generator=torch.Generator().manual_seed(seed))
 
 
+def frames(b, t, c, seed=0):
+    return torch.randn(b, t, c, generator=torch.Generator().manual_seed(seed))
+
+
 def labels(b, classes=10):
     return torch.zeros(b, dtype=torch.long) % classes
 
@@ -65,6 +69,8 @@ CASES = {
                 lambda b: fk.vid_loss(maps(b, 5, 4), maps(b, 5, 4, 1), torch.zeros(5))),
     "SPLoss": (fastkd.SPLoss, lambda b: (maps(b, 3, 4), maps(b, 5, 2, 1)), "f_s",
                lambda b: fk.sp_loss(maps(b, 3, 4), maps(b, 5, 2, 1))),
+    "IUSPLoss": (fastkd.IUSPLoss, lambda b: (frames(b, 5, 3), frames(b, 5, 4, 1)), "f_s",
+                 lambda b: fk.iusp_loss(frames(b, 5, 3), frames(b, 5, 4, 1))),
     "CCLoss": (fastkd.CCLoss, lambda b: (rows(b, 6), rows(b, 6, 1)), "e_s",
                lambda b: fk.cc_loss(rows(b, 6), rows(b, 6, 1))),
     "CCLoss(embeds)": (lambda: fastkd.CCLoss(6, 7, feat_dim=4), lambda b: (rows(b, 6), rows(b, 7, 1)), "e_s", None),

@@ -30,13 +30,16 @@ def _images(n=BATCH, seed=0):
 
 def _objective(key: str) -> nn.Module:
     """The objective a recipe of ``key`` alone builds: zoo resnet8x4 ← resnet32x4 (a tiny multi-branch
-    ResNet for the online losses); SSKD's second stage gets a first stage's head."""
+    ResNet for the online losses, the sequence models rowgru ← rowconv for losses of per-frame features);
+    SSKD's second stage gets a first stage's head."""
     losses = {key: {"weight": 1.0}}
     torch.manual_seed(0)
     if objective_of(losses) == "online":
         student = MultiBranchResNet(8, widths=(4, 4, 8, 8), num_branches=4, num_classes=CLASSES)
         return build_objective(losses, student, None, None, NUM_DATA)
-    student, teacher = create("resnet8x4", num_classes=CLASSES), create("resnet32x4", num_classes=CLASSES)
+    sequences = any(name.startswith("frames_") for name in entry(key).takes)
+    pair = ("rowgru", "rowconv") if sequences else ("resnet8x4", "resnet32x4")
+    student, teacher = (create(name, num_classes=CLASSES) for name in pair)
     teacher_state = None
     if objective_of(losses) == "sskd_student":
         stage1 = build_objective({"rotation": {"weight": 1.0}}, create("resnet32x4", num_classes=CLASSES), teacher,

@@ -191,7 +191,7 @@ def test_names_and_registry():
         "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
         "resnet32x4", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
         "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", *MULTIBRANCH_MODELS, "resnet18", "resnet34",
-        "resnet50", "mobilenet_v1",
+        "resnet50", "mobilenet_v1", "rowconv", "rowgru",
     ]
     assert set(CIFAR_EXPECTED) == set(CIFAR_MODELS) and set(CIFAR_KEYS) == set(CIFAR_MODELS)
     assert set(IMAGENET_EXPECTED) | {"mobilenet_v1"} == set(IMAGENET_MODELS)

@@ -94,6 +94,8 @@ SAMPLES = {
     "dkd_loss": lambda dtype: ((*_logits(dtype), 1.0, 8.0, 3.0), (0, 1)),
     "dkd_loss_backward": _dkd_backward,
     "sp_loss": _pair,
+    "iusp_loss": lambda dtype: ((torch.randn(3, 6, 5, generator=_gen(20)).to(dtype),
+                                 torch.randn(3, 6, 4, generator=_gen(21)).to(dtype), torch.tensor([6, 2, 5])), (0, 1)),
     "cckd_loss": lambda dtype: _pair(dtype, 0.4, 2),
     "pkt_loss": lambda dtype: _pair(dtype, 1e-7),
     "rkd_distance_loss": _pair,

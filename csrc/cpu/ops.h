@@ -73,6 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sp_loss(const at::Tensor& f_s, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cckd_loss(const at::Tensor& e_s, const at::Tensor& e_t, double gamma,
                                                          int64_t order);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pkt_loss(const at::Tensor& f_s, const at::Tensor& f_t, double eps);
+// IUSP (fastkd/ops/iusp.py): SP inside each sequence of [B, T, C] inputs, over its first lengths[b] frames:
+// (loss, m_s, m_t) with m [B, T, T] (zero on the padding), so that dL/dX_b = M_b X_b.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> iusp_loss(const at::Tensor& f_s, const at::Tensor& f_t,
+                                                         const at::Tensor& lengths);
 // RKD's distance term: (loss, m_s); the teacher side has no gradient.
 std::tuple<at::Tensor, at::Tensor> rkd_distance_loss(const at::Tensor& f_s, const at::Tensor& f_t);
 

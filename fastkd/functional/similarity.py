@@ -17,9 +17,10 @@ import torch
 
 from fastkd import _checks
 from fastkd._precision import upcast
+from fastkd.ops import iusp as iusp_ops
 from fastkd.ops import similarity as ops
 
-__all__ = ["sp_loss", "cc_loss", "cckd_loss", "rkd_loss", "pkt_loss"]
+__all__ = ["sp_loss", "iusp_loss", "cc_loss", "cckd_loss", "rkd_loss", "pkt_loss"]
 
 # --- SP ---------------------------------------------------------------------------------------
 
@@ -48,6 +49,101 @@ def sp_loss(f_s, f_t) -> torch.Tensor:
 def _flat(f: torch.Tensor) -> torch.Tensor:
     """[B, ...] → [B, D]: a relation compares whole samples."""
     return f.reshape(f.shape[0], -1)
+
+
+# --- IUSP (SP inside each sequence) -----------------------------------------------------------
+
+def iusp_loss(f_s: torch.Tensor, f_t: torch.Tensor, lengths: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Intra-utterance similarity preservation (Chang, Kao, Sun & Wang, "Intra-Utterance Similarity Preserving
+    Knowledge Distillation for Audio Tagging", Interspeech 2020): SP's similarity matrix taken between the frames
+    of each sequence instead of between the samples of the batch.
+
+    For sequence b with L_b real frames X_b (``[L_b, C]``; C may differ between student and teacher),
+    G_b = X_b X_bᵀ (L_b × L_b) and ``rownorm`` dividing each row by its L2 norm (eps 1e-12) as SP does::
+
+        loss = (1/B) Σ_b ‖rownorm(G_b^t) − rownorm(G_b^s)‖²_F / L_b²
+
+    What the paper does: "instead of preserving the pairwise similarities between inputs within a mini-batch,
+    [it] preserves the pairwise similarities between the frames of a single input utterance", SP's matrix
+    (rownorm of the Gram, squared Frobenius distance, SP's /b²) taken over the frames of one utterance. The
+    parts of its text that could be read while writing this (abstract, introduction) do not print the
+    normalising constant or the reduction over the mini-batch. What fastkd does: SP exactly, per utterance
+    (/L_b², the side of that utterance's matrix squared), then the mean over the B utterances; at equal lengths
+    T that is Σ_b ‖·‖²_F / (B·T²), and at B = 1 it is SP's value with the frames as the batch
+    (:func:`sp_loss` of ``f[0]``). A sum over the batch instead of the mean is ``B ×`` this (scale the weight).
+
+    Variable lengths: padding frames are left out of the Gram of their sequence, row and column, and each
+    sequence is normalised by its own L_b² (a sequence's loss does not change when padding is added). Give
+    either ``lengths`` (the first L_b frames are real) or ``mask`` (True at the real frames, anywhere in the
+    sequence: they are gathered to the front first, in order, which changes no value since the loss is the
+    same for any order of the frames), or neither (every frame is real).
+
+    Args:
+        f_s: student frames ``[B, T, C_s]``.
+        f_t: teacher frames ``[B, T, C_t]``: the same B and T.
+        lengths: optional integer tensor ``[B]`` with values in [1, T].
+        mask: optional bool tensor ``[B, T]``, at least one True per sequence.
+
+    Returns:
+        0-dim tensor (fp32 for fp16 / bf16 / fp32 inputs). Runs the fused op ``fastkd::iusp_loss`` (native C++
+        on CPU, Triton on CUDA) unless the ``torch`` backend is selected (the eager computation).
+    """
+    _checks.pair_of("f_s", f_s, "f_t", f_t, ndim=3)
+    if f_s.shape[1] != f_t.shape[1]:
+        raise ValueError(f"f_t has {f_t.shape[1]} frames (shape {tuple(f_t.shape)}) but f_s has {f_s.shape[1]} "
+                         f"(shape {tuple(f_s.shape)}); give the student and teacher the same frames [B, T, C]")
+    if f_s.shape[1] == 0:
+        raise ValueError(f"f_s has no frames (shape {tuple(f_s.shape)}); each sequence needs at least one frame")
+    if lengths is not None and mask is not None:
+        raise ValueError("give lengths or mask, not both")
+    if mask is not None:
+        f_s, f_t, lengths = _masked_to_front(f_s, f_t, mask)
+    elif lengths is not None:
+        lengths = _lengths(lengths, f_s)
+    return iusp_ops.iusp(f_s, f_t, lengths)
+
+
+def _lengths(lengths, f: torch.Tensor) -> torch.Tensor:
+    """``lengths`` checked against [B, T, C] ``f``: an integer tensor [B] on f's device, values in [1, T]; int64."""
+    b, t = f.shape[:2]
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be a torch.Tensor of frame counts [B], got {type(lengths).__name__}")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must be an integer tensor (frame counts), got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != (b,):
+        raise ValueError(f"lengths must have shape ({b},), one frame count per sequence of f_s, "
+                         f"got {tuple(lengths.shape)}")
+    if lengths.device != f.device:
+        raise ValueError(f"lengths is on {lengths.device} but f_s is on {f.device}; put both on one device")
+    if _checks.values_checked() and _checks.has_values(lengths):
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > t:
+            raise ValueError(f"lengths holds {lo if lo < 1 else hi}, outside [1, {t}] (f_s has {t} frames); "
+                             "every sequence needs between 1 and T real frames")
+    return lengths.to(torch.int64)
+
+
+def _masked_to_front(f_s: torch.Tensor, f_t: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(f_s, f_t, lengths) with each sequence's real frames (``mask``) moved to the front in their order."""
+    b, t = f_s.shape[:2]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor [B, T] (True at the real frames), got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if tuple(mask.shape) != (b, t):
+        raise ValueError(f"mask must have shape ({b}, {t}), like f_s's first two dimensions, got {tuple(mask.shape)}")
+    if mask.device != f_s.device:
+        raise ValueError(f"mask is on {mask.device} but f_s is on {f_s.device}; put both on one device")
+    lengths = mask.sum(dim=1)
+    if _checks.values_checked() and _checks.has_values(mask) and not bool((lengths > 0).all()):
+        raise ValueError(f"mask has a sequence without a real frame (row {int((lengths == 0).nonzero()[0])}); "
+                         "every sequence needs at least one True")
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+
+    def gather(f):
+        return f.gather(1, order.unsqueeze(2).expand(-1, -1, f.shape[2]))
+
+    return gather(f_s), gather(f_t), lengths
 
 
 # --- CC (RepDistiller form) -------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Triton kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance and angle.
+"""Triton kernels of the batch-relation ops (fastkd/ops/similarity.py): SP, CCKD, PKT, RKD distance and angle;
+and IUSP, SP inside each sequence (fastkd/ops/iusp.py).
 
 Each loss is a function of the Gram matrices G = XXᵀ ([B, B], B ≤ 256) of the student and teacher
 batches X ([B, D]); the op returns the loss and M = ∂L/∂G + (∂L/∂G)ᵀ, and backward is ∂L/∂X = M·X.
@@ -11,6 +12,8 @@ batches X ([B, D]); the op returns the loss and M = ∂L/∂G + (∂L/∂G)ᵀ, 
   Grams; the whole elementwise chain of the loss and its derivative along that row, writing the
   loss partial and row i of ∂L/∂G (the direct part, for CCKD / PKT without the path through the
   norms) for both sides, and for CCKD / PKT the per-row factor dν_i/dG_ii / ν_i.
+* ``iusp_rows_kernel``: IUSP (fastkd/ops/iusp.py), SP's row chain (``sp_row``, shared with ``sp_rows_kernel``)
+  on row i of sequence b's T × T Grams, one program per (row, sequence), over the sequence's own length.
 * ``symmetrize_kernel``: M = D + Dᵀ row by row, plus (``NORM_PATH``) the path through the norms
   ν_i(G_ii): M_ii += −2·(Σ_j M_ij G_ij)·dν_i/ν_i.
 * ``rkd_sums_kernel``, ``rkd_rows_kernel``, ``rkd_grad_kernel``, ``rkd_finish_kernel``: RKD's
@@ -76,21 +79,51 @@ def _row(g_ptr, i, B, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def sp_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, loss_ptr, B, scale, eps, BLOCK_B: tl.constexpr):
-    """SP: y = g / max(‖g_i‖, eps) per row; loss_i = Σ_j (y_s − y_t)²; D = rownorm backward of ±scale·(y_s − y_t)."""
-    i = tl.program_id(0)
-    rs, cols, mask, _ = _row(gs_ptr, i, B, BLOCK_B)
-    rt, _, _, _ = _row(gt_ptr, i, B, BLOCK_B)
+def sp_row(rs, rt, scale, eps):
+    """SP on one row of each Gram (fp32, zero past the row's end): y = g / max(‖g_i‖, eps); returns
+    (Σ_j (y_s − y_t)², and the rownorm backward of ±scale·(y_s − y_t): the row of D for each side)."""
     ns = tl.sqrt(tl.sum(rs * rs, axis=0))
     nt = tl.sqrt(tl.sum(rt * rt, axis=0))
     ys = rs / tl.maximum(ns, eps)
     yt = rt / tl.maximum(nt, eps)
     diff = ys - yt
-    tl.store(loss_ptr + i, tl.sum(diff * diff, axis=0))
     inner_s = tl.where(ns >= eps, tl.sum(ys * diff, axis=0), 0.0)
     inner_t = tl.where(nt >= eps, tl.sum(yt * diff, axis=0), 0.0)
-    tl.store(ds_ptr + i * B + cols, scale * (diff - ys * inner_s) / tl.maximum(ns, eps), mask=mask)
-    tl.store(dt_ptr + i * B + cols, -scale * (diff - yt * inner_t) / tl.maximum(nt, eps), mask=mask)
+    return (tl.sum(diff * diff, axis=0), scale * (diff - ys * inner_s) / tl.maximum(ns, eps),
+            -scale * (diff - yt * inner_t) / tl.maximum(nt, eps))
+
+
+@triton.jit
+def sp_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, loss_ptr, B, scale, eps, BLOCK_B: tl.constexpr):
+    """SP: y = g / max(‖g_i‖, eps) per row; loss_i = Σ_j (y_s − y_t)²; D = rownorm backward of ±scale·(y_s − y_t)."""
+    i = tl.program_id(0)
+    rs, cols, mask, _ = _row(gs_ptr, i, B, BLOCK_B)
+    rt, _, _, _ = _row(gt_ptr, i, B, BLOCK_B)
+    loss, ds, dt = sp_row(rs, rt, scale, eps)
+    tl.store(loss_ptr + i, loss)
+    tl.store(ds_ptr + i * B + cols, ds, mask=mask)
+    tl.store(dt_ptr + i * B + cols, dt, mask=mask)
+
+
+@triton.jit
+def iusp_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, len_ptr, loss_ptr, B, T, eps, BLOCK_T: tl.constexpr):
+    """IUSP, SP inside each sequence: grid (T, B), program (i, b) takes row i of sequence b's Grams ([B, T, T]
+    contiguous) over its first L_b = len[b] columns; loss[b, i] = Σ_j (y_s − y_t)² / (B·L_b²) and row i of D
+    (scale 2/(B·L_b²)); a padded row (i ≥ L_b) and the padded columns get 0."""
+    i = tl.program_id(0)
+    b = tl.program_id(1)
+    n = tl.load(len_ptr + b)
+    base = b.to(tl.int64) * T * T + i * T
+    cols = tl.arange(0, BLOCK_T)
+    valid = cols < tl.where(i < n, n, 0)  # (a padded row reads nothing)
+    rs = tl.load(gs_ptr + base + cols, mask=valid, other=0.0).to(tl.float32)
+    rt = tl.load(gt_ptr + base + cols, mask=valid, other=0.0).to(tl.float32)
+    nf = n.to(tl.float32)
+    weight = 1.0 / (B * nf * nf)
+    loss, ds, dt = sp_row(rs, rt, 2.0 * weight, eps)
+    tl.store(loss_ptr + b * T + i, loss * weight)
+    tl.store(ds_ptr + base + cols, ds, mask=cols < T)
+    tl.store(dt_ptr + base + cols, dt, mask=cols < T)
 
 
 @triton.jit
@@ -169,8 +202,12 @@ def pkt_rows_kernel(gs_ptr, gt_ptr, ds_ptr, dt_ptr, fs_ptr, ft_ptr, loss_ptr, B,
 
 @triton.jit
 def symmetrize_kernel(d_ptr, g_ptr, f_ptr, m_ptr, B, NORM_PATH: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Row i of M = D + Dᵀ; with NORM_PATH, M_ii += −2·(Σ_j M_ij G_ij)·f_i (f_i = dν_i/dG_ii / ν_i)."""
+    """Row i of M = D + Dᵀ; with NORM_PATH, M_ii += −2·(Σ_j M_ij G_ij)·f_i (f_i = dν_i/dG_ii / ν_i). A grid
+    (B, N) runs it on N contiguous [B, B] matrices (matrix z = program_id(1); IUSP's, without NORM_PATH)."""
     i = tl.program_id(0)
+    z = tl.program_id(1).to(tl.int64) * B * B
+    d_ptr = d_ptr + z
+    m_ptr = m_ptr + z
     cols = tl.arange(0, BLOCK_B)
     mask = cols < B
     m = tl.load(d_ptr + i * B + cols, mask=mask, other=0.0) + tl.load(d_ptr + cols * B + i, mask=mask, other=0.0)

@@ -72,6 +72,7 @@ _PAIRED = {
     "blocks": "stage outputs features[1:-1] (a list of maps)",
     "maps": "stem and stage outputs features[:-1] (a list of maps)",
     "last_block": "last stage's output features[-2]",
+    "frames": "per-frame output [B, T, C] of a sequence model's last stage, features[-2]",
     "hint_layer": "stage output features[hint_layer] (the Distiller's hint_layer, 2 by default)",
     "pooled": "pooled penultimate feature features[-1]",
     "view_logits": "logits on the four rotated views of the batch [4B, K]",

@@ -1,4 +1,4 @@
-"""Batch-relation losses as drop-in modules: SP, CC, CCKD, RKD, PKT.
+"""Batch-relation losses as drop-in modules: SP (and IUSP, its sequence form), CC, CCKD, RKD, PKT.
 
 Each calls its function in :mod:`fastkd.functional.similarity`, which holds the formula.
 """
@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from fastkd import _checks
-from fastkd.functional.similarity import cc_loss, cckd_loss, pkt_loss, rkd_loss, sp_loss
+from fastkd.functional.similarity import cc_loss, cckd_loss, iusp_loss, pkt_loss, rkd_loss, sp_loss
 from fastkd.losses._registry import register, widths
 
-__all__ = ["SPLoss", "CCLoss", "CCKDLoss", "RKDLoss", "PKTLoss"]
+__all__ = ["SPLoss", "IUSPLoss", "CCLoss", "CCKDLoss", "RKDLoss", "PKTLoss"]
 
 
 @register("sp", takes=("last_block_s", "last_block_t"))
@@ -24,6 +24,21 @@ class SPLoss(nn.Module):
 
     def forward(self, f_s, f_t) -> torch.Tensor:
         return sp_loss(f_s, f_t)
+
+
+@register("iusp", takes=("frames_s", "frames_t"))
+class IUSPLoss(nn.Module):
+    """Intra-utterance similarity preservation (Chang et al. 2020), SP between the frames of each sequence; see
+    :func:`fastkd.functional.iusp_loss` for the formula, what the paper does and what fastkd does.
+
+    ``forward(f_s, f_t, lengths=None, mask=None)`` takes per-frame features ``[B, T, C_s]`` and ``[B, T, C_t]``
+    and, for sequences of different lengths, their frame counts ``[B]`` or a bool mask ``[B, T]``. In a recipe
+    (key ``iusp``) it takes the ``frames_s`` / ``frames_t`` features: a sequence model's last per-frame output.
+    """
+
+    def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, lengths: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return iusp_loss(f_s, f_t, lengths, mask)
 
 
 class _EmbeddedPair(nn.Module):

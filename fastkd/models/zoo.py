@@ -14,6 +14,7 @@ from fastkd.models.resnet import (resnet8, resnet8x4, resnet14, resnet20, resnet
                                   resnet56, resnet110)
 from fastkd.models.resnet50 import ResNet50
 from fastkd.models.resnet_imagenet import resnet18, resnet34, resnet50
+from fastkd.models.sequence import rowconv, rowgru
 from fastkd.models.shufflenetv1 import ShuffleV1
 from fastkd.models.shufflenetv2 import ShuffleV2
 from fastkd.models.vgg import vgg8, vgg11, vgg13, vgg16, vgg19
@@ -36,10 +37,15 @@ IMAGENET_MODELS: dict[str, Callable[..., nn.Module]] = {
 ResNet-50 → MobileNet distillation student; torchvision has none). Note ``resnet50`` is the
 ImageNet model, ``ResNet50`` RepDistiller's CIFAR one."""
 
-_MODELS = {**CIFAR_MODELS, **MULTIBRANCH_MODELS, **IMAGENET_MODELS}
+SEQUENCE_MODELS: dict[str, Callable[..., nn.Module]] = {"rowconv": rowconv, "rowgru": rowgru}
+"""Models that read an image's rows as frames and output per-frame features ``[B, T, C]`` (IUSP's teacher and
+student, :mod:`fastkd.models.sequence`; 10 classes by default)."""
+
+_MODELS = {**CIFAR_MODELS, **MULTIBRANCH_MODELS, **IMAGENET_MODELS, **SEQUENCE_MODELS}
 
 
 def names() -> list[str]:
     """The names :func:`create` accepts: the CIFAR zoo, the multi-branch CIFAR ResNets of online
-    distillation (``resnet32_mb3`` …, see :mod:`fastkd.models.multibranch`), the ImageNet ResNets."""
+    distillation (``resnet32_mb3`` …, see :mod:`fastkd.models.multibranch`), the ImageNet ResNets, the sequence
+    models (``rowconv``, ``rowgru``)."""
     return list(_MODELS)

@@ -1,8 +1,8 @@
 """Custom ops (torch.library, namespace ``fastkd``): one reference module per op family, and its backends.
 
 Each family's reference module (:mod:`~fastkd.ops.crd`, :mod:`~fastkd.ops.logits`,
-:mod:`~fastkd.ops.similarity`, :mod:`~fastkd.ops.nst`, :mod:`~fastkd.ops.cosine`) holds the readable torch
-references (the oracle of the tests and the ``torch`` backend), defines its ops with
+:mod:`~fastkd.ops.similarity`, :mod:`~fastkd.ops.iusp`, :mod:`~fastkd.ops.nst`, :mod:`~fastkd.ops.cosine`) holds
+the readable torch references (the oracle of the tests and the ``torch`` backend), defines its ops with
 :func:`fastkd.ops._library.define`, and gives :mod:`fastkd.functional` one function per loss that runs the
 backend :func:`fastkd.backends.kernel_for` picks.
 
@@ -18,7 +18,7 @@ import pkgutil
 
 from fastkd import _native
 from fastkd.backends import NAMES, on_first_use
-from fastkd.ops import cosine, crd, crd_shard, logits, nst, philox, similarity  # noqa: F401  (they define the ops)
+from fastkd.ops import cosine, crd, crd_shard, iusp, logits, nst, philox, similarity  # noqa: F401  (they define the ops)
 
 for _found in pkgutil.iter_modules(__path__):
     _backend = _found.name.rpartition("_")[2]

@@ -59,9 +59,10 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 # --- the epilogues' building blocks: a loss's gradient through each transformation of G ---------
 
 def rownorm_backward(y: torch.Tensor, norm: torch.Tensor, grad_y: torch.Tensor, eps: float) -> torch.Tensor:
-    """∂L/∂g for y = g / max(‖g_i‖, eps) row by row, given y, the row norms [B, 1] and ∂L/∂y."""
+    """∂L/∂g for y = g / max(‖g_i‖, eps) row by row (the last dimension), given y, the row norms [..., B, 1] and
+    ∂L/∂y (a batch of matrices too: IUSP's)."""
     clamped = norm.clamp_min(eps)
-    projected = grad_y - y * (y * grad_y).sum(1, keepdim=True)
+    projected = grad_y - y * (y * grad_y).sum(-1, keepdim=True)
     return torch.where(norm >= eps, projected, grad_y) / clamped
 
 
@@ -75,8 +76,8 @@ def cosine_backward(g: torch.Tensor, c: torch.Tensor, nu: torch.Tensor, dnu: tor
 
 
 def symmetrized(grad_g: torch.Tensor) -> torch.Tensor:
-    """M = ∂L/∂G + (∂L/∂G)ᵀ, so that ∂L/∂X = M·X for G = XXᵀ."""
-    return grad_g + grad_g.T
+    """M = ∂L/∂G + (∂L/∂G)ᵀ, so that ∂L/∂X = M·X for G = XXᵀ (of each matrix of a batch [..., B, B])."""
+    return grad_g + grad_g.transpose(-1, -2)
 
 
 def _norms(g: torch.Tensor) -> torch.Tensor:
@@ -343,7 +344,8 @@ def rkd_angle_reference(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 # --- the ops ----------------------------------------------------------------------------------
 
 def relation_grad_reference(x: torch.Tensor, m: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``fastkd::relation_grad``: ∂L/∂X = grad_loss · M·X, in X's dtype (the product accumulated in M's dtype)."""
+    """``fastkd::relation_grad``: ∂L/∂X = grad_loss · M·X, in X's dtype (the product accumulated in M's dtype);
+    [B, D] X with [B, B] M, or a batch of them ([N, T, D] X with [N, T, T] M: IUSP's sequences)."""
     return ((m * grad_loss.to(m.dtype)) @ x.to(m.dtype)).to(x.dtype)
 
 

@@ -17,6 +17,7 @@ This objective offers each network's
 | ``blocks_*`` | the stage outputs ``features[1:-1]`` (AT, NST, VID, AB) |
 | ``maps_*`` | the stem and stage outputs ``features[:-1]`` (FSP) |
 | ``last_block_*`` | the last stage's output ``features[-2]`` (SP, FT) |
+| ``frames_*`` | a sequence model's last per-frame output ``features[-2]``, ``[B, T, C]`` (IUSP) |
 | ``hint_layer_*`` | the stage output ``features[hint_layer]``, 2 by default (FitNet) |
 | ``pooled_*`` | the pooled feature ``features[-1]`` (CC, CCKD, RKD, PKT, SRD, CRD) |
 
@@ -67,9 +68,19 @@ _VIEWS: dict[str, Callable] = {
     "blocks": lambda features, logits, hint_layer: list(features[1:-1]),
     "maps": lambda features, logits, hint_layer: list(features[:-1]),
     "last_block": lambda features, logits, hint_layer: features[-2],
+    "frames": lambda features, logits, hint_layer: _frames(features[-2]),
     "hint_layer": lambda features, logits, hint_layer: features[hint_layer],
     "pooled": lambda features, logits, hint_layer: features[-1],
 }
+
+
+def _frames(feature: torch.Tensor) -> torch.Tensor:
+    """A sequence model's last per-frame output, which must be [B, T, C]."""
+    if feature.dim() != 3:
+        raise ValueError(f"the frames feature (features[-2]) must be per-frame [B, T, C], got shape "
+                         f"{tuple(feature.shape)}: a loss that takes frames_s / frames_t (IUSP) needs sequence "
+                         "models (fastkd.models: rowconv, rowgru)")
+    return feature
 
 
 def feature_function(model: nn.Module, taps: Sequence[str] | None = None, preact: bool = False) -> Callable:

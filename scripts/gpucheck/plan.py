@@ -16,14 +16,15 @@ RESERVE = 10.0           # seconds kept at the end for the last summary and the 
 STRETCH = 2.0            # a stage may run to this many times its slice (plus the time saved before it)
 
 TRITON_TEST_FILES = ("tests/test_crd_triton.py", "tests/test_logits_triton.py", "tests/test_similarity_triton.py",
-                     "tests/test_cosine_op.py", "tests/test_registered_ops.py")
+                     "tests/test_iusp_triton.py", "tests/test_cosine_op.py", "tests/test_registered_ops.py")
 BENCHMARKS = {  # stage key -> (file, what it measures)
     "bench-crd": ("benchmarks/test_crd.py",
                   "CRD step, B=256 K=16,384 N=1,281,167 D=128: published vs Triton vs CUDA C++"),
     "bench-engine": ("benchmarks/test_engine_step.py", "engine step resnet32x4 -> resnet8x4, batch 64: eager fp32 / "
                                                        "AMP bf16 / AMP + CUDA graph, KD-only vs CRD+KD"),
     "bench-logits": ("benchmarks/test_logits.py", "KD / DKD at 8,192 x 32,768: torch vs Triton"),
-    "bench-similarity": ("benchmarks/test_similarity.py", "SP, CCKD, PKT, RKD, NST at b=256: torch vs Triton"),
+    "bench-similarity": ("benchmarks/test_similarity.py", "SP, CCKD, PKT, RKD, NST at b=256, IUSP at B=64 T=500: "
+                                                          "torch vs Triton"),
     "bench-imagenet": ("benchmarks/test_imagenet_step.py", "ImageNet R34 -> R18 step, batch 256: KD-only vs CRD+KD"),
 }
 
