@@ -179,6 +179,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     from fastkd import models
     from fastkd.train.engine import Trainer
     from fastkd.train.objectives import build_objective
+    from fastkd.train import views
     from fastkd.train.run import load_weights, loaders, training_device
     from fastkd.train.rundir import BEST, LAST
 
@@ -194,7 +195,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
         model_name, weights = target, checkpoint
     device = training_device(device)
     _, test, classes, _ = loaders(recipe, device, None)
-    model = models.create(model_name, num_classes=len(classes)).to(device)
+    model = views.attach(models.create(model_name, num_classes=len(classes)), test, recipe).to(device)
     load_weights(model, weights, model_name)
     objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
     trainer = Trainer(recipe, objective, [], test, device=device, output=os.path.dirname(os.path.abspath(weights)))
