@@ -6,6 +6,7 @@
     fastkd train RECIPE [key=value..]    train a network alone (a teacher): losses = cross entropy
     fastkd show RECIPE [key=value..]     the resolved configuration and its run folder, without running
     fastkd eval RUN_DIR                  top-1 / top-5 of a run's student on its test set
+    fastkd probe RUN_DIR [--epochs N] [--layer K]   linear probe of a run's frozen student (cross-modal runs)
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
@@ -248,6 +249,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", help="folder to write to (default: the run folder)")
     ex.add_argument("--from", dest="which", choices=("last", "best"), default="last",
                     help="the run's last.pt (default) or best.pt")
+    pr = commands.add_parser("probe", help="linear probe of a run's frozen student: top-1 of a linear classifier "
+                                           "on its pooled features (written to RUN_DIR/probe.json)")
+    pr.add_argument("run", help="a run folder")
+    pr.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps of the linear classifier (300)")
+    pr.add_argument("--layer", type=int, default=-1,
+                    help="which feature of the student's list: -1 the pooled penultimate (default), -2 the last stage ...")
+    pr.add_argument("--from", dest="which", choices=("last", "best"), default="last",
+                    help="the run's last.pt (default) or best.pt")
+    pr.add_argument("--device")
     commands.add_parser("recipes", help="list the shipped recipes")
     stats = commands.add_parser("stats", help="the per-channel mean / std of an image tree, as data.mean / data.std")
     stats.add_argument("root", help="an image tree: root/train/<class>/<image> (or root/<class>/<image>)")
@@ -275,6 +285,14 @@ def _command(args, parser) -> int:
 
         weights, info = export(args.run, args.output, args.which)
         print(f"wrote {weights} and {info}")
+        return 0
+    if args.command == "probe":
+        from fastkd.train.probe import probe_run
+
+        result = probe_run(args.run, args.epochs, args.layer, args.which, args.device)
+        print(f"linear probe of {result['student']} (feature {result['layer']}, {result['dim']}-d): "
+              f"top-1 {result['top1']:.2f} (train {result['train_top1']:.2f}); written to "
+              f"{os.path.join(args.run, 'probe.json')}")
         return 0
     if args.command == "eval":
         result = evaluate(args.target, args.checkpoint, args.overrides, args.recipe, args.device, args.which)

@@ -108,8 +108,8 @@ class ViewSplit:
 
     def fit(self, images, chunk: int = 4096) -> "ViewSplit":
         """Each channel's mean and (population) standard deviation over uint8 ``[N, H, W, C]`` ``images``
-        (the training split), accumulated in float64; ``ValueError`` for a constant channel (the ab of
-        greyscale images carries nothing)."""
+        (the training split), accumulated in float64; ``ValueError`` for a constant channel (std under 0.01
+        in the view's units: the ab of greyscale images, zero up to float rounding, carries nothing)."""
         images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
         total = torch.zeros(self.channels, dtype=torch.float64)
         squares = torch.zeros(self.channels, dtype=torch.float64)
@@ -121,7 +121,7 @@ class ViewSplit:
             count += v.shape[0] * v.shape[2] * v.shape[3]
         mean = total / max(count, 1)
         std = (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt()
-        flat = [name for name in self.order if bool((std[self.slices[name]] < 1e-6).any())]
+        flat = [name for name in self.order if bool((std[self.slices[name]] < 1e-2).any())]
         if flat:
             raise ValueError(f"view {flat[0]!r} is constant over these images (greyscale data has no chrominance): "
                              "use colour images (data.name=tinted_digits, cifar10, an image tree) for it")
