@@ -6,8 +6,8 @@
     fastkd train RECIPE [key=value..]    train a network alone (a teacher): losses = cross entropy
     fastkd show RECIPE [key=value..]     the resolved configuration and its run folder, without running
     fastkd eval RUN_DIR                  top-1 / top-5 of a run's student on its test set
-    fastkd probe RUN_DIR [--epochs N] [--layer K]   linear probe of a run's frozen student (cross-modal runs)
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
+    fastkd probe RUN_DIR [--epochs N] [--layer K]   linear probe of a run's frozen student (cross-modal runs)
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
     fastkd stats DIR                     an image tree's mean / std, as data.mean= data.std= overrides

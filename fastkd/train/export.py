@@ -56,7 +56,9 @@ def export(run: str, output: str | None = None, which: str = "last") -> tuple[st
             "classes": meta.get("classes"), "epoch": state.get("epoch"),
             "test_top1": state.get("test_top1", record.get("test_top1")),
             "test_top5": state.get("test_top5", record.get("test_top5")),
-            "data": (recipe.get("data") or {}).get("name"), "source": os.path.abspath(source)}
+            "data": (recipe.get("data") or {}).get("name"), "source": os.path.abspath(source),
+            # a cross-modal student reads one view (fastkd.data.views): its first conv takes that view's channels
+            "view": (recipe.get("data") or {}).get("view")}
     folder = output or run
     os.makedirs(folder, exist_ok=True)
     weights, described = os.path.join(folder, WEIGHTS), os.path.join(folder, INFO)
