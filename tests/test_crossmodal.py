@@ -203,3 +203,31 @@ def test_recipe_errors_name_the_key():
         make_trainer(load_recipe("cifar10_crossmodal_ab", ["data.root=/nonexistent", "data.in_memory=false"]), "cpu")
     with pytest.raises(ValueError, match="data.views must be"):
         load_recipe("digits_crossmodal_ab", ["data.views={depth: 3}"])
+
+
+def test_the_python_api_distils_across_views_and_probes():
+    """The README's Python example, two steps long."""
+    from fastkd.train.distiller import Distiller
+    from fastkd.train.probe import linear_probe
+
+    torch.manual_seed(0)
+    train, test = TintedDigits(train=True, size=8), TintedDigits(train=False, size=8)
+    split = ViewSplit(["ab", "L"]).fit(train.data)
+    loader = DeviceLoader(DeviceDataset.from_dataset(train), 64, flip=False, drop_last=True, inputs=split)
+    student = read_view(models.create("resnet8", num_classes=10), split.slices["ab"], split.channels)
+    teacher = read_view(models.create("resnet8", num_classes=10), split.slices["L"], split.channels)
+    losses = {"ce": {"weight": 1.0}, "crd": {"weight": 0.8, "num_negatives": 256, "feat_dim": 32}}
+    distiller = Distiller(student, teacher, losses, sample=next(iter(loader))[0][:8], num_data=len(train))
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
+    before = distiller.criteria["crd"].memory_s.clone()
+    for step, (images, target, index) in zip(range(2), loader):
+        total, parts, _ = distiller(images, target, index)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        assert set(parts) == {"ce", "crd"} and torch.isfinite(total)
+    assert not torch.equal(before, distiller.criteria["crd"].memory_s)  # the banks took the batches
+    plain = DeviceLoader(DeviceDataset.from_dataset(train), 512, shuffle=False, augment=False, inputs=split)
+    tests = DeviceLoader(DeviceDataset.from_dataset(test), 512, shuffle=False, augment=False, inputs=split)
+    result = linear_probe(student, plain, tests, 10, epochs=20)
+    assert result["dim"] == 64 and result["train"] == 1347 and result["test"] == 450
