@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tarfile
 
 import pytest
 import torch
@@ -231,3 +233,27 @@ def test_the_python_api_distils_across_views_and_probes():
     tests = DeviceLoader(DeviceDataset.from_dataset(test), 512, shuffle=False, augment=False, inputs=split)
     result = linear_probe(student, plain, tests, 10, epochs=20)
     assert result["dim"] == 64 and result["train"] == 1347 and result["test"] == 450
+
+
+SHARED_TARBALL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                              "cifar10-jpg.tar.gz")
+
+
+@pytest.mark.skipif(not os.path.isfile(SHARED_TARBALL), reason="../shared/data/cifar10-jpg.tar.gz is absent")
+def test_the_cifar10_crossmodal_recipe_reads_the_shared_jpegs(tmp_path):
+    """An extract of the shared CIFAR-10 JPEGs (20 train / 10 test images a class) through the recipe's loader."""
+    limits, taken = {"train": 20, "test": 10}, {}
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(SHARED_TARBALL) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and taken.get((parts[0], parts[1]), 0) < limits.get(parts[0], 0):
+                taken[parts[0], parts[1]] = taken.get((parts[0], parts[1]), 0) + 1
+                tar.extract(member, tmp_path, **safe)
+            if len(taken) == 20 and all(count == limits[split] for (split, _), count in taken.items()):
+                break
+    recipe = load_recipe("cifar10_crossmodal_ab", [f"data.root={tmp_path}", "epochs=1", f"output={tmp_path / 'run'}"])
+    trainer = make_trainer(recipe, "cpu")
+    images, *_ = next(iter(trainer.train_data))
+    assert images.shape == (64, 2, 32, 32) and trainer.distiller.student.conv1.weight.shape[1] == 2
+    assert trainer.evaluate()["top1"] >= 0
