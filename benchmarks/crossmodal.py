@@ -47,13 +47,18 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench-crossmodal")
     parser.add_argument("--out", default="benchmarks/results/crossmodal.json")
     parser.add_argument("--only", nargs="*", help="names of RUNS to measure (default: all)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read runs whose folder already holds probe.json instead of training them again")
     args = parser.parse_args()
     common = [f"data.image_size={args.size}", "--device", "cpu"]
+    len_train = 1347 // 64 * 64  # images a training epoch sees (drop_last batches of 64)
     started = time.time()
     teacher_dir = os.path.join(args.runs, "teacher")
-    fastkd("train", "digits_crossmodal_teacher", f"epochs={args.teacher_epochs}", "seed=0", *common,
-           "--output", teacher_dir)
-    teacher_probe = json.loads(fastkd("probe", teacher_dir) and open(os.path.join(teacher_dir, "probe.json")).read())
+    if not (args.reuse and os.path.isfile(os.path.join(teacher_dir, "probe.json"))):
+        fastkd("train", "digits_crossmodal_teacher", f"epochs={args.teacher_epochs}", "seed=0", *common,
+               "--output", teacher_dir)
+        fastkd("probe", teacher_dir)
+    teacher_probe = json.load(open(os.path.join(teacher_dir, "probe.json")))
     metrics = [json.loads(line) for line in open(os.path.join(teacher_dir, "metrics.jsonl"))]
     result = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "machine": platform.machine(),
               "threads": torch.get_num_threads(), "device": "cpu", "image_size": args.size,
@@ -71,14 +76,16 @@ def main() -> None:
             overrides = [f"epochs={args.epochs}", f"seed={seed}", *extra, *common]
             if recipe.endswith("crd"):
                 overrides.append(f"teacher.checkpoint={os.path.join(teacher_dir, 'last.pt')}")
-            tic = time.time()
-            fastkd("train" if recipe.endswith("_ab") else "distill", recipe, *overrides, "--output", folder)
-            seconds = time.time() - tic
-            fastkd("probe", folder)
+            if not (args.reuse and os.path.isfile(os.path.join(folder, "probe.json"))):
+                fastkd("train" if recipe.endswith("_ab") else "distill", recipe, *overrides, "--output", folder)
+                fastkd("probe", folder)
             probe = json.load(open(os.path.join(folder, "probe.json")))
-            last = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))][-1]
+            records = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+            last = records[-1]
+            seconds = sum(len_train / r["images_per_s"] for r in records if r.get("images_per_s"))
             rows.append({"seed": seed, "probe_top1": probe["top1"], "probe_train_top1": probe["train_top1"],
-                         "head_top1": last["test_top1"], "seconds": round(seconds, 1)})
+                         "head_top1": last["test_top1"], "train_seconds": round(seconds, 1),
+                         "images_per_s_last_epoch": round(last["images_per_s"], 1)})
             print(name, rows[-1], flush=True)
         probes = [r["probe_top1"] for r in rows]
         result["students"][name] = {
