@@ -1,6 +1,6 @@
 """Paired views of one batch: each network of a cross-modal run sees its own channels of the same crop.
 
-The CRD paper's cross-modal transfer (Tian, Krishnan, Isola, ICLR 2020, §4 "cross-modal transfer") trains a
+The CRD paper's cross-modal transfer (Tian, Krishnan, Isola, ICLR 2020; README "Cross-modal transfer") trains a
 teacher on one modality and distils a student that sees another modality of the same samples: luminance
 (CIELab L) for the teacher, chrominance (ab) for the student. fastkd makes the views *after* the batch's
 augmentation: the loader crops and flips the stored uint8 images once (:func:`~fastkd.data.device.crop_flip`)
