@@ -163,7 +163,7 @@ def l_teacher(tmp_path_factory):
                                     "cifar10_crossmodal_ab", "cifar10_crossmodal_l2ab_crd",
                                     "cifar10_crossmodal_l2ab_hint", "cifar10_crossmodal_teacher"])
 def test_every_crossmodal_recipe_runs_an_epoch_on_the_embedded_data(recipe, l_teacher, tmp_path):
-    overrides = ["epochs=1", "data.image_size=8", "student.name=resnet8"]
+    overrides = ["epochs=1", "data.image_size=8", "data.batch_size=128", "student.name=resnet8"]
     if recipe.startswith("cifar10"):  # the CIFAR-10 recipes on the embedded colour data
         overrides += ["data.name=tinted_digits", "data.in_memory=false"]
     if "l2ab" in recipe:
