@@ -12,6 +12,7 @@
                                          run each recipe with teacher.cache=DIR, results side by side
     fastkd eval RUN_DIR                  top-1 / top-5 of a run's student on its test set
     fastkd eval MODEL CHECKPOINT [key=value..]   the same for any checkpoint of a zoo model
+    fastkd probe RUN_DIR [--epochs N] [--layer K]   linear probe of a run's frozen student (cross-modal runs)
     fastkd export RUN_DIR                the run's student as student.safetensors + student.json
     fastkd recipes                       list the shipped recipes
     fastkd models [PATTERN]              the model names recipes take: the zoo, tv:NAME, timm:NAME ('*vit*')
@@ -189,6 +190,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     from fastkd import models
     from fastkd.train.engine import Trainer
     from fastkd.train.objectives import build_objective
+    from fastkd.train import views
     from fastkd.train.run import load_weights, loaders, training_device
     from fastkd.train.rundir import BEST, LAST
 
@@ -207,7 +209,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     models.check(model_name)
     device = training_device(device)
     _, test, classes, _ = loaders(recipe, device, None)
-    model = models.create(model_name, num_classes=len(classes), **kwargs).to(device)
+    model = views.attach(models.create(model_name, num_classes=len(classes), **kwargs), test, recipe).to(device)
     load_weights(model, weights, model_name)
     objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
     trainer = Trainer(recipe, objective, [], test, device=device, output=os.path.dirname(os.path.abspath(weights)))
@@ -307,6 +309,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--output", help="folder to write to (default: the run folder)")
     ex.add_argument("--from", dest="which", choices=("last", "best"), default="last",
                     help="the run's last.pt (default) or best.pt")
+    pr = commands.add_parser("probe", help="linear probe of a run's frozen student: top-1 of a linear classifier "
+                                           "on its pooled features (written to RUN_DIR/probe.json)")
+    pr.add_argument("run", help="a run folder")
+    pr.add_argument("--epochs", type=int, default=300, help="full-batch Adam steps of the linear classifier (300)")
+    pr.add_argument("--layer", type=int, default=-1,
+                    help="which feature of the student's list: -1 the pooled penultimate (default), -2 the last stage ...")
+    pr.add_argument("--from", dest="which", choices=("last", "best"), default="last",
+                    help="the run's last.pt (default) or best.pt")
+    pr.add_argument("--device")
     commands.add_parser("recipes", help="list the shipped recipes")
     listed = commands.add_parser("models", help="list the model names student.name / teacher.name take")
     listed.add_argument("pattern", nargs="?", help="a shell-style pattern: '*vit*', 'timm:deit*', 'tv:*' (default: all)")
@@ -358,6 +369,14 @@ def _command(args, parser) -> int:
                      args.device)
         print()
         print(_table(rows))
+        return 0
+    if args.command == "probe":
+        from fastkd.train.probe import probe_run
+
+        result = probe_run(args.run, args.epochs, args.layer, args.which, args.device)
+        print(f"linear probe of {result['student']} (feature {result['layer']}, {result['dim']}-d): "
+              f"top-1 {result['top1']:.2f} (train {result['train_top1']:.2f}); written to "
+              f"{os.path.join(args.run, 'probe.json')}")
         return 0
     if args.command == "eval":
         result = evaluate(args.target, args.checkpoint, args.overrides, args.recipe, args.device, args.which)

@@ -120,13 +120,16 @@ class DeviceLoader:
         channels_last: return images in channels-last memory format (else contiguous NCHW).
         channels: the channels the model takes; greyscale data (1 channel, kept so in memory: a third of
             the bytes) is repeated to them batch by batch. ``None``: as stored.
+        inputs: uint8 ``[B, H, W, C]`` augmented images → the batch's float ``[B, C', H, W]`` input, in place of
+            the dataset's normalisation (e.g. :class:`~fastkd.data.views.ViewSplit`'s paired views, made
+            after the crop and flip so that they share them); ``channels`` does not apply then.
         rank, world_size: this process's slice of each global batch (see the module doc).
     """
 
     def __init__(self, dataset: DeviceDataset, batch_size: int, *, shuffle: bool = True, augment: bool = True,
                  drop_last: bool = False, padding: int = 4, flip: bool = True,
                  contrast: ContrastSampler | None = None, seed: int = 0, channels_last: bool = False,
-                 channels: int | None = None, rank: int = 0, world_size: int = 1):
+                 channels: int | None = None, rank: int = 0, world_size: int = 1, inputs=None):
         if not isinstance(dataset, DeviceDataset):
             raise TypeError(f"dataset must be a DeviceDataset, got {type(dataset).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -147,7 +150,7 @@ class DeviceLoader:
         if channels is not None and channels != stored and stored != 1:
             raise ValueError(f"channels={channels}: the dataset's images have {stored} channels; only greyscale "
                              "(1-channel) images are repeated")
-        self.channels = channels
+        self.channels, self.inputs = channels, inputs
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         self.rank, self.world_size = int(rank), int(world_size)
@@ -199,8 +202,8 @@ class DeviceLoader:
                 else:
                     flip = torch.zeros(index.numel(), dtype=torch.bool, device=dev)
                 images = crop_flip(images, top, left, flip, self.padding)
-            x = data.normalize(images)
-            if self.channels is not None and x.shape[1] != self.channels:
+            x = data.normalize(images) if self.inputs is None else self.inputs(images)
+            if self.inputs is None and self.channels is not None and x.shape[1] != self.channels:
                 x = x.expand(-1, self.channels, -1, -1)
             x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
             batch = (x, data.labels[index], index)

@@ -153,7 +153,7 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     device = distributed.setup(None if device is None else training_device(device)) or training_device(None)
     torch.manual_seed(recipe.seed)
     train, test, class_names, _ = loaders(recipe, device, None)  # contrast draws do not move the crops
-    teacher = build_teacher(recipe, len(class_names), device)
+    teacher = build_teacher(recipe, len(class_names), device, train)  # a cross-modal teacher reads its view
     preact = any(entry(key).preact for key in recipe.losses if key != "ce")
     run_teacher = feature_function(teacher, None, preact)
     amp = amp_dtype(recipe, device)

@@ -58,7 +58,9 @@ def export(run: str, output: str | None = None, which: str = "last") -> tuple[st
             "test_top5": state.get("test_top5", record.get("test_top5")),
             "data": (recipe.get("data") or {}).get("name"), "source": os.path.abspath(source),
             # the builder's keyword arguments (a timm ViT's img_size, patch_size, depth, ...): create(model, **kwargs)
-            "kwargs": (recipe.get("student") or {}).get("kwargs") or {}}
+            "kwargs": (recipe.get("student") or {}).get("kwargs") or {},
+            # a cross-modal student reads one view (fastkd.data.views): its first conv takes that view's channels
+            "view": (recipe.get("data") or {}).get("view")}
     folder = output or run
     os.makedirs(folder, exist_ok=True)
     weights, described = os.path.join(folder, WEIGHTS), os.path.join(folder, INFO)

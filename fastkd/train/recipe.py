@@ -30,7 +30,7 @@ from fastkd.train.loggers import LOGGERS
 
 @dataclass
 class DataConfig:
-    name: str = "digits"            # digits | cifar10 | cifar100 | imagefolder
+    name: str = "digits"            # digits | tinted_digits | cifar10 | cifar100 | imagefolder
     root: str | None = None
     batch_size: int = 64
     num_workers: int = 0
@@ -44,6 +44,11 @@ class DataConfig:
     std: list[float] | None = None   # null: the training split's own (in memory), ImageNet's (streamed)
     in_memory: bool = False         # imagefolder: decode once into a uint8 cache held on the device
     download: bool = False          # cifar10 / cifar100: fetch the archive into root when its files are absent
+    # cross-modal runs (fastkd.data.views): the view the trained model (the student) sees — rgb | L | ab | Lab
+    # or a name in views — and the view the teacher sees; null: the images as they are
+    view: str | None = None
+    teacher_view: str | None = None
+    views: dict[str, list[int]] | None = None  # user views, {name: [stored channel indices]} (e.g. RGB + depth)
 
 
 @dataclass
@@ -112,7 +117,7 @@ class Recipe:
 
 _SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "student": ModelConfig, "optim": OptimConfig,
              "schedule": ScheduleConfig}
-_CHOICES = {("data", "name"): ("digits", "cifar10", "cifar100", "imagefolder"), ("data", "fit"): ("resize", "pad", "crop"),
+_CHOICES = {("data", "name"): ("digits", "tinted_digits", "cifar10", "cifar100", "imagefolder"), ("data", "fit"): ("resize", "pad", "crop"),
             ("data", "contrast_mode"): (None, "exact", "relax"),
             ("optim", "name"): ("sgd", "adamw"), ("schedule", "name"): ("multistep", "cosine"),
             ((), "amp"): ("auto", "bf16", "fp16", "off"), ((), "logger"): ("none", *LOGGERS)}
@@ -207,6 +212,10 @@ def _typed(where: str, value, annotation: str):
     for option in annotation.replace(" ", "").split("|"):
         if option == "None" and value is None:
             return value
+        if option == "dict[str,list[int]]" and isinstance(value, dict) and all(
+                isinstance(v, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in v)
+                for v in value.values()):
+            return {str(k): list(v) for k, v in value.items()}
         kind = expect.get(option)
         if kind is not None and isinstance(value, kind) and not (option in ("int", "float") and isinstance(value, bool)):
             if option == "list[int]" and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):

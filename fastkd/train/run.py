@@ -19,13 +19,14 @@ from fastkd.data.cifar import CIFAR10, CIFAR100
 from fastkd.data.contrast import ContrastSampler
 from fastkd.data.device import DeviceDataset, DeviceLoader
 from fastkd.data.digits import Digits
+from fastkd.data.tinted import TintedDigits
 from fastkd.data.arrays import fit_images
 from fastkd.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolder, evaluation_folder
 from fastkd.data.indexed import IndexedDataset
 from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
 from fastkd.losses import entry
-from fastkd.train import distributed
+from fastkd.train import distributed, views
 from fastkd.train.checkpoint import load_checkpoint, read_model
 from fastkd.train.engine import Trainer
 from fastkd.train.objectives import build_objective, needs_teacher, reads_teacher_state
@@ -114,6 +115,9 @@ def _read_sets(recipe: Recipe):
     if data.name == "digits":  # pixel repetition where the size allows it (the published 32 × 32 does)
         size = data.image_size if data.image_size and data.image_size % 8 == 0 else DIGITS_SIZE
         return Digits(train=True, size=size, channels=3), Digits(train=False, size=size, channels=3), 16.0
+    if data.name == "tinted_digits":  # the digits in colour, for cross-modal runs (fastkd.data.tinted)
+        size = data.image_size if data.image_size and data.image_size % 8 == 0 else DIGITS_SIZE
+        return TintedDigits(train=True, size=size), TintedDigits(train=False, size=size), 255.0
     if data.root is None:
         raise ValueError(f"data.root must name the folder of {data.name} (e.g. data.root=/data/{data.name})")
     if data.name in ("cifar10", "cifar100"):
@@ -152,6 +156,8 @@ def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
     if recipe.data.name == "imagefolder" and not recipe.data.in_memory:
         if recipe.data.root is None:
             raise ValueError("data.root must name the image tree (with train/ and val/ inside)")
+        if views.views_of(recipe) is not None:
+            raise ValueError("data.view / data.teacher_view need the images in memory: set data.in_memory=true")
         return streamed_loaders(recipe, device, num_negatives)
     train_set, test_set, _ = datasets(recipe)
     train_data = DeviceDataset.from_dataset(train_set, device)
@@ -160,13 +166,16 @@ def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
     if recipe.data.contrast_mode is not None and num_negatives is not None:
         contrast = ContrastSampler(train_data.labels, num_negatives, recipe.data.contrast_mode, seed=recipe.seed,
                                    device=device)
-    flip = recipe.data.name != "digits"  # a mirrored digit is another glyph
+    flip = recipe.data.name not in ("digits", "tinted_digits")  # a mirrored digit is another glyph
     shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
+    # cross-modal runs: every network's view made per batch after the shared crop + flip (fastkd.train.views)
+    split = views.split_for(recipe, train_set, device)
+    feed = {"channels": MODEL_CHANNELS} if split is None else {"channels": None, "inputs": split}
     train = DeviceLoader(train_data, recipe.data.batch_size, augment=recipe.data.device_augment, flip=flip,
                          contrast=contrast, seed=recipe.seed, drop_last=True, channels_last=recipe.channels_last,
-                         channels=MODEL_CHANNELS, **shard)
+                         **feed, **shard)
     test = DeviceLoader(test_data, max(recipe.data.batch_size, 256), shuffle=False, augment=False,
-                        channels_last=recipe.channels_last, channels=MODEL_CHANNELS, **shard)
+                        channels_last=recipe.channels_last, **feed, **shard)
     return train, test, list(train_set.classes), len(train_data)
 
 
@@ -231,9 +240,11 @@ def load_weights(model: torch.nn.Module, path: str, name: str | None = None, rol
     model.load_state_dict(state)
 
 
-def build_model(config, classes: int, role: str) -> torch.nn.Module:
+def build_model(config, classes: int, role: str, view=None) -> torch.nn.Module:
     """The recipe section ``config``'s (``student`` / ``teacher``) model for ``classes`` classes, with its
-    ``kwargs``, and its weights when ``checkpoint`` or ``weights`` names a file."""
+    ``kwargs``, and its weights when ``checkpoint`` or ``weights`` names a file. ``view``: a function that makes
+    the model read its own view of the batches (:func:`fastkd.train.views.attach`, cross-modal runs), applied
+    before the weights load (it rebuilds the first convolution for the view's channels)."""
     kwargs = dict(config.kwargs)
     if kwargs.pop("num_classes", classes) != classes:
         raise ValueError(f"{role}.kwargs.num_classes: the class count comes from the data ({classes}); leave it out")
@@ -241,6 +252,8 @@ def build_model(config, classes: int, role: str) -> torch.nn.Module:
         model = models.create(config.name, num_classes=classes, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{role}.name={config.name} with {role}.kwargs={kwargs}: {exc}") from None
+    if view is not None:
+        model = view(model)
     for key in ("checkpoint", "weights"):
         if getattr(config, key):
             load_weights(model, getattr(config, key), config.name, role, key)
@@ -287,7 +300,7 @@ def contrast_negatives(recipe: Recipe) -> int | None:
     return None
 
 
-def build_teacher(recipe: Recipe, classes: int, device: torch.device) -> torch.nn.Module:
+def build_teacher(recipe: Recipe, classes: int, device: torch.device, loader=None) -> torch.nn.Module:
     """The recipe's teacher with its weights (``checkpoint`` or ``weights``), on ``device`` (channels-last when the recipe says so).
 
     Built under a forked RNG: its random initialisation, overwritten by the checkpoint, leaves the run's
@@ -295,7 +308,8 @@ def build_teacher(recipe: Recipe, classes: int, device: torch.device) -> torch.n
     teacher is built (a live run) or read from a cache (``teacher.cache``): the two runs are one.
     """
     with torch.random.fork_rng(devices=[]):
-        teacher = build_model(recipe.teacher, classes, "teacher")
+        teacher = build_model(recipe.teacher, classes, "teacher",
+                              None if loader is None else lambda m: views.attach(m, loader, recipe, "teacher"))
     teacher.eval().to(device)
     if recipe.channels_last:
         teacher.to(memory_format=torch.channels_last)
@@ -313,7 +327,7 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     torch.manual_seed(recipe.seed)
     train, test, class_names, num_data = loaders(recipe, device, contrast_negatives(recipe))
     classes = len(class_names)
-    student = build_model(recipe.student, classes, "student")
+    student = build_model(recipe.student, classes, "student", lambda m: views.attach(m, train, recipe, "student"))
     teacher = teacher_state = cache = None
     given = [f"teacher.{key}={getattr(recipe.teacher, key)}" for key in ("checkpoint", "weights", "cache")
              if recipe.teacher is not None and getattr(recipe.teacher, key)]
@@ -334,7 +348,7 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
                                  "file or a fastkd checkpoint; `fastkd train` makes one), or teacher.weights any file "
                                  "of weights (safetensors, a state_dict, a timm / torchvision checkpoint), or "
                                  "teacher.cache a teacher cache (`fastkd cache-teacher`)")
-            teacher = build_teacher(recipe, classes, device)
+            teacher = build_teacher(recipe, classes, device, train)
             if reads_teacher_state(recipe.losses):  # SSKD's second stage also reads the stage-1 head
                 teacher_state = load_checkpoint(recipe.teacher.checkpoint)
     student.to(device)
