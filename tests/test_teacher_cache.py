@@ -262,3 +262,30 @@ def test_streamed_image_tree_cached_run_equals_the_live_run(tmp_path):
     assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in live.history]
     for key, value in live.distiller.student.state_dict().items():
         assert torch.equal(cached.distiller.student.state_dict()[key], value), key
+
+
+def test_cross_modal_cached_run_equals_the_live_run(tmp_path):
+    """A cross-modal run (the teacher reads L, the student ab of the same crop): cache-teacher runs the teacher on
+    its own view, so the cached run is the live run; the teacher's view is part of what the cache must match."""
+    torch.manual_seed(3)
+    teacher = models.create("resnet8", num_classes=10)
+    from fastkd.models.inputs import read_view
+
+    read_view(teacher, slice(0, 1), 3)  # a network that reads one channel (L) of a 3-channel stack
+    path = tmp_path / "t.pt"
+    torch.save({"model": teacher.state_dict()}, path)
+
+    def xmodal(*overrides):
+        return load_recipe("digits_crossmodal_l2ab_crd", ["teacher.name=resnet8", "data.image_size=8", "epochs=1",
+                                                         "data.batch_size=128", "losses.crd.num_negatives=32",
+                                                         "losses.crd.feat_dim=16", *overrides])
+
+    live = trained(xmodal(f"teacher.checkpoint={path}"), tmp_path / "live")
+    cache_teacher(xmodal(f"teacher.checkpoint={path}"), str(tmp_path / "cache"), 1, log=None)
+    cached = trained(xmodal(f"teacher.cache={tmp_path / 'cache'}"), tmp_path / "cached")
+    assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in live.history]
+    for key, value in live.distiller.student.state_dict().items():
+        assert torch.equal(cached.distiller.student.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="teacher_view"):
+        make_trainer(xmodal(f"teacher.cache={tmp_path / 'cache'}", "data.teacher_view=ab"), device="cpu",
+                     output=str(tmp_path / "other"))
