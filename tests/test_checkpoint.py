@@ -111,3 +111,16 @@ def test_checkpoint_files_get_the_users_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert (os.stat(tmp_path / "a.pt").st_mode & 0o777) == 0o640  # not mkstemp's 0600
+
+
+@pytest.mark.parametrize("seed", [0, 7, 44, 199])
+def test_random_bytes_are_refused_whatever_the_unpickler_trips_on(tmp_path, seed):
+    """Garbage read as a pickle fails in whatever way its opcodes lead to: UnpicklingError (seed 0), but also
+    IndexError 'pop from empty list' (7), KeyError (44), UnicodeDecodeError (199): every one is the same
+    refusal naming the file, not an internal error."""
+    rng = random.Random(seed)
+    body = bytes(rng.getrandbits(8) for _ in range(4096))
+    path = tmp_path / "random.pth"
+    path.write_bytes(b"\x80\x02" + body if seed % 3 == 0 else body)
+    with pytest.raises(ValueError, match="random.pth is not a readable checkpoint"):
+        load_checkpoint(path)

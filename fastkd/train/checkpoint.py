@@ -16,7 +16,6 @@ import os
 import pickle
 import random
 import re
-import zipfile
 from typing import Any
 
 import numpy as np
@@ -77,7 +76,7 @@ def _unreadable(path: str, exc: Exception) -> ValueError:
             "refuses it. If you trust the file, re-save its weights once: python -c \"import torch; s = "
             "torch.load('FILE', weights_only=False); torch.save(s.get('model', s.get('state_dict', s)), "
             "'weights.pt')\" and use weights.pt")
-    if isinstance(exc, pickle.UnpicklingError) or not str(exc).strip():
+    if isinstance(exc, (pickle.UnpicklingError, IndexError, KeyError)) or not str(exc).strip():
         what = type(exc).__name__  # torch's own text here is about weights_only, not about the file
     else:
         what = str(exc).strip().splitlines()[0].split(". ")[0]
@@ -96,7 +95,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - random or cut bytes fail in the unpickler in any way it can
+        # (UnpicklingError, EOFError, BadZipFile, but also IndexError 'pop from empty list', KeyError, ValueError
+        # ... from opcodes read out of garbage): each one means the file is not a checkpoint
         raise _unreadable(path, exc) from None
     if not isinstance(payload, dict):
         raise ValueError(f"{path} does not hold a checkpoint dict (got {type(payload).__name__})")
