@@ -190,8 +190,7 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
     from fastkd import models
     from fastkd.train.engine import Trainer
     from fastkd.train.objectives import build_objective
-    from fastkd.train import views
-    from fastkd.train.run import load_weights, loaders, training_device
+    from fastkd.train.run import loaders, trained_student, training_device
     from fastkd.train.rundir import BEST, LAST
 
     if os.path.isdir(target):
@@ -199,18 +198,15 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
             overrides = [checkpoint, *overrides]
         recipe = load_recipe(target, overrides)
         model_name, weights = recipe.student.name, os.path.join(target, BEST if which == "best" else LAST)
-        kwargs = dict(recipe.student.kwargs)
     else:
         if checkpoint is None:
             raise ValueError(f"{target!r} is not a run folder; evaluate a checkpoint as: fastkd eval MODEL CHECKPOINT")
         recipe = load_recipe(recipe_name or "digits", overrides)
-        model_name, weights = target, checkpoint
-        kwargs = dict(recipe.student.kwargs)  # student.kwargs.img_size=32 ... for a timm / torchvision model
+        model_name, weights = target, checkpoint  # student.kwargs.img_size=32 ... for a timm / torchvision model
     models.check(model_name)
     device = training_device(device)
     _, test, classes, _ = loaders(recipe, device, None)
-    model = views.attach(models.create(model_name, num_classes=len(classes), **kwargs), test, recipe).to(device)
-    load_weights(model, weights, model_name)
+    model = trained_student(recipe, model_name, weights, len(classes), test).to(device)
     objective = build_objective({"ce": {"weight": 1.0}}, model, None, None, 0)  # multi-branch: per-branch too
     trainer = Trainer(recipe, objective, [], test, device=device, output=os.path.dirname(os.path.abspath(weights)))
     return trainer.evaluate()
@@ -218,12 +214,11 @@ def evaluate(target: str, checkpoint: str | None, overrides: list[str], recipe_n
 
 def image_stats(root: str, size: int | None = None, fit: str = "resize") -> str:
     """``fastkd stats``: the training images' per-channel mean and std in 0-1 units, as recipe overrides."""
-    from fastkd.data.arrays import channel_stats
     from fastkd.data.folder import ImageFolder
 
     train = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
     images = ImageFolder(train, cache=True, size=size, fit=fit)
-    mean, std = channel_stats(images.data)
+    mean, std = images.mean, images.std  # computed over the cached images when the folder was opened
     n, h, w, c = images.data.shape
     values = (lambda xs: "[" + ", ".join(f"{x / 255:.4f}" for x in xs) + "]")
     return (f"{train}: {n} images, {len(images.classes)} classes, {h}x{w}, {c} channel{'s' if c > 1 else ''}\n"

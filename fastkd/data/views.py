@@ -73,13 +73,6 @@ class ViewSplit:
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
 
-    def view_channels(self, name: str) -> int:
-        """How many channels the view ``name`` has."""
-        if name not in self.slices:
-            raise ValueError(f"view {name!r} is not one of this split's ({', '.join(self.order)})")
-        part = self.slices[name]
-        return part.stop - part.start
-
     def raw(self, images: torch.Tensor) -> torch.Tensor:
         """The stacked views of uint8 ``[B, H, W, C]`` images, not normalised (L in 0-100, a/b in about ±100)."""
         if images.dim() != 4:

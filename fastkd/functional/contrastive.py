@@ -72,7 +72,7 @@ def _log_z(name: str, z: torch.Tensor | None, dtype: torch.dtype, device: torch.
     if z.numel() != 1:
         raise ValueError(f"{name} must hold one value, got shape {tuple(z.shape)}")
     z = z.reshape(()).to(device=device, dtype=dtype)
-    return torch.where(z < 0, torch.full_like(z, _crd.NOT_ESTIMATED), z.log())
+    return _crd.log_z_of(z)
 
 
 def crd_bank_update_(memory: torch.Tensor, idx: torch.Tensor, v: torch.Tensor, momentum: float = 0.5) -> None:

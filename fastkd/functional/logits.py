@@ -71,7 +71,5 @@ def hard_distillation_loss(logits_s: torch.Tensor, logits_t: torch.Tensor) -> to
     distillation through attention", ICML 2021): CE(z_s, argmax_c z_t), the cross entropy of the student's
     logits (its distillation token's, in DeiT) against the teacher's top class, mean over the batch, in fp32.
     DeiT weights it ½ beside ½ CE on the labels."""
-    _checks.tensor("logits_s", logits_s, ndim=2)
-    _checks.tensor("logits_t", logits_t, ndim=2)
-    _checks.pair("logits_s", logits_s, "logits_t", logits_t, same_shape=True)
+    _check_logits(logits_s, logits_t)
     return torch.nn.functional.cross_entropy(logits_s.float(), logits_t.argmax(dim=1))

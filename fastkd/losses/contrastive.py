@@ -169,7 +169,7 @@ class CRDLoss(nn.Module):
                 if _checks.has_values(z) and not bool(torch.isfinite(z).all()):
                     raise ValueError(f"{old_key} in the checkpoint is {z.item()} (a Z that overflowed its dtype); "
                                      f"set it to -1 to estimate Z again on the next step")
-                state_dict[key] = torch.where(z < 0, torch.full_like(z, _crd.NOT_ESTIMATED), z.log())
+                state_dict[key] = _crd.log_z_of(z)
             log_z = state_dict.get(key)
             if log_z is not None and _checks.has_values(log_z) and bool((log_z.isnan() | (log_z == math.inf)).any()):
                 raise ValueError(f"{key} in the checkpoint is {log_z.item()}; log Z must be finite "

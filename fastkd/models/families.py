@@ -24,8 +24,10 @@ STAGES = 4
 """How many blocks of a transformer (all at one stride) are taken as its stages."""
 
 
-def _spread(items: list, count: int = STAGES) -> list:
-    """``count`` items of ``items`` spread evenly, ending at the last (all of them when there are fewer)."""
+def spread(items: list, count: int = STAGES) -> list:
+    """``count`` items of ``items`` spread evenly, ending at the last (all of them when there are fewer): a
+    transformer's blocks taken as its stages, and the longer of two networks' stage lists met with the shorter
+    (a ResNet's 4 stages against a 2-block ViT: stages 2 and 4)."""
     if len(items) <= count:
         return list(items)
     return [items[(i + 1) * len(items) // count - 1] for i in range(count)]
@@ -65,7 +67,7 @@ def timm_taps(model: nn.Module) -> list[str]:
                         "name the modules to tap (student.taps / teacher.taps)")
     stages = [e["module"] for e in entries]
     if len({e.get("reduction") for e in entries}) == 1 and len(entries) > 1:  # a transformer: blocks at one stride
-        stages = _spread(stages)
+        stages = spread(stages)
     stem = next((name for name in ("stem", "patch_embed", "conv_stem") if name in modules and name not in stages), None)
     if stem is None:  # the first entry is the stem (a ResNet's act1)
         stem, stages = stages[0], stages[1:]
@@ -116,7 +118,7 @@ def torchvision_taps(model: nn.Module) -> list[str]:
     encoder = getattr(getattr(model, "encoder", None), "layers", None)
     if isinstance(getattr(model, "conv_proj", None), nn.Module) and isinstance(encoder, nn.Sequential):  # ViT
         blocks = [f"encoder.layers.{name}" for name, _ in encoder.named_children()]
-        return ["conv_proj", *_spread(blocks), _classifier_input(model)]
+        return ["conv_proj", *spread(blocks), _classifier_input(model)]
     trunk = getattr(model, "features", None)
     if isinstance(trunk, nn.Sequential) and len(trunk) > 1:
         stages = _trunk_stages(model, trunk, "features")

@@ -61,6 +61,11 @@ def z_known(log_z: torch.Tensor) -> torch.Tensor:
     return log_z > NOT_ESTIMATED
 
 
+def log_z_of(z: torch.Tensor) -> torch.Tensor:
+    """log Z from RepDistiller's Z (a negative Z, its "not estimated yet" marker, is :data:`NOT_ESTIMATED`)."""
+    return torch.where(z < 0, torch.full_like(z, NOT_ESTIMATED), z.log())
+
+
 def log_z_estimate(logits: torch.Tensor, num_data: int) -> torch.Tensor:
     """log(mean(exp(s/T))·N) over all B·(K+1) entries, by log-sum-exp: RepDistiller's Z, in log space."""
     return logits.detach().logsumexp(dim=(0, 1)) - math.log(logits.numel()) + math.log(num_data)

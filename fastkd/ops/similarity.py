@@ -390,7 +390,6 @@ RKD_DISTANCE = define("rkd_distance_loss(Tensor f_s, Tensor f_t) -> (Tensor, Ten
                       rkd_distance_with_grad_reference, _fake_rkd, AUTOGRAD)
 RKD_ANGLE = define("rkd_angle_loss(Tensor f_s, Tensor f_t) -> (Tensor, Tensor)", rkd_angle_with_grad_reference,
                    _fake_rkd, AUTOGRAD)
-OPS = {op._opname: op for op in (SP, CCKD, PKT, RKD_DISTANCE, RKD_ANGLE)}
 REFERENCES = {
     "sp_loss": sp_with_grad_reference,
     "cckd_loss": cckd_with_grad_reference,

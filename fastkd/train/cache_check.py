@@ -16,6 +16,7 @@ from fastkd.losses import entry
 from fastkd.train import distributed
 from fastkd.train.engine import amp_dtype
 from fastkd.train.recipe import Recipe
+from fastkd.train.rundir import weights_digest
 from fastkd.train.teacher_cache import TeacherCache, dtype_name, teacher_needs
 
 # recipe data keys that do not change the batches' pixels (where the data is, how it is loaded, CRD's contrast
@@ -80,12 +81,6 @@ def teacher_file(recipe: Recipe) -> str | None:
     return recipe.teacher.checkpoint or recipe.teacher.weights if recipe.teacher is not None else None
 
 
-def _weights_digest(path: str) -> str:
-    from fastkd.train.rundir import weights_digest
-
-    return weights_digest(path)
-
-
 def open_cache(recipe: Recipe, loader, device: torch.device) -> TeacherCache:
     """The cache ``teacher.cache`` names, checked against the run ``recipe`` describes (``loader``: its train
     loader); ``ValueError`` with every reason it does not match."""
@@ -97,7 +92,7 @@ def open_cache(recipe: Recipe, loader, device: torch.device) -> TeacherCache:
                          f"{objective} objective, whose teacher sees inputs made inside the step")
     cache = TeacherCache(recipe.teacher.cache)
     needs = teacher_needs(recipe.losses)
-    weights = _weights_digest(teacher_file(recipe)) if teacher_file(recipe) else None
+    weights = weights_digest(teacher_file(recipe)) if teacher_file(recipe) else None
     staged = any(entry(key).init is not None for key in recipe.losses if key != "ce")
     epochs = max(recipe.epochs, recipe.init_epochs if staged else 0)
     cache.check(describe_run(recipe, loader, weights, device), needs, epochs, distributed.rank(),

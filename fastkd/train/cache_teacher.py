@@ -24,7 +24,8 @@ import torch
 from fastkd.data._files import atomic_write
 from fastkd.losses import entry
 from fastkd.train import distributed
-from fastkd.train.cache_check import _weights_digest, describe_run, logit_temperatures, teacher_file
+from fastkd.train.cache_check import describe_run, logit_temperatures, teacher_file
+from fastkd.train.rundir import weights_digest
 from fastkd.train.distiller import feature_function
 from fastkd.train.engine import accuracy, amp_dtype
 from fastkd.train.recipe import Recipe
@@ -161,7 +162,7 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     def autocast():
         return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
-    describes = describe_run(recipe, train, _weights_digest(teacher_file(recipe)), device)
+    describes = describe_run(recipe, train, weights_digest(teacher_file(recipe)), device)
     info = {"recipe": recipe_name, "resolved": recipe.to_dict(), "teacher_checkpoint": teacher_file(recipe),
             "device": str(device)}
     return write(output, train, run_teacher, autocast, names, describes, epochs, topk=topk,

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd.losses import FEATURES, Features, LossEntry, MissingFeature
+from fastkd.models.families import spread
 from fastkd.models import FeatureReader, fixed_input_size, input_size
 from fastkd.train import terms
 
@@ -100,12 +101,7 @@ def _distilled(logits):
     return logits, None
 
 
-def paired(maps: list, count: int) -> list:
-    """``count`` of ``maps`` spread evenly, ending at the last: how the longer of two networks' stage lists
-    meets the shorter one (a ResNet's 4 stages against a 2-block ViT: stages 2 and 4)."""
-    if len(maps) <= count:
-        return list(maps)
-    return [maps[(i + 1) * len(maps) // count - 1] for i in range(count)]
+paired = spread  # how the longer of two networks' stage lists meets the shorter one
 
 
 def _shapes(value) -> str:
@@ -190,6 +186,8 @@ class Distiller(nn.Module):
             self.criteria = terms.build_criteria(self.entries, losses, probe)
             target = logit_t.argmax(dim=1) if logit_t is not None else None
             self._try_on(self._features(feat_s, logit_s, feat_t, logit_t, target=target, contrast_idx=None, epoch=1))
+        # the losses a step computes: a weight-0 loss is kept for its initialisation stage only (AB and FSP as published)
+        self._active = {name: criterion for name, criterion in self.criteria.items() if self.weights[name] != 0}
 
     def _teacher_outputs(self, images: torch.Tensor, cached: dict | None = None):
         """The teacher's (features, logits) on ``images``: run (no gradient), or, with a teacher cache, read
@@ -291,7 +289,7 @@ class Distiller(nn.Module):
     def forward(self, images: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None,
                 contrast_idx: torch.Tensor | None = None, epoch: int | None = None, teacher: dict | None = None):
         """``teacher``: the batch's teacher outputs, with a teacher cache (see the module doc)."""
-        needs_features = any(self.weights[name] != 0 for name in self.criteria)
+        needs_features = bool(self._active)
         if needs_features:
             feat_s, logit_s = self._features_s(images)
             feat_t, logit_t = self._teacher_outputs(images, teacher)
@@ -304,7 +302,5 @@ class Distiller(nn.Module):
         if needs_features:
             features = self._features(feat_s, logit_s, feat_t, logit_t, target=target, index=index,
                                       contrast_idx=contrast_idx, epoch=epoch, dist_s=dist_s)
-            # a weight-0 loss is kept for its initialisation stage only (AB and FSP as published)
-            active = {name: criterion for name, criterion in self.criteria.items() if self.weights[name] != 0}
-            parts.update(terms.evaluate(self.entries, active, features))
+            parts.update(terms.evaluate(self.entries, self._active, features))
         return terms.total(self.weights, parts), parts, logit_s

@@ -94,11 +94,9 @@ def probe_run(run_dir: str, epochs: int = 300, layer: int = -1, which: str = "la
               device: str | torch.device | None = None) -> dict:
     """Linear probe of a run folder's student (its ``last.pt`` or ``best.pt``) on the run's data: the training
     split un-augmented, the test split; the result is also written to ``RUN_DIR/probe.json``."""
-    from fastkd import models
     from fastkd.data.device import DeviceLoader
-    from fastkd.train import views
     from fastkd.train.recipe import load_recipe
-    from fastkd.train.run import load_weights, loaders, training_device
+    from fastkd.train.run import loaders, trained_student, training_device
     from fastkd.train.rundir import BEST, LAST
 
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
@@ -113,8 +111,7 @@ def probe_run(run_dir: str, epochs: int = 300, layer: int = -1, which: str = "la
         raise ValueError("fastkd probe reads data held in memory (digits, CIFAR, data.in_memory=true image trees)")
     plain = DeviceLoader(train.dataset, max(recipe.data.batch_size, 256), shuffle=False, augment=False,
                          channels=train.channels, inputs=train.inputs)
-    model = views.attach(models.create(recipe.student.name, num_classes=len(classes)), test, recipe).to(device)
-    load_weights(model, weights, recipe.student.name)
+    model = trained_student(recipe, recipe.student.name, weights, len(classes), test).to(device)
     result = {"run": os.path.abspath(run_dir), "weights": os.path.basename(weights), "student": recipe.student.name,
               "view": recipe.data.view, **linear_probe(model, plain, test, len(classes), layer, epochs, device)}
     with open(os.path.join(run_dir, "probe.json"), "w") as stream:

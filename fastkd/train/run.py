@@ -300,6 +300,15 @@ def contrast_negatives(recipe: Recipe) -> int | None:
     return None
 
 
+def trained_student(recipe: Recipe, name: str, weights: str, classes: int, loader) -> torch.nn.Module:
+    """The student model ``name`` as a finished run has it: built with the recipe's ``student.kwargs``, reading its
+    view of ``loader``'s batches (cross-modal runs), with the weights in the file ``weights`` (``fastkd eval``,
+    ``fastkd probe``)."""
+    model = views.attach(models.create(name, num_classes=classes, **dict(recipe.student.kwargs)), loader, recipe)
+    load_weights(model, weights, name)
+    return model
+
+
 def build_teacher(recipe: Recipe, classes: int, device: torch.device, loader=None) -> torch.nn.Module:
     """The recipe's teacher with its weights (``checkpoint`` or ``weights``), on ``device`` (channels-last when the recipe says so).
 

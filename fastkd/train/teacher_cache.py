@@ -398,10 +398,9 @@ class TeacherCache:
             if slot == "logits":
                 continue
             value = fields[f"feature.{slot}"]
-            value = value.to(device, dtype=self.feature_dtypes[slot], copy=True)
-            if slot in self.channels_last:  # the memory format the live teacher's output had
-                value = value.contiguous(memory_format=torch.channels_last)
-            out[f"feature.{slot}"] = value
+            # one copy, in the memory format the live teacher's output had
+            layout = torch.channels_last if slot in self.channels_last else torch.preserve_format
+            out[f"feature.{slot}"] = value.to(device, dtype=self.feature_dtypes[slot], copy=True, memory_format=layout)
         return out
 
     def read(self, epoch: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
