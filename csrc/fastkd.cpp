@@ -21,6 +21,7 @@ __attribute__((used)) static const char fastkd_build_tag[] = {FASTKD_BUILD_TAG, 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("crd_bank_update_", &fastkd::cpu::crd_bank_update_);
   m.impl("crd_nce", &fastkd::cpu::crd_nce);
+  m.impl("crd_nce_multi", &fastkd::cpu::crd_nce_multi);
   m.impl("kd_loss", &fastkd::cpu::kd_loss);
   m.impl("kd_loss_backward", &fastkd::cpu::kd_loss_backward);
   m.impl("kd_loss_with_grad", &fastkd::cpu::kd_loss_with_grad);

@@ -56,13 +56,15 @@ def resolve(command: str, recipe_name: str, overrides: list[str]) -> tuple[Recip
         from fastkd.train.objectives import needs_teacher
 
         recipe = load_recipe(recipe_name, overrides)
-        told = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() == "teacher" and o != "teacher=null"]
+        told = [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in ("teacher", "teachers")
+                and o not in ("teacher=null", "teachers=null")]
         if told:
             raise ValueError(f"fastkd train trains {recipe_name}'s student ({recipe.student.name}) alone, so "
                              f"{', '.join(told)} would not be read. To train another model, name it as the student "
                              f"(student.name=...); to distil from a teacher, use fastkd distill")
         keep = not needs_teacher(recipe.losses)
-        overrides += ["teacher=null"] + ([] if keep else ["losses={ce: 1.0}"])
+        overrides += ["teacher=null"] + (["teachers=null"] if recipe.teachers else []) + \
+            ([] if keep else ["losses={ce: 1.0}"])
     return load_recipe(recipe_name, overrides), overrides
 
 
@@ -94,7 +96,10 @@ def _run(command: str, recipe_name: str, overrides: list[str], output: str | Non
         if claimed is not None and claimed.changed:
             _say("--resume: continuing with a changed configuration:\n  " + "\n  ".join(claimed.changed))
         models = f"student {recipe.student.name}"
-        if reads_teacher(recipe):
+        if reads_teacher(recipe) and recipe.teachers:
+            models += f", an ensemble of {len(recipe.teachers)} teachers (" + ", ".join(
+                f"{config.name} {config.checkpoint or config.weights}" for config in recipe.teachers) + ")"
+        elif reads_teacher(recipe):
             models += f", teacher {recipe.teacher.name}" + (
                 f" (cached in {recipe.teacher.cache})" if recipe.teacher.cache else
                 f" ({recipe.teacher.checkpoint})" if recipe.teacher.checkpoint else "")

@@ -194,14 +194,15 @@ at::Tensor dense_gradient(const at::Tensor& g, const at::Tensor& bank) {
   return grad;
 }
 
-bool use_dense(int64_t batch, int64_t cols, int64_t num_data) {
+// ``pairs``: how many (student, teacher) pairs share the call (crd_nce_multi): their dense scores coexist.
+bool use_dense(int64_t batch, int64_t cols, int64_t num_data, int64_t pairs) {
   if (const char* forced = std::getenv("FASTKD_CRD_CPU_ALGO")) {
     const std::string algo(forced);
     TORCH_CHECK(algo == "dense" || algo == "gather", "FASTKD_CRD_CPU_ALGO must be 'dense' or 'gather', got '", algo, "'");
     return algo == "dense";
   }
   constexpr int64_t kMaxDenseEntries = int64_t{1} << 26;  // 256 MiB of fp32 scores
-  return num_data <= batch * cols && num_data * batch <= kMaxDenseEntries;
+  return num_data <= batch * cols && num_data * batch * pairs <= kMaxDenseEntries;
 }
 
 // The passes of one crd_nce call over both sides (student anchors vs teacher bank and the reverse).
@@ -212,7 +213,7 @@ class NcePasses {
   NcePasses(std::vector<Side*>& sides, const ContrastRows& rows, int64_t batch, int64_t cols, int64_t num_data,
             double temperature, bool track_estimate)
       : sides_(sides), rows_(rows), batch_(batch), cols_(cols), num_data_(num_data),
-        dim_(sides[0]->anchors.size(1)), temperature_(temperature), dense_(use_dense(batch, cols, num_data)),
+        dim_(sides[0]->anchors.size(1)), temperature_(temperature), dense_(use_dense(batch, cols, num_data, std::max<int64_t>(1, sides.size() / 2))),
         track_estimate_(track_estimate), loss_part_(sides.size() * batch), lse_top_(sides.size() * batch),
         lse_sum_(sides.size() * batch) {}
 
@@ -361,6 +362,70 @@ void check_index_table(const at::Tensor& table, int64_t num_data, const char* na
 
 }  // namespace
 
+namespace {
+
+// The checks both ops make of what they share (indices, temperature, Z momentum), and the contrast rows:
+// the caller's [B, K+1] table or its positives + Philox. ``keep`` holds the contiguous index tensors the
+// rows point into.
+ContrastRows contrast_rows(const char* op, const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx,
+                           const at::Tensor& rng_state, int64_t batch, int64_t num_negatives, int64_t num_data,
+                           bool shared_negatives, std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == batch && idx.scalar_type() == at::kLong, op, ": idx must be int64 [B]");
+  const int64_t cols = contrast_idx.has_value() ? contrast_idx->size(1) : num_negatives + 1;
+  TORCH_CHECK(cols >= 2, op, ": at least one negative is needed");
+  ContrastRows rows;
+  rows.negatives = cols - 1;
+  rows.num_data = num_data;
+  rows.shared = shared_negatives;
+  keep.push_back(idx.contiguous());
+  check_index_table(keep.back(), num_data, "idx");
+  rows.positives = keep.back().data_ptr<int64_t>();
+  if (contrast_idx.has_value()) {
+    keep.push_back(contrast_idx->contiguous());
+    const at::Tensor& table = keep.back();
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.scalar_type() == at::kLong, op,
+                ": contrast_idx must be int64 [B, K+1]");
+    check_index_table(table, num_data, "contrast_idx");
+    rows.table = table.data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, op, ": rng_state must be int64 [2]");
+    const at::Tensor state = rng_state.contiguous();
+    rows.seed = static_cast<uint64_t>(state.data_ptr<int64_t>()[0]);
+    rows.offset = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
+  }
+  return rows;
+}
+
+void check_step(const char* op, double temperature, double z_momentum) {
+  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+  TORCH_CHECK(z_momentum >= 0 && z_momentum <= 1, op, ": z_momentum must be in [0, 1], got ", z_momentum);
+}
+
+// Every side's NCE pass in one go: the contrast rows of each anchor drawn once for all the sides.
+void run_sides(std::vector<Side*>& sides, const ContrastRows& rows, const std::vector<double>& log_z,
+               at::ScalarType bank_dtype, int64_t batch, int64_t num_data, double temperature, double z_momentum) {
+  const auto acc = sides[0]->anchors.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES(acc, "crd_nce", [&] {
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank_dtype, "crd_nce_bank", [&] {
+      NcePasses<acc_t, scalar_t>(sides, rows, batch, rows.negatives + 1, num_data, temperature, z_momentum > 0)
+          .run(log_z);
+    });
+  });
+}
+
+// log Z after the step: the estimate where unknown; else kept, or log(m Z + (1 - m) estimate).
+double next_log_z(const Side& side, double value, double z_momentum) {
+  if (!z_known(value)) return side.log_estimate;
+  if (z_momentum > 0 && z_momentum < 1) {
+    const double a = std::log(z_momentum) + value, b = std::log1p(-z_momentum) + side.log_estimate;
+    return std::max(a, b) + std::log1p(std::exp(-std::abs(a - b)));
+  }
+  return value;
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
     const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
     const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& log_z_s,
@@ -374,34 +439,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
               "crd_nce: memory_s and memory_t must both be [N, D] with D = v_s.size(1)");
   TORCH_CHECK(memory_s.scalar_type() == memory_t.scalar_type(), "crd_nce: the two banks must share a dtype");
   TORCH_CHECK(v_s.scalar_type() == v_t.scalar_type(), "crd_nce: v_s and v_t must share a dtype");
-  TORCH_CHECK(idx.dim() == 1 && idx.size(0) == v_s.size(0) && idx.scalar_type() == at::kLong, "crd_nce: idx must be int64 [B]");
-  TORCH_CHECK(temperature > 0, "crd_nce: temperature must be > 0");
-  TORCH_CHECK(z_momentum >= 0 && z_momentum <= 1, "crd_nce: z_momentum must be in [0, 1], got ", z_momentum);
+  check_step("crd_nce", temperature, z_momentum);
   TORCH_CHECK(log_z_s.numel() == 1 && log_z_t.numel() == 1, "crd_nce: log_z_s and log_z_t must hold one value each");
   const int64_t batch = v_s.size(0), num_data = memory_s.size(0);
-  const int64_t cols = contrast_idx.has_value() ? contrast_idx->size(1) : num_negatives + 1;
-  TORCH_CHECK(cols >= 2, "crd_nce: at least one negative is needed");
-
-  ContrastRows rows;
-  rows.negatives = cols - 1;
-  rows.num_data = num_data;
-  rows.shared = shared_negatives;
-  const at::Tensor positives = idx.contiguous();
-  check_index_table(positives, num_data, "idx");
-  rows.positives = positives.data_ptr<int64_t>();
-  at::Tensor table;
-  if (contrast_idx.has_value()) {
-    table = contrast_idx->contiguous();
-    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.scalar_type() == at::kLong,
-                "crd_nce: contrast_idx must be int64 [B, K+1]");
-    check_index_table(table, num_data, "contrast_idx");
-    rows.table = table.data_ptr<int64_t>();
-  } else {
-    TORCH_CHECK(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, "crd_nce: rng_state must be int64 [2]");
-    const at::Tensor state = rng_state.contiguous();
-    rows.seed = static_cast<uint64_t>(state.data_ptr<int64_t>()[0]);
-    rows.offset = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
-  }
+  std::vector<at::Tensor> keep;
+  const ContrastRows rows = contrast_rows("crd_nce", idx, contrast_idx, rng_state, batch, num_negatives, num_data,
+                                          shared_negatives, keep);
 
   const auto acc = at::promote_types(v_s.scalar_type(), at::kFloat);
   Side student, teacher;  // student anchors against the teacher bank, and the reverse
@@ -411,26 +454,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
   teacher.bank = memory_s.contiguous();
   std::vector<Side*> sides = {&student, &teacher};
   const std::vector<double> log_z = {log_z_s.item<double>(), log_z_t.item<double>()};
-  AT_DISPATCH_FLOATING_TYPES(acc, "crd_nce", [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, memory_s.scalar_type(), "crd_nce_bank", [&] {
-      NcePasses<acc_t, scalar_t>(sides, rows, batch, cols, num_data, temperature, z_momentum > 0).run(log_z);
-    });
-  });
+  run_sides(sides, rows, log_z, memory_s.scalar_type(), batch, num_data, temperature, z_momentum);
 
-  // log Z after the step: the estimate where unknown; else kept, or log(m Z + (1 - m) estimate).
-  auto new_log_z = [&](const Side& side, const at::Tensor& log_z_in, double value) {
-    if (!z_known(value)) {
-      value = side.log_estimate;
-    } else if (z_momentum > 0 && z_momentum < 1) {
-      const double a = std::log(z_momentum) + value, b = std::log1p(-z_momentum) + side.log_estimate;
-      value = std::max(a, b) + std::log1p(std::exp(-std::abs(a - b)));
-    }
-    return at::full({}, value, log_z_in.options());
-  };
   at::Tensor loss = at::full({}, student.loss + teacher.loss, v_s.options().dtype(acc));
-  return {loss, new_log_z(student, log_z_s, log_z[0]), new_log_z(teacher, log_z_t, log_z[1]),
+  return {loss, at::full({}, next_log_z(student, log_z[0], z_momentum), log_z_s.options()),
+          at::full({}, next_log_z(teacher, log_z[1], z_momentum), log_z_t.options()),
           student.grad.to(v_s.scalar_type()), teacher.grad.to(v_t.scalar_type())};
+}
+
+// M (student, teacher) pairs sharing each anchor's contrast rows: v_s, v_t [M, B, D], banks [M, N, D],
+// log Z [M]; sides 2m and 2m + 1 are pair m's student anchors against its teacher bank and the reverse.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_multi(
+    const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
+    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& log_z_s,
+    const at::Tensor& log_z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
+    double z_momentum, bool shared_negatives) {
+  const char* op = "crd_nce_multi";
+  TORCH_CHECK(v_s.dim() == 3 && v_t.sizes() == v_s.sizes(), op, ": v_s and v_t must both be [M, B, D]");
+  TORCH_CHECK(v_s.size(0) >= 1, op, ": v_s holds no pair (shape ", v_s.sizes(), "); M must be >= 1");
+  TORCH_CHECK(v_s.size(1) >= 1, op, ": v_s has 0 rows (shape ", v_s.sizes(), "); the op needs B >= 1 anchors");
+  TORCH_CHECK(memory_s.dim() == 3 && memory_t.sizes() == memory_s.sizes() && memory_s.size(0) == v_s.size(0) &&
+                  memory_s.size(2) == v_s.size(2),
+              op, ": memory_s and memory_t must both be [M, N, D] with M, D those of v_s");
+  TORCH_CHECK(memory_s.scalar_type() == memory_t.scalar_type(), op, ": the banks must share a dtype");
+  TORCH_CHECK(v_s.scalar_type() == v_t.scalar_type(), op, ": v_s and v_t must share a dtype");
+  check_step(op, temperature, z_momentum);
+  const int64_t pairs = v_s.size(0), batch = v_s.size(1), num_data = memory_s.size(1);
+  TORCH_CHECK(log_z_s.dim() == 1 && log_z_s.size(0) == pairs && log_z_t.sizes() == log_z_s.sizes(), op,
+              ": log_z_s and log_z_t must be [M]");
+  std::vector<at::Tensor> keep;
+  const ContrastRows rows = contrast_rows(op, idx, contrast_idx, rng_state, batch, num_negatives, num_data,
+                                          shared_negatives, keep);
+
+  const auto acc = at::promote_types(v_s.scalar_type(), at::kFloat);
+  const at::Tensor anchors_s = v_s.to(acc).contiguous(), anchors_t = v_t.to(acc).contiguous();
+  const at::Tensor banks_s = memory_s.contiguous(), banks_t = memory_t.contiguous();
+  const at::Tensor z_s = log_z_s.to(at::kDouble).contiguous(), z_t = log_z_t.to(at::kDouble).contiguous();
+  std::vector<Side> storage(2 * pairs);
+  std::vector<Side*> sides;
+  std::vector<double> log_z;
+  for (int64_t m = 0; m < pairs; ++m) {
+    storage[2 * m].anchors = anchors_s.select(0, m);
+    storage[2 * m].bank = banks_t.select(0, m);
+    storage[2 * m + 1].anchors = anchors_t.select(0, m);
+    storage[2 * m + 1].bank = banks_s.select(0, m);
+    log_z.push_back(z_s.data_ptr<double>()[m]);
+    log_z.push_back(z_t.data_ptr<double>()[m]);
+  }
+  for (Side& side : storage) sides.push_back(&side);
+  run_sides(sides, rows, log_z, memory_s.scalar_type(), batch, num_data, temperature, z_momentum);
+
+  std::vector<double> losses(pairs), next_s(pairs), next_t(pairs);
+  std::vector<at::Tensor> grads_s, grads_t;
+  for (int64_t m = 0; m < pairs; ++m) {
+    const Side &student = storage[2 * m], &teacher = storage[2 * m + 1];
+    losses[m] = student.loss + teacher.loss;
+    next_s[m] = next_log_z(student, log_z[2 * m], z_momentum);
+    next_t[m] = next_log_z(teacher, log_z[2 * m + 1], z_momentum);
+    grads_s.push_back(student.grad);
+    grads_t.push_back(teacher.grad);
+  }
+  auto as_tensor = [&](const std::vector<double>& values, const at::TensorOptions& options) {
+    return at::tensor(values, at::TensorOptions().dtype(at::kDouble)).to(options);
+  };
+  return {as_tensor(losses, v_s.options().dtype(acc)), as_tensor(next_s, log_z_s.options()),
+          as_tensor(next_t, log_z_t.options()), at::stack(grads_s).to(v_s.scalar_type()),
+          at::stack(grads_t).to(v_t.scalar_type())};
 }
 
 }  // namespace fastkd::cpu

@@ -36,6 +36,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
     const at::Tensor& log_z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
     double z_momentum, bool shared_negatives);
 
+// crd_nce for M (student, teacher) pairs that share each anchor's contrast rows, in one pass (the contract of
+// fastkd.ops.crd.nce_multi_with_grad_reference): v_s, v_t [M, B, D], banks [M, N, D], log Z [M]; returns
+// (loss [M], log_z_s [M], log_z_t [M], grad_v_s [M, B, D], grad_v_t [M, B, D]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_multi(
+    const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,
+    const at::Tensor& idx, const std::optional<at::Tensor>& contrast_idx, const at::Tensor& log_z_s,
+    const at::Tensor& log_z_t, const at::Tensor& rng_state, int64_t num_negatives, double temperature,
+    double z_momentum, bool shared_negatives);
+
 // Logit losses (the contract of fastkd.ops.logits): forward returns (loss, per-row statistics);
 // backward returns (d/d logits_s, d/d logits_t), the second empty unless teacher_grad.
 std::tuple<at::Tensor, at::Tensor> kd_loss(const at::Tensor& logits_s, const at::Tensor& logits_t, double temperature);

@@ -35,7 +35,12 @@ An entry says:
 - ``preact``: the objective reads every feature before its last activation (AB, as RepDistiller);
 - ``init``: an :class:`InitStage`, RepDistiller's ``init()`` before the main stage (FT, AB, FSP);
 - ``ramp``: the constructor option that counts epochs (DKD's ``warmup``, OKDDip's ``ramp_epochs``): a
-  run shorter than it is warned about.
+  run shorter than it is warned about;
+- ``ensemble(probes, **options)``: how the loss takes an ensemble of M teachers in one criterion (CRD: one
+  pass over M teachers' banks), built from each teacher's probe and called with every teacher-side feature
+  as a list over the teachers. Without it, an ensemble run gives a loss that takes only the teacher's logits
+  the ensemble's logits, and builds any other teacher-reading loss once per teacher and sums the M terms
+  (:class:`~fastkd.train.distiller.Distiller`).
 
 This module sits at the bottom of the losses layer: it imports torch only, never the trainer.
 """
@@ -182,6 +187,7 @@ class LossEntry:
     preact: bool = False
     init: InitStage | None = None
     ramp: str | None = None
+    ensemble: Callable[..., nn.Module] | None = None
 
     @property
     def options(self) -> list[str]:
@@ -218,6 +224,11 @@ class LossEntry:
         with self._named():
             return self.call(criterion, *(features[name] for name in self.takes))
 
+    def create_ensemble(self, probes: list[Features], options: Mapping[str, Any]) -> nn.Module:
+        """The one criterion of an ensemble run (``ensemble``), from each teacher's probe and ``options``."""
+        with self._named():
+            return self.ensemble(probes, **options)
+
     def init_loss(self, criterion: nn.Module, features: Features) -> torch.Tensor:
         """The initialisation stage's loss of ``criterion`` on the features that stage takes."""
         with self._named():
@@ -250,7 +261,7 @@ def _parameters(cls: type) -> dict[str, inspect.Parameter]:
 def register(key: str, *, takes: tuple[str, ...], build: Callable[..., nn.Module] | None = None,
              call: Callable[..., torch.Tensor] | None = None, derived: tuple[str, ...] = (),
              objective: str = "offline", preact: bool = False, init: InitStage | None = None,
-             ramp: str | None = None):
+             ramp: str | None = None, ensemble: Callable[..., nn.Module] | None = None):
     """Register the decorated loss class under the recipe key ``key``; see the module docstring.
 
     Raises ``ValueError`` for a key already registered (or ``ce``, the objectives' own cross
@@ -283,7 +294,7 @@ def register(key: str, *, takes: tuple[str, ...], build: Callable[..., nn.Module
             raise ValueError(f"loss {key!r}: derived {unknown} are not parameters of {cls.__qualname__}; its "
                              f"parameters: {', '.join(_parameters(cls)) or 'none'}")
         _ENTRIES[key] = LossEntry(key, cls, tuple(takes), build or _build_plain, call or _call_plain, tuple(derived),
-                                  objective, bool(preact), init, ramp)
+                                  objective, bool(preact), init, ramp, ensemble)
         return cls
 
     return add

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,7 +14,57 @@ from fastkd.losses._registry import register, widths
 from fastkd.ops import crd as _crd
 from fastkd.ops import crd_shard, philox
 
-__all__ = ["CRDLoss"]
+__all__ = ["CRDLoss", "EnsembleCRDLoss"]
+
+
+def _checked_options(s_dim, t_dim, num_data, feat_dim, num_negatives, temperature, momentum, z_momentum,
+                     bank_dtype) -> tuple[float, float, float]:
+    """CRD's constructor options checked (``ValueError`` / ``TypeError`` naming the option); returns
+    (temperature, momentum, z_momentum) as floats."""
+    for name, value in (("s_dim", s_dim), ("t_dim", t_dim), ("num_data", num_data), ("feat_dim", feat_dim),
+                        ("num_negatives", num_negatives)):
+        _checks.integer(name, value, 1)
+    temperature = _checks.number("temperature", temperature, positive=True)
+    if 1.0 / temperature > torch.finfo(torch.float32).max:
+        raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.1e} (s/T must be "
+                         f"finite in fp32), got {temperature}")
+    momentum = _checks.number("momentum", momentum, nonnegative=True)
+    z_momentum = _checks.number("z_momentum", z_momentum, nonnegative=True)
+    if num_data >= 2**31:
+        raise ValueError(f"num_data must be below 2**31 (the samplers' index range), got {num_data}")
+    if momentum > 1:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    if z_momentum >= 1:
+        raise ValueError(f"z_momentum must be in [0, 1), got {z_momentum!r}")
+    if bank_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"bank_dtype must be torch.float32, float16, bfloat16 or float64, got {bank_dtype}")
+    return temperature, momentum, z_momentum
+
+
+class _KeepsLogZ(nn.Module):
+    """A module whose log Z buffers (:data:`_LOG_Z`) are never cast below fp32."""
+
+    def _apply(self, fn, recurse=True):
+        """As ``nn.Module._apply`` (``.to``, ``.half()``, ``.cuda()``, ...), except that log Z is never
+        cast below fp32: a cast to fp16 / bf16 moves it (device) and keeps it in fp32, unrounded."""
+        before = {name: self._buffers[name] for name in _LOG_Z}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype not in (torch.float32, torch.float64):
+                self._buffers[name] = new.float() if old.is_meta else old.to(device=new.device, dtype=torch.float32)
+        return self
+
+
+
+def _check_log_z(state_dict: dict, prefix: str) -> None:
+    """Refuse a checkpoint's log Z that is NaN or +inf (−inf is "not estimated yet")."""
+    for name in _LOG_Z:
+        key = prefix + name
+        log_z = state_dict.get(key)
+        if log_z is not None and _checks.has_values(log_z) and bool((log_z.isnan() | (log_z == math.inf)).any()):
+            raise ValueError(f"{key} in the checkpoint is {log_z.tolist()}; log Z must be finite "
+                             "(or -inf: not estimated yet)")
 
 
 def _with_banks(cls, probe, **options) -> nn.Module:
@@ -21,9 +72,15 @@ def _with_banks(cls, probe, **options) -> nn.Module:
     return widths()(cls, probe, num_data=probe["num_data"], **options)
 
 
+def _with_banks_per_teacher(probes, **options) -> nn.Module:
+    """CRD from M teachers (an ensemble run): one :class:`EnsembleCRDLoss` with each teacher's pooled width."""
+    return EnsembleCRDLoss(s_dim=probes[0].width("pooled_s"), t_dims=[p.width("pooled_t") for p in probes],
+                           num_data=probes[0]["num_data"], **options)
+
+
 @register("crd", takes=("pooled_s", "pooled_t", "index", "contrast_idx"), build=_with_banks,
-          derived=("s_dim", "t_dim", "num_data"))
-class CRDLoss(nn.Module):
+          derived=("s_dim", "t_dim", "num_data"), ensemble=_with_banks_per_teacher)
+class CRDLoss(_KeepsLogZ):
     """Contrastive Representation Distillation (Tian, Krishnan & Isola, ICLR 2020), as RepDistiller.
 
     Both features are embedded, v = rownorm(Linear(f)) (``embed_s``, ``embed_t``, trained with the
@@ -91,23 +148,8 @@ class CRDLoss(nn.Module):
                  bank_dtype: torch.dtype = torch.float32, z_momentum: float = 0.0, shared_negatives: bool = False,
                  shard_banks: bool = False):
         super().__init__()
-        for name, value in (("s_dim", s_dim), ("t_dim", t_dim), ("num_data", num_data), ("feat_dim", feat_dim),
-                            ("num_negatives", num_negatives)):
-            _checks.integer(name, value, 1)
-        temperature = _checks.number("temperature", temperature, positive=True)
-        if 1.0 / temperature > torch.finfo(torch.float32).max:
-            raise ValueError(f"temperature must be at least {1 / torch.finfo(torch.float32).max:.1e} (s/T must be "
-                             f"finite in fp32), got {temperature}")
-        momentum = _checks.number("momentum", momentum, nonnegative=True)
-        z_momentum = _checks.number("z_momentum", z_momentum, nonnegative=True)
-        if num_data >= 2**31:
-            raise ValueError(f"num_data must be below 2**31 (the samplers' index range), got {num_data}")
-        if momentum > 1:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
-        if z_momentum >= 1:
-            raise ValueError(f"z_momentum must be in [0, 1), got {z_momentum!r}")
-        if bank_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise TypeError(f"bank_dtype must be torch.float32, float16, bfloat16 or float64, got {bank_dtype}")
+        temperature, momentum, z_momentum = _checked_options(s_dim, t_dim, num_data, feat_dim, num_negatives,
+                                                             temperature, momentum, z_momentum, bank_dtype)
         self.num_data, self.feat_dim, self.num_negatives = num_data, feat_dim, num_negatives
         self.temperature, self.momentum, self.z_momentum = temperature, momentum, z_momentum
         self.shared_negatives = bool(shared_negatives)
@@ -150,17 +192,6 @@ class CRDLoss(nn.Module):
         """Z of the teacher-anchored scores, exp(``log_z_t``) in float64; −1 before it is estimated."""
         return _z_of(self.log_z_t)
 
-    def _apply(self, fn, recurse=True):
-        """As ``nn.Module._apply`` (``.to``, ``.half()``, ``.cuda()``, ...), except that log Z is never
-        cast below fp32: a cast to fp16 / bf16 moves it (device) and keeps it in fp32, unrounded."""
-        before = {name: self._buffers[name] for name in _LOG_Z}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype not in (torch.float32, torch.float64):
-                self._buffers[name] = new.float() if old.is_meta else old.to(device=new.device, dtype=torch.float32)
-        return self
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for side in ("s", "t"):
             key, old_key = f"{prefix}log_z_{side}", f"{prefix}z_{side}"
@@ -170,10 +201,7 @@ class CRDLoss(nn.Module):
                     raise ValueError(f"{old_key} in the checkpoint is {z.item()} (a Z that overflowed its dtype); "
                                      f"set it to -1 to estimate Z again on the next step")
                 state_dict[key] = _crd.log_z_of(z)
-            log_z = state_dict.get(key)
-            if log_z is not None and _checks.has_values(log_z) and bool((log_z.isnan() | (log_z == math.inf)).any()):
-                raise ValueError(f"{key} in the checkpoint is {log_z.item()}; log Z must be finite "
-                                 "(or -inf: not estimated yet)")
+        _check_log_z(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._z_known = False
 
@@ -265,6 +293,114 @@ class CRDLoss(nn.Module):
             _crd.bank_update_(self.memory_s, local, values[:, :dim], self.momentum)
             _crd.bank_update_(self.memory_t, local, values[:, dim:], self.momentum)
         return loss
+
+
+class EnsembleCRDLoss(_KeepsLogZ):
+    """CRD from an ensemble of M teachers: Σ_m L_crd(T_m; S), each teacher's loss that of :class:`CRDLoss`.
+
+    What the paper does: the CRD paper (Tian, Krishnan & Isola, ICLR 2020, "distilling an ensemble") trains
+    one student from several teachers and reports it against KD from the ensemble; its text gives no formula
+    and RepDistiller ships no ensemble code; its first author's answer to how (RepDistiller issue #17) is to sum
+    L_crd(T_i; S) over the teachers. What fastkd does: exactly that sum, with every term a full CRD loss of its
+    own — teacher m has its embeds ``embed_s[m]`` (of the student's feature) and ``embed_t[m]`` (of its own),
+    its banks ``memory_s[m]`` / ``memory_t[m]`` ([M, N, D] buffers), its log Z's ``log_z_s[m]`` / ``log_z_t[m]``
+    ([M] buffers, fp32 at least) — so with M = 1 this *is* :class:`CRDLoss` (same parameters, same draws, same
+    value), and M identical teachers give M times the single-teacher loss. One choice is fastkd's: all M terms
+    score the same K+1 bank rows per sample (one Philox draw of ``rng_state`` per step, or the loader's
+    ``contrast_idx``), which is what lets the fused op ``fastkd::crd_nce_multi`` (:func:`fastkd.ops.crd.nce_multi`)
+    draw each anchor's rows once and score them against all 2M banks in one pass, instead of M launches.
+    Each term on its own is distributed exactly as in a single-teacher run.
+
+    ``forward(f_s, f_t, idx, contrast_idx=None)``: ``f_s`` [B, s_dim] the student's feature, ``f_t`` a sequence
+    of the M teachers' features ([B, t_dims[m]]); returns the sum. ``last_terms`` holds the M terms of the last
+    step (detached), for logging. The options are :class:`CRDLoss`'s; the banks are not sharded
+    (``shard_banks=True`` is refused) and the loss does not run under ``torch.distributed`` yet (refused with a
+    ``RuntimeError``): an ensemble run is one process.
+    """
+
+    def __init__(self, s_dim: int, t_dims: Sequence[int], num_data: int, feat_dim: int = 128,
+                 num_negatives: int = 16384, temperature: float = 0.07, momentum: float = 0.5,
+                 seed: int | None = None, bank_dtype: torch.dtype = torch.float32, z_momentum: float = 0.0,
+                 shared_negatives: bool = False, shard_banks: bool = False):
+        super().__init__()
+        if isinstance(t_dims, (str, bytes)) or not isinstance(t_dims, Sequence) or not t_dims:
+            raise ValueError(f"t_dims must list each teacher's feature width (at least one), got {t_dims!r}")
+        for t_dim in t_dims:
+            temperature, momentum, z_momentum = _checked_options(s_dim, t_dim, num_data, feat_dim, num_negatives,
+                                                                 temperature, momentum, z_momentum, bank_dtype)
+        if shard_banks:
+            raise ValueError("shard_banks=True: the banks of an ensemble's CRD are not sharded yet; leave it false")
+        count = len(t_dims)
+        self.num_data, self.feat_dim, self.num_negatives = num_data, feat_dim, num_negatives
+        self.temperature, self.momentum, self.z_momentum = temperature, momentum, z_momentum
+        self.shared_negatives = bool(shared_negatives)
+        # drawn in CRDLoss's order (student embed, teacher embed, then the banks): M = 1 starts as CRDLoss does
+        embeds = [(nn.Linear(s_dim, feat_dim), nn.Linear(int(t_dim), feat_dim)) for t_dim in t_dims]
+        self.embed_s = nn.ModuleList(pair[0] for pair in embeds)
+        self.embed_t = nn.ModuleList(pair[1] for pair in embeds)
+        bound = 1.0 / math.sqrt(feat_dim / 3)
+        for name in ("memory_s", "memory_t"):
+            self.register_buffer(name, torch.rand(count, num_data, feat_dim).mul_(2 * bound).add_(-bound)
+                                 .to(bank_dtype))
+        for name in _LOG_Z:
+            self.register_buffer(name, torch.full((count,), _crd.NOT_ESTIMATED))
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.register_buffer("rng_state", torch.tensor([int(seed), 0], dtype=torch.int64))
+        self.last_terms: torch.Tensor | None = None
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.embed_t)
+
+    def extra_repr(self) -> str:
+        return (f"teachers={self.num_teachers}, num_data={self.num_data}, feat_dim={self.feat_dim}, "
+                f"num_negatives={self.num_negatives}, temperature={self.temperature}, momentum={self.momentum}, "
+                f"bank_dtype={self.memory_s.dtype}, z_momentum={self.z_momentum}, "
+                f"shared_negatives={self.shared_negatives}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _check_log_z(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, f_s: torch.Tensor, f_t: Sequence[torch.Tensor], idx: torch.Tensor,
+                contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if _dist.active():
+            raise RuntimeError("CRD from an ensemble of teachers runs in one process: torch.distributed is not "
+                               "supported by EnsembleCRDLoss yet")
+        if isinstance(f_t, torch.Tensor) or len(f_t) != self.num_teachers:
+            got = "one tensor" if isinstance(f_t, torch.Tensor) else f"{len(f_t)} features"
+            raise ValueError(f"f_t must hold the {self.num_teachers} teachers' features (a list), got {got}")
+        _checks.tensor("f_s", f_s, min_ndim=2)
+        _checks.module_device("f_s", f_s, self.embed_s[0])
+        _checks.width("f_s", f_s, self.embed_s[0].in_features, "s_dim")
+        for m, feature in enumerate(f_t):
+            _checks.tensor(f"f_t[{m}]", feature, min_ndim=2)
+            _checks.pair("f_s", f_s, f"f_t[{m}]", feature, same_shape=False)
+            _checks.width(f"f_t[{m}]", feature, self.embed_t[m].in_features, f"t_dims[{m}]")
+        batch = f_s.shape[0]
+        _checks.index("idx", idx, self.num_data, shape=(batch,), device=f_s.device)
+        if contrast_idx is not None:
+            _checks.index("contrast_idx", contrast_idx, self.num_data, shape=(batch, self.num_negatives + 1),
+                          device=f_s.device)
+        flat = f_s.flatten(1)
+        v_s = torch.stack([l2_normalize(embed(flat)) for embed in self.embed_s])
+        v_t = torch.stack([l2_normalize(embed(feature.flatten(1))) for embed, feature in zip(self.embed_t, f_t)])
+        _checks.finite("f_s (embedded)", v_s)
+        _checks.finite("f_t (embedded)", v_t)
+        terms, log_z_s, log_z_t = _crd.nce_multi(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx,
+                                                 self.log_z_s, self.log_z_t, self.rng_state, self.num_negatives,
+                                                 self.temperature, self.z_momentum, self.shared_negatives)
+        with torch.no_grad():
+            self.log_z_s.copy_(log_z_s)
+            self.log_z_t.copy_(log_z_t)
+            if contrast_idx is None:
+                self.rng_state[1] += 1
+            for m in range(self.num_teachers):
+                _crd.bank_update_(self.memory_s[m], idx, v_s[m], self.momentum)
+                _crd.bank_update_(self.memory_t[m], idx, v_t[m], self.momentum)
+        self.last_terms = terms.detach()
+        return terms.sum()
 
 
 _LOG_Z = ("log_z_s", "log_z_t")

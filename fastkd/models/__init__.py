@@ -17,6 +17,7 @@ import difflib
 from torch import nn
 
 from fastkd.models import sources
+from fastkd.models.ensemble import TeacherEnsemble
 from fastkd.models.mobilenet_imagenet import mobilenet_v1
 from fastkd.models.mobilenetv2 import mobilenetv2
 from fastkd.models.multibranch import MULTIBRANCH_MODELS, BranchOutput, MultiBranchResNet
@@ -63,7 +64,7 @@ def _check_classes(num_classes) -> None:
 __all__ = [
     "create", "names", "check", "FeatureTap", "FeatureReader", "input_size", "fixed_input_size", "default_taps", "resnet_taps", "CIFAR_MODELS", "IMAGENET_MODELS",
     "MULTIBRANCH_MODELS", "MultiBranchResNet", "BranchOutput", "SEQUENCE_MODELS", "RowConv", "RowGRU", "rowconv",
-    "rowgru",
+    "rowgru", "TeacherEnsemble",
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
     "resnet32x4", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13",
     "vgg16", "vgg19", "mobilenetv2", "ShuffleV1", "ShuffleV2", "resnet18", "resnet34", "resnet50",

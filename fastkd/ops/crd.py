@@ -180,12 +180,51 @@ def nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log
     return loss_s + loss_t, z_s_new, z_t_new, grad_s, grad_t
 
 
+def check_pairs(v_s: torch.Tensor, memory_s: torch.Tensor, log_z_s: torch.Tensor) -> None:
+    """``crd_nce_multi`` needs M >= 1 pairs of [B, D] anchors with B >= 1, banks [M, N, D] and log Z [M]."""
+    if v_s.dim() != 3 or v_s.shape[0] < 1 or v_s.shape[1] < 1:
+        raise ValueError(f"crd_nce_multi: v_s has shape {tuple(v_s.shape)}; the op needs [M, B, D] anchors with "
+                         "M >= 1 pairs and B >= 1 rows")
+    if memory_s.dim() != 3 or memory_s.shape[0] != v_s.shape[0] or memory_s.shape[2] != v_s.shape[2]:
+        raise ValueError(f"crd_nce_multi: the banks have shape {tuple(memory_s.shape)}; they must be [M, N, D] with "
+                         f"M, D those of v_s {tuple(v_s.shape)}")
+    if tuple(log_z_s.shape) != (v_s.shape[0],):
+        raise ValueError(f"crd_nce_multi: log Z has shape {tuple(log_z_s.shape)}; it must be [M] = [{v_s.shape[0]}]")
+
+
+def nce_multi_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state,
+                                  num_negatives: int, temperature: float, z_momentum: float, shared_negatives: bool):
+    """The contract of ``fastkd::crd_nce_multi``: :func:`nce_with_grad_reference` for M (student, teacher) pairs
+    at once, every pair scoring the same contrast rows (one draw for the batch).
+
+    ``v_s``, ``v_t`` [M, B, D]: pair m's student and teacher anchors; ``memory_s``, ``memory_t`` [M, N, D]: its
+    banks; ``log_z_s``, ``log_z_t`` [M]: its log Z's. Returns (loss [M], log Z_s [M], log Z_t [M],
+    d loss_m / d v_s[m] [M, B, D], d loss_m / d v_t[m] [M, B, D]): pair m's loss is exactly what ``crd_nce``
+    gives for pair m alone with the same ``rng_state`` (or ``contrast_idx``).
+    """
+    check_pairs(v_s, memory_s, log_z_s)
+    num_data = memory_s.shape[1]
+    cidx = contrast_idx if contrast_idx is not None else philox.contrast_indices(
+        idx, rng_state, num_negatives, num_data, shared_negatives)
+    outs = [nce_with_grad_reference(v_s[m], v_t[m], memory_s[m], memory_t[m], idx, cidx, log_z_s[m], log_z_t[m],
+                                    rng_state, num_negatives, temperature, z_momentum, shared_negatives)
+            for m in range(v_s.shape[0])]
+    return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
 # ---------------------------------------------------------------- the ops
 
 def _nce_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives,
               temperature, z_momentum, shared_negatives):
     check_batch(v_s)
     loss = v_s.new_empty((), dtype=accumulation_dtype(v_s))
+    return loss, torch.empty_like(log_z_s), torch.empty_like(log_z_t), torch.empty_like(v_s), torch.empty_like(v_t)
+
+
+def _nce_multi_fake(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t, rng_state, num_negatives,
+                    temperature, z_momentum, shared_negatives):
+    check_pairs(v_s, memory_s, log_z_s)
+    loss = v_s.new_empty((v_s.shape[0],), dtype=accumulation_dtype(v_s))
     return loss, torch.empty_like(log_z_s), torch.empty_like(log_z_t), torch.empty_like(v_s), torch.empty_like(v_t)
 
 
@@ -204,6 +243,13 @@ def _nce_backward(ctx, grad_loss, grad_z_s, grad_z_t, grad_g_s, grad_g_t):
     return (grad_s * scale, grad_t * scale) + (None,) * 11
 
 
+def _nce_multi_backward(ctx, grad_loss, grad_z_s, grad_z_t, grad_g_s, grad_g_t):
+    """Pair m's anchors' gradients scaled by the upstream gradient of its loss, ``grad_loss[m]``."""
+    grad_s, grad_t = ctx.saved_tensors
+    scale = grad_loss.to(grad_s.dtype).view(-1, 1, 1)
+    return (grad_s * scale, grad_t * scale) + (None,) * 11
+
+
 # Every backend's crd_nce (the reference, native C++ on CPU and CUDA, Triton) returns the anchors' gradients
 # with the loss, so this one formula serves them all.
 NCE_AUTOGRAD = Autograd(_nce_setup_context, _nce_backward)
@@ -211,6 +257,12 @@ CRD_NCE = define("crd_nce(Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory
                  "Tensor log_z_s, Tensor log_z_t, Tensor rng_state, int num_negatives, float temperature, "
                  "float z_momentum, bool shared_negatives) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                  nce_with_grad_reference, _nce_fake, NCE_AUTOGRAD)
+CRD_NCE_MULTI = define("crd_nce_multi(Tensor v_s, Tensor v_t, Tensor memory_s, Tensor memory_t, Tensor idx, "
+                       "Tensor? contrast_idx, Tensor log_z_s, Tensor log_z_t, Tensor rng_state, int num_negatives, "
+                       "float temperature, float z_momentum, bool shared_negatives) "
+                       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                       nce_multi_with_grad_reference, _nce_multi_fake,
+                       Autograd(_nce_setup_context, _nce_multi_backward))
 CRD_BANK_UPDATE = define("crd_bank_update_(Tensor(a!) bank, Tensor index, Tensor value, float momentum) -> ()",
                          bank_update_reference, _bank_update_fake)
 
@@ -245,3 +297,25 @@ def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, m
             bank_update_reference(bank, index, value.detach(), float(momentum))
         else:
             op(bank, index, value.detach(), float(momentum))
+
+
+def nce_multi(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor,
+              idx: torch.Tensor, contrast_idx: torch.Tensor | None, log_z_s: torch.Tensor, log_z_t: torch.Tensor,
+              rng_state: torch.Tensor, num_negatives: int, temperature: float, z_momentum: float = 0.0,
+              shared_negatives: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """M (student, teacher) pairs' CRD steps on one draw of contrast rows: (loss [M], log Z_s [M], log Z_t [M]).
+
+    Shapes as :func:`nce_multi_with_grad_reference`. Where the chosen backend has the fused multi-pair op
+    (``native`` on CPU tensors: every anchor's K+1 rows drawn once and scored against all 2M banks in one
+    pass) it runs that; elsewhere each pair runs :func:`nce` in turn with the same ``rng_state`` (so the same
+    rows): the published computation on ``torch``, the single-pair fused kernel on CUDA.
+    """
+    op = kernel_for("crd_nce_multi", v_s)
+    if op is not None:
+        loss, log_z_s, log_z_t, _, _ = op(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log_z_s, log_z_t,
+                                          rng_state, num_negatives, temperature, z_momentum, shared_negatives)
+        return loss, log_z_s, log_z_t
+    check_pairs(v_s, memory_s, log_z_s)
+    outs = [nce(v_s[m], v_t[m], memory_s[m], memory_t[m], idx, contrast_idx, log_z_s[m], log_z_t[m], rng_state,
+                num_negatives, temperature, z_momentum, shared_negatives) for m in range(v_s.shape[0])]
+    return tuple(torch.stack(parts) for parts in zip(*outs))

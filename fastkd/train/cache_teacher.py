@@ -130,6 +130,9 @@ def cache_teacher(recipe: Recipe, output: str, epochs: int, *, topk: int | None 
     if feature_dtype not in (None, *HALF):
         raise ValueError(f"--feature-dtype must be one of {', '.join(HALF)} (or left out: the compute dtype), "
                          f"got {feature_dtype!r}")
+    if recipe.teachers:
+        raise ValueError(f"teachers lists an ensemble of {len(recipe.teachers)}: cache-teacher caches one teacher "
+                         "(an ensemble run computes its teachers live)")
     if teacher_file(recipe) is None:
         raise ValueError("cache-teacher runs the recipe's teacher: set teacher.name and teacher.checkpoint (or "
                          "teacher.weights)")

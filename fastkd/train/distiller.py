@@ -58,6 +58,7 @@ from torch import nn
 from fastkd.losses import FEATURES, Features, LossEntry, MissingFeature
 from fastkd.models.families import spread
 from fastkd.models import FeatureReader, fixed_input_size, input_size
+from fastkd.models.ensemble import TeacherEnsemble
 from fastkd.train import terms
 
 if TYPE_CHECKING:
@@ -132,6 +133,14 @@ class Distiller(nn.Module):
     so by :meth:`train`. ``teacher_cache``: the teacher's outputs come from this cache instead
     (``teacher`` is then ``None``; see the module doc).
 
+    ``teacher`` may be a :class:`~fastkd.models.TeacherEnsemble` of M networks (each read through its own
+    taps, ``TeacherEnsemble.taps``). Then a loss that takes only the teacher's logits (KD, DKD) takes the
+    ensemble's logits (the averaged prediction); a loss that registered an ``ensemble`` form takes all M
+    teachers in one criterion (CRD: one bank per teacher, scored in one pass); any other teacher-reading loss
+    is built once per teacher (``criteria[name]`` is then a ``ModuleList``) and its M terms are summed, as CRD's
+    are (the CRD paper's ensemble recipe). Losses with an initialisation stage (FT, AB, FSP) and a teacher
+    cache do not take an ensemble.
+
     Each loss is tried once on the probe's features when it is built, so a loss that cannot take
     what the models give (vectors where it needs maps, channels that must match) is refused here
     with the features' shapes, not at the first step. Where the two networks give different
@@ -155,6 +164,15 @@ class Distiller(nn.Module):
             raise ValueError(f"losses {sorted(self.entries)} need a teacher")
         self.student, self.teacher, self.hint_layer = student, teacher, hint_layer
         self.teacher_cache = teacher_cache
+        self.ensemble = teacher if isinstance(teacher, TeacherEnsemble) else None
+        self._forms: dict[str, str] = {}  # an ensemble run's loss → "combined" | "stacked" | "each"
+        if self.ensemble is not None:
+            if teacher_taps is not None:
+                raise ValueError("teacher_taps: an ensemble's members name their taps in TeacherEnsemble(taps=[...])")
+            staged = sorted(name for name, loss in self.entries.items() if loss.init is not None)
+            if staged:
+                raise ValueError(f"losses {staged} have an initialisation stage, which does not take an ensemble "
+                                 "of teachers: distil from one teacher, or leave them out")
         self.weights = terms.weights(losses)
         if teacher is not None:
             teacher.eval()
@@ -164,7 +182,11 @@ class Distiller(nn.Module):
         if self.entries:
             preact = any(loss.preact for loss in self.entries.values())
             self._features_s = feature_function(student, student_taps, preact)
-            self._features_t = feature_function(teacher, teacher_taps, preact) if teacher is not None else None
+            if self.ensemble is not None:
+                self._features_t = [feature_function(member, taps, preact)
+                                    for member, taps in zip(self.ensemble.members, self.ensemble.taps)]
+            else:
+                self._features_t = feature_function(teacher, teacher_taps, preact) if teacher is not None else None
             self._taken = {name for loss in self.entries.values() for name in (*loss.takes, *loss.init_takes)}
             needs_banks = sorted(name for name, loss in self.entries.items() if "num_data" in loss.derived)
             if num_data is None and needs_banks:
@@ -181,17 +203,29 @@ class Distiller(nn.Module):
                 student.train(was)
                 probe = None if teacher_cache is None else teacher_cache.probe(sample.shape[0], device=sample.device)
                 feat_t, logit_t = self._teacher_outputs(sample, probe)
-            probe = self._features(feat_s, logit_s, feat_t, logit_t, **({} if num_data is None else
-                                                                        {"num_data": num_data}))
-            self.criteria = terms.build_criteria(self.entries, losses, probe)
-            target = logit_t.argmax(dim=1) if logit_t is not None else None
-            self._try_on(self._features(feat_s, logit_s, feat_t, logit_t, target=target, contrast_idx=None, epoch=1))
+            extra = {} if num_data is None else {"num_data": num_data}
+            if self.ensemble is not None:
+                self.criteria = self._build_for_ensemble(losses, self._ensemble_features(
+                    feat_s, logit_s, feat_t, logit_t, **extra))
+                target = self.ensemble.combine(logit_t).argmax(dim=1)
+                self._try_on_ensemble(self._ensemble_features(feat_s, logit_s, feat_t, logit_t, target=target,
+                                                              contrast_idx=None, epoch=1))
+            else:
+                probe = self._features(feat_s, logit_s, feat_t, logit_t, **extra)
+                self.criteria = terms.build_criteria(self.entries, losses, probe)
+                target = logit_t.argmax(dim=1) if logit_t is not None else None
+                self._try_on(self._features(feat_s, logit_s, feat_t, logit_t, target=target, contrast_idx=None,
+                                            epoch=1))
         # the losses a step computes: a weight-0 loss is kept for its initialisation stage only (AB and FSP as published)
         self._active = {name: criterion for name, criterion in self.criteria.items() if self.weights[name] != 0}
 
     def _teacher_outputs(self, images: torch.Tensor, cached: dict | None = None):
         """The teacher's (features, logits) on ``images``: run (no gradient), or, with a teacher cache, read
         from ``cached`` (the batch's record; feature positions the cache does not hold are ``None``)."""
+        if self.ensemble is not None:  # every member's (features, logits), as lists over the members
+            with torch.no_grad():
+                outputs = [read(images) for read in self._features_t]
+            return [[f.detach() for f in feats] for feats, _ in outputs], [logits for _, logits in outputs]
         if self.teacher_cache is None:
             with torch.no_grad():
                 feat_t, logit_t = self._features_t(images)
@@ -207,15 +241,78 @@ class Distiller(nn.Module):
         for name, loss in self.entries.items():
             if "index" in loss.takes:  # a bank per sample: its inputs are the pooled vectors, sized by the build
                 continue
-            try:
-                with torch.no_grad():
-                    loss.loss(copy.deepcopy(self.criteria[name]), features)
-            except (ValueError, RuntimeError, IndexError, TypeError) as exc:
-                if isinstance(exc, MissingFeature):
-                    raise
-                given = ", ".join(f"{key} {_shapes(features[key])}" for key in loss.takes if key in features)
-                raise ValueError(f"loss {name!r} cannot take what these models give ({given}): "
-                                 f"{str(exc).strip().splitlines()[0]}") from None
+            self._try_loss(name, loss, self.criteria[name], features)
+
+    @staticmethod
+    def _try_loss(name: str, loss: LossEntry, criterion: nn.Module, features: Features) -> None:
+        try:
+            with torch.no_grad():
+                loss.loss(copy.deepcopy(criterion), features)
+        except (ValueError, RuntimeError, IndexError, TypeError) as exc:
+            if isinstance(exc, MissingFeature):
+                raise
+            given = ", ".join(f"{key} {_shapes(features[key])}" for key in loss.takes if key in features)
+            raise ValueError(f"loss {name!r} cannot take what these models give ({given}): "
+                             f"{str(exc).strip().splitlines()[0]}") from None
+
+    # --- an ensemble of teachers ------------------------------------------------------------
+    def _ensemble_features(self, feat_s, logit_s, feats_t, logits_t, **batch):
+        """(combined, per teacher, stacked) features of an ensemble step: ``combined`` offers the ensemble's
+        logits as ``logits_t``; ``per[m]`` teacher m's features and logits as a single teacher's; ``stacked``
+        every teacher-side feature as a list over the teachers."""
+        per = [self._features(feat_s, logit_s, feats, logits, **batch) for feats, logits in zip(feats_t, logits_t)]
+        combined = Features(self.WHAT, dict(per[0], logits_t=self.ensemble.combine(logits_t)))
+        teacher_side = [name for name in per[0] if FEATURES.get(name) is not None and FEATURES[name].side == "teacher"]
+        stacked = Features(self.WHAT, dict(per[0], **{name: [p[name] for p in per] for name in teacher_side}))
+        return combined, per, stacked
+
+    def _form(self, loss: LossEntry) -> str:
+        """How an ensemble run serves ``loss``: ``combined`` (it reads only the teacher's logits: the
+        ensemble's), ``stacked`` (its registered ``ensemble`` form) or ``each`` (one criterion per teacher)."""
+        read = {name for name in loss.takes if FEATURES[name].side == "teacher"}
+        if read <= {"logits_t"}:
+            return "combined"
+        return "stacked" if loss.ensemble is not None else "each"
+
+    def _build_for_ensemble(self, losses: dict[str, dict], views) -> nn.ModuleDict:
+        combined, per, stacked = views
+        criteria = nn.ModuleDict()
+        for name, loss in self.entries.items():
+            form = self._forms[name] = self._form(loss)
+            options = terms.options(losses[name])
+            if form == "combined":
+                criteria[name] = loss.create(combined, options)
+            elif form == "stacked":
+                criteria[name] = loss.create_ensemble(per, options)
+            else:
+                criteria[name] = nn.ModuleList(loss.create(probe, options) for probe in per)
+        return criteria
+
+    def _ensemble_terms(self, names, views) -> dict[str, torch.Tensor]:
+        """{name: loss} of an ensemble step for the losses ``names`` (the Σ over teachers for ``each``)."""
+        combined, per, stacked = views
+        out = {}
+        for name in names:
+            loss, criterion, form = self.entries[name], self.criteria[name], self._forms[name]
+            if form == "combined":
+                out[name] = loss.loss(criterion, combined)
+            elif form == "stacked":
+                out[name] = loss.loss(criterion, stacked)
+            else:
+                out[name] = sum(loss.loss(c, features) for c, features in zip(criterion, per))
+        return out
+
+    def _try_on_ensemble(self, views) -> None:
+        """:meth:`_try_on` for an ensemble run: each loss on copies of its criteria."""
+        combined, per, stacked = views
+        for name, loss in self.entries.items():
+            if "index" in loss.takes:
+                continue
+            form = self._forms[name]
+            pairs = ([(self.criteria[name], combined)] if form == "combined" else
+                     [(self.criteria[name], stacked)] if form == "stacked" else list(zip(self.criteria[name], per)))
+            for criterion, features in pairs:
+                self._try_loss(name, loss, criterion, features)
 
     def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, dist_s=None, **batch) -> Features:
         """The features the losses take, from each network's feature list and logits (``None``: that
@@ -299,7 +396,11 @@ class Distiller(nn.Module):
         parts = {}
         if "ce" in self.weights:
             parts["ce"] = F.cross_entropy(logit_s.float(), target)
-        if needs_features:
+        if needs_features and self.ensemble is not None:
+            views = self._ensemble_features(feat_s, logit_s, feat_t, logit_t, target=target, index=index,
+                                            contrast_idx=contrast_idx, epoch=epoch, dist_s=dist_s)
+            parts.update(self._ensemble_terms(self._active, views))
+        elif needs_features:
             features = self._features(feat_s, logit_s, feat_t, logit_t, target=target, index=index,
                                       contrast_idx=contrast_idx, epoch=epoch, dist_s=dist_s)
             parts.update(terms.evaluate(self.entries, self._active, features))

@@ -30,6 +30,7 @@ from typing import Iterable
 import torch
 
 from fastkd._checks import value_checks
+from fastkd.models.ensemble import TeacherEnsemble
 from fastkd.train import distributed, loggers, progress
 from fastkd.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from fastkd.train.distiller import Distiller
@@ -422,16 +423,29 @@ class Trainer:
             return self.teacher_eval
         if teacher is None:
             return None
-        self.teacher_eval = self.evaluate(model=teacher)
-        top1 = self.teacher_eval.get("top1", 0.0)
-        if log is not None:
-            log(f"teacher {self.recipe.teacher.name if self.recipe.teacher else ''}: top-1 {top1:.2f} "
-                f"top-5 {self.teacher_eval.get('top5', 0.0):.2f} on the test set, before distillation")
         chance = 100.0 / self.meta["num_classes"] if self.meta.get("num_classes") else None
-        if chance is not None and top1 < 2 * chance:
-            warnings.warn(f"the teacher's test top-1 is {top1:.2f}%, near chance ({chance:.2f}%): check "
-                          "teacher.name, teacher.checkpoint and the data's normalisation", RuntimeWarning, stacklevel=2)
+        members = []
+        if isinstance(teacher, TeacherEnsemble):  # each member alone, then the ensemble's averaged prediction
+            for i, (name, member) in enumerate(zip(teacher.names, teacher.members)):
+                members.append(self.evaluate(model=member))
+                self._report_teacher(f"teachers[{i}] {name}", members[-1], chance, f"teachers[{i}]", log)
+        self.teacher_eval = self.evaluate(model=teacher)
+        if members:
+            self.teacher_eval["members"] = members
+            what = f"the ensemble of {len(members)} ({teacher.average} averaged)"
+        else:
+            what = f"teacher {self.recipe.teacher.name if self.recipe.teacher else ''}"
+        self._report_teacher(what, self.teacher_eval, chance, "teacher", log)
         return self.teacher_eval
+
+    @staticmethod
+    def _report_teacher(what: str, scores: dict, chance: float | None, key: str, log) -> None:
+        top1 = scores.get("top1", 0.0)
+        if log is not None:
+            log(f"{what}: top-1 {top1:.2f} top-5 {scores.get('top5', 0.0):.2f} on the test set, before distillation")
+        if chance is not None and top1 < 2 * chance:
+            warnings.warn(f"{what}'s test top-1 is {top1:.2f}%, near chance ({chance:.2f}%): check "
+                          f"{key}.name, {key}.checkpoint and the data's normalisation", RuntimeWarning, stacklevel=2)
 
     def best(self) -> dict | None:
         """The history's record with the highest test top-1 (the earliest of equals), or ``None``."""

@@ -92,6 +92,11 @@ class ScheduleConfig:
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig | None = field(default_factory=lambda: TeacherConfig("resnet32x4"))
+    # an ensemble of teachers (the CRD paper's ensemble distillation): [{name, checkpoint | weights, kwargs, taps}, ...]
+    # in place of `teacher` (which is then null); logit losses read the ensemble's prediction, feature losses
+    # each teacher (fastkd.train.distiller.Distiller, fastkd.models.TeacherEnsemble)
+    teachers: list[TeacherConfig] | None = None
+    ensemble_average: str = "probs"  # probs | logits: how the teachers' predictions are averaged
     student: ModelConfig = field(default_factory=ModelConfig)
     losses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"ce": {"weight": 1.0}})
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -120,7 +125,7 @@ _SECTIONS = {"data": DataConfig, "teacher": TeacherConfig, "student": ModelConfi
 _CHOICES = {("data", "name"): ("digits", "tinted_digits", "cifar10", "cifar100", "imagefolder"), ("data", "fit"): ("resize", "pad", "crop"),
             ("data", "contrast_mode"): (None, "exact", "relax"),
             ("optim", "name"): ("sgd", "adamw"), ("schedule", "name"): ("multistep", "cosine"),
-            ((), "amp"): ("auto", "bf16", "fp16", "off"), ((), "logger"): ("none", *LOGGERS)}
+            ((), "amp"): ("auto", "bf16", "fp16", "off"), ((), "ensemble_average"): ("probs", "logits"), ((), "logger"): ("none", *LOGGERS)}
 
 
 def shipped() -> list[str]:
@@ -182,10 +187,27 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise ValueError(f"override {assignment!r} has an empty key")
     node = tree
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
+        if isinstance(node, list):  # teachers.1.checkpoint=...: an entry of a list, by position
+            node = _list_entry(node, key, assignment)
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
             raise ValueError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = _value(raw)
+    if isinstance(node, list):
+        node[_position(node, keys[-1], assignment)] = _value(raw)
+    else:
+        node[keys[-1]] = _value(raw)
+
+
+def _position(node: list, key: str, assignment: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ValueError(f"override {assignment!r}: {key!r} is not a position in a list of {len(node)} "
+                         f"(0 .. {len(node) - 1})")
+    return int(key)
+
+
+def _list_entry(node: list, key: str, assignment: str):
+    return node[_position(node, key, assignment)]
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -290,6 +312,22 @@ def _losses(tree) -> dict[str, dict[str, Any]]:
     return checked
 
 
+def _teachers(tree) -> list[TeacherConfig] | None:
+    """``teachers``: a non-empty list of teacher sections (``name``, ``checkpoint`` or ``weights``, ``kwargs``,
+    ``taps``), or null. A teacher cache serves one teacher: ``cache`` is refused here."""
+    if tree is None:
+        return None
+    if not isinstance(tree, list) or not tree:
+        raise ValueError(f"teachers must be a non-empty list of teachers ([{{name: ..., checkpoint: ...}}, ...]), "
+                         f"got {tree!r}")
+    configs = [_section(f"teachers[{i}]", TeacherConfig, item) for i, item in enumerate(tree)]
+    for i, config in enumerate(configs):
+        if config.cache:
+            raise ValueError(f"teachers[{i}].cache: a teacher cache (fastkd cache-teacher) serves one teacher, not "
+                             "an ensemble's member; give its checkpoint or weights")
+    return configs
+
+
 def build(tree: dict[str, Any]) -> Recipe:
     """Validate a recipe tree into a :class:`Recipe`."""
     fields = {f.name for f in dataclasses.fields(Recipe)}
@@ -300,16 +338,26 @@ def build(tree: dict[str, Any]) -> Recipe:
             values[key] = _section(key, _SECTIONS[key], value)
         elif key == "losses":
             values[key] = _losses(value)
+        elif key == "teachers":
+            values[key] = _teachers(value)
         else:
             annotation = next(f.type for f in dataclasses.fields(Recipe) if f.name == key)
             values[key] = _typed(key, value, annotation)
             choices = _CHOICES.get(((), key))
             if choices is not None and values[key] not in choices:
                 raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+    if values.get("teachers") is not None:  # an ensemble in place of the single teacher
+        single = values.get("teacher", Recipe().teacher)
+        given = [f"teacher.{key}" for key in ("checkpoint", "weights", "cache") if single is not None and getattr(single, key)]
+        if given:
+            raise ValueError(f"teachers lists an ensemble and {' and '.join(given)} names a single teacher's: give "
+                             "one (teacher: null with teachers, or no teachers)")
+        values["teacher"] = None
     recipe = Recipe(**values)
     _in_range(recipe)
-    for role in ("student", "teacher"):
-        config = getattr(recipe, role)
+    roles = [("student", recipe.student), ("teacher", recipe.teacher)]
+    roles += [(f"teachers[{i}]", config) for i, config in enumerate(recipe.teachers or ())]
+    for role, config in roles:
         if config is not None and config.checkpoint and config.weights:
             raise ValueError(f"{role}.checkpoint and {role}.weights both name a file of weights: give one "
                              f"({role}.weights for any file of weights, {role}.checkpoint for a fastkd run's checkpoint)")

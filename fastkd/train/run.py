@@ -26,10 +26,11 @@ from fastkd.data.indexed import IndexedDataset
 from fastkd.data.keyed import EpochBatchSampler, KeyedBatches
 from fastkd.data.transforms import EvalTransform, TrainTransform
 from fastkd.losses import entry
+from fastkd.models import TeacherEnsemble
 from fastkd.train import distributed, views
 from fastkd.train.checkpoint import load_checkpoint, read_model
 from fastkd.train.engine import Trainer
-from fastkd.train.objectives import build_objective, needs_teacher, reads_teacher_state
+from fastkd.train.objectives import build_objective, needs_teacher, objective_of, reads_teacher_state
 from fastkd.train.recipe import Recipe, budget_warnings
 
 DIGITS_SIZE = 32  # the CIFAR zoo's input size: digits' 8×8 pixels are repeated 4×
@@ -265,6 +266,8 @@ def check_models(recipe: Recipe) -> None:
     roles = [("student", recipe.student)]
     if recipe.teacher is not None and needs_teacher(recipe.losses):
         roles.append(("teacher", recipe.teacher))
+    if recipe.teachers and needs_teacher(recipe.losses):
+        roles += [(f"teachers[{i}]", config) for i, config in enumerate(recipe.teachers)]
     for role, config in roles:
         try:
             models.check(config.name)
@@ -325,6 +328,27 @@ def build_teacher(recipe: Recipe, classes: int, device: torch.device, loader=Non
     return teacher
 
 
+def build_ensemble(recipe: Recipe, classes: int, device: torch.device, loader=None) -> TeacherEnsemble:
+    """The recipe's ``teachers`` as one :class:`~fastkd.models.TeacherEnsemble`, each member with its weights
+    (``checkpoint`` or ``weights``: required), built as :func:`build_teacher` builds one (under a forked RNG,
+    reading the teacher's view in a cross-modal run), on ``device``."""
+    missing = [f"teachers[{i}]" for i, config in enumerate(recipe.teachers) if not (config.checkpoint or config.weights)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: each teacher of an ensemble needs its weights: checkpoint (a fastkd or "
+                         "RepDistiller checkpoint; `fastkd train` makes one) or weights (any file of weights)")
+    members = []
+    with torch.random.fork_rng(devices=[]):
+        for i, config in enumerate(recipe.teachers):
+            view = None if loader is None else (lambda m: views.attach(m, loader, recipe, "teacher"))
+            members.append(build_model(config, classes, f"teachers[{i}]", view))
+    ensemble = TeacherEnsemble(members, recipe.ensemble_average, taps=[config.taps for config in recipe.teachers],
+                               names=[config.name for config in recipe.teachers])
+    ensemble.eval().to(device)
+    if recipe.channels_last:
+        ensemble.to(memory_format=torch.channels_last)
+    return ensemble
+
+
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
     """The trainer a recipe describes, on ``device`` (CUDA when there is one, by default; under
     torchrun this rank's GPU, after :func:`fastkd.train.distributed.setup`)."""
@@ -340,11 +364,18 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     teacher = teacher_state = cache = None
     given = [f"teacher.{key}={getattr(recipe.teacher, key)}" for key in ("checkpoint", "weights", "cache")
              if recipe.teacher is not None and getattr(recipe.teacher, key)]
+    given += ["teachers"] if recipe.teachers else []
     if given and not needs_teacher(recipe.losses):
         warnings.warn(f"{' and '.join(given)} is set, but no loss of this run distils from a teacher (losses: "
                       f"{', '.join(recipe.losses)}): it is not read. Add a distillation loss (losses.kd.weight=0.9, "
                       f"...) or leave {' and '.join(g.split('=')[0] for g in given)} out", UserWarning, stacklevel=2)
-    if needs_teacher(recipe.losses):
+    if recipe.teachers and needs_teacher(recipe.losses):
+        objective = objective_of(recipe.losses)
+        if objective != "offline":
+            raise ValueError(f"teachers: an ensemble teaches through the offline distiller; these losses "
+                             f"({', '.join(recipe.losses)}) train the {objective} objective, which takes one teacher")
+        teacher = build_ensemble(recipe, classes, device, train)
+    elif needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
         if recipe.teacher.cache:  # the teacher's outputs come with the batches; the teacher is not built
@@ -370,12 +401,13 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
     if cache is not None:
         train = cache.batches(train, distributed.rank(), device)
     sample = next(iter(train))[0][:8]
-    taps = {"student_taps": recipe.student.taps,
-            "teacher_taps": recipe.teacher.taps if teacher is not None or cache is not None else None}
+    taps = {"student_taps": recipe.student.taps,  # an ensemble's members carry their own taps
+            "teacher_taps": recipe.teacher.taps if recipe.teacher is not None and (teacher is not None or cache is not None)
+            else None}
     distiller = build_objective(recipe.losses, student, teacher, sample, num_data, teacher_state, teacher_cache=cache,
                                 **taps)
     # the model the run trains and saves as its student (SSKD's first stage trains a head on its teacher)
-    saved = recipe.teacher.name if teacher is not None and distiller.student is teacher else recipe.student.name
+    saved = recipe.teacher.name if recipe.teacher is not None and distiller.student is teacher else recipe.student.name
     meta = {"student": saved, "num_classes": classes, "classes": class_names,
             "data": data_summary(recipe, shown, test, classes, num_data)}
     return Trainer(recipe, distiller, train, test, device=device, output=output, meta=meta)

@@ -54,6 +54,7 @@ class RunFolderError(RuntimeError):
 # folder made before them keeps its id and resumes
 _ADDED_LATER = {f"{role}.{key}": value for role in ("student", "teacher")
                 for key, value in (("weights", None), ("kwargs", {}), ("taps", None))}
+_ADDED_LATER.update({"teachers": None, "ensemble_average": "probs"})  # issue 18's ensembles
 
 
 def _unset_since(key: str, value: Any) -> bool:
@@ -83,7 +84,7 @@ def reads_teacher(recipe: Recipe) -> bool:
     """Whether a run of ``recipe`` loads its teacher (its losses distil from one)."""
     from fastkd.train.objectives import needs_teacher
 
-    return recipe.teacher is not None and needs_teacher(recipe.losses)
+    return (recipe.teacher is not None or bool(recipe.teachers)) and needs_teacher(recipe.losses)
 
 
 def describe(recipe: Recipe) -> dict[str, Any]:
@@ -92,12 +93,15 @@ def describe(recipe: Recipe) -> dict[str, Any]:
     config = {key: value for key, value in dotted(recipe.to_dict()).items()
               if not _ignored(key) and not _unset_since(key, value)}
     files = {"student.checkpoint": recipe.student.checkpoint, "student.weights": recipe.student.weights}
-    if reads_teacher(recipe):
+    if reads_teacher(recipe) and recipe.teacher is not None:
         files.update({"teacher.checkpoint": recipe.teacher.checkpoint, "teacher.weights": recipe.teacher.weights})
+    if reads_teacher(recipe):
+        files.update({f"teachers[{i}].{key}": getattr(config, key) for i, config in enumerate(recipe.teachers or ())
+                      for key in ("checkpoint", "weights")})
     weights = {key: weights_digest(path) if os.path.isfile(path) else "missing"
                for key, path in files.items() if path}
     cached = {}
-    if reads_teacher(recipe) and recipe.teacher.cache:  # the teacher's outputs come from a cache: which one
+    if reads_teacher(recipe) and recipe.teacher is not None and recipe.teacher.cache:  # the teacher's outputs come from a cache: which one
         cached["teacher_cache[digest]"] = cache_digest(recipe.teacher.cache)
     return {**config, **{f"weights[{key}]": digest for key, digest in weights.items()}, **cached}
 
@@ -133,10 +137,14 @@ def _in_path(model: str) -> str:
 
 def default_folder(recipe_name: str | None, recipe: Recipe, description: dict[str, Any] | None = None,
                    root: str = RUNS) -> str:
-    """``runs/<recipe>/<student>[-from-<teacher>]-<id>``: the folder a run writes to unless told otherwise."""
+    """``runs/<recipe>/<student>[-from-<teacher>]-<id>``: the folder a run writes to unless told otherwise (an
+    ensemble's teachers joined by ``+``, or ``<M>-teachers`` past three)."""
     description = describe(recipe) if description is None else description
     name = _in_path(recipe.student.name)
-    if reads_teacher(recipe):
+    if reads_teacher(recipe) and recipe.teachers:  # an ensemble: its members' names, or their count
+        names = [_in_path(config.name) for config in recipe.teachers]
+        name += "-from-" + ("+".join(names) if len(names) <= 3 else f"{len(names)}-teachers")
+    elif reads_teacher(recipe):
         name += f"-from-{_in_path(recipe.teacher.name)}"
     return os.path.join(root, recipe_stem(recipe_name), f"{name}-{run_id(description)}")
 
