@@ -50,6 +50,15 @@ def _crd_nce(dtype):
              False), (0, 1))
 
 
+def _crd_nce_multi(dtype):
+    """Three pairs sharing one Philox draw; their Z's not estimated yet."""
+    log_z = torch.full((3,), float("-inf"))
+    idx = torch.randint(0, 40, (3,), generator=_gen(20))
+    return ((_unit(3, 3, 16, dtype=dtype, seed=21), _unit(3, 3, 16, dtype=dtype, seed=22),
+             _unit(3, 40, 16, dtype=dtype, seed=23), _unit(3, 40, 16, dtype=dtype, seed=24), idx, None, log_z,
+             log_z.clone(), torch.tensor([11, 3]), 9, 0.07, 0.0, False), (0, 1))
+
+
 def _crd_nce_shard(dtype):
     """One process: rows [10, 30) of 40 as this rank's shard (plus its spare row); a third of the entries outside."""
     cidx = torch.randint(0, 40, (3, 6), generator=_gen(16))
@@ -86,6 +95,7 @@ def _pair(dtype, *extra):
 # public op -> dtype -> (arguments, the positions of the inputs that require a gradient)
 SAMPLES = {
     "crd_nce": _crd_nce,
+    "crd_nce_multi": _crd_nce_multi,
     "crd_bank_update_": _bank_update,
     "crd_nce_shard": _crd_nce_shard,
     "kd_loss": lambda dtype: ((*_logits(dtype)[:2], 3.0), (0, 1)),
