@@ -15,7 +15,11 @@ Views (``order`` names them, the stacked batch holds them in that order):
 | ``L`` | 1 | CIELab L of ``x`` (:func:`~fastkd.data.colour.rgb_to_lab`) |
 | ``ab`` | 2 | CIELab a, b of ``x`` |
 | ``Lab`` | 3 | all of CIELab |
-| any name in ``custom`` | len(list) | the stored channels ``custom[name]`` (e.g. ``{"rgb": [0, 1, 2], "depth": [3]}`` for RGB + depth stored as 4 channels) |
+| any name in ``custom`` | len(list) | the stored channels ``custom[name]`` (e.g. ``{"colour": [0, 1, 2], "depth": [3]}`` for RGB + depth stored as 4 channels) |
+
+The built-in views read the stored image's first ``colour`` channels (1 or 3; all of them by default): with a
+partner tree stacked after the images (``data.pair_root``, :mod:`fastkd.data.folder`) ``rgb`` / ``L`` / ``ab``
+are those of the ``data.root`` images and a user view names the partners' channels (``{"depth": [3]}``).
 
 Each view's channels are normalised by their own mean and standard deviation over the training images
 (un-augmented), :meth:`ViewSplit.fit`: ``(v − mean_v) / std_v`` per channel, as every fastkd dataset is
@@ -43,13 +47,17 @@ class ViewSplit:
         pixel_max: the stored images' white (255 for 8-bit images, 16 for the digits).
         custom: user views, ``{name: [stored channel indices]}`` (the hook for paired modalities stored as
             extra channels of one image).
+        colour: how many leading stored channels (1 or 3) the built-in views read; ``None``: all of them.
     """
 
-    def __init__(self, order: Sequence[str], pixel_max: float = 255.0, custom: Mapping[str, Sequence[int]] | None = None):
+    def __init__(self, order: Sequence[str], pixel_max: float = 255.0,
+                 custom: Mapping[str, Sequence[int]] | None = None, colour: int | None = None):
         custom = {str(k): [int(c) for c in v] for k, v in (custom or {}).items()}
         clash = sorted(set(custom) & set(COLOUR_VIEWS))
         if clash:
-            raise ValueError(f"data.views names {clash} are built-in views ({', '.join(COLOUR_VIEWS)}): rename them")
+            raise ValueError(f"data.views names {clash} are built-in views ({', '.join(COLOUR_VIEWS)}; with "
+                             "data.pair_root they read the data.root images): rename them, or leave them out and use "
+                             "the built-in")
         for name, channels in custom.items():
             if not channels or min(channels) < 0:
                 raise ValueError(f"data.views.{name} must list stored channel indices (>= 0), got {channels}")
@@ -63,7 +71,9 @@ class ViewSplit:
             raise ValueError(f"order names a view twice: {list(order)}")
         if not pixel_max > 0:
             raise ValueError(f"pixel_max must be > 0, got {pixel_max!r}")
-        self.order, self.pixel_max, self.custom = tuple(order), float(pixel_max), custom
+        if colour not in (None, 1, 3):
+            raise ValueError(f"colour must be 1, 3 or None, got {colour!r}")
+        self.order, self.pixel_max, self.custom, self.colour = tuple(order), float(pixel_max), custom, colour
         self.slices: dict[str, slice] = {}
         start = 0
         for name in self.order:
@@ -84,13 +94,15 @@ class ViewSplit:
         for name in self.order:
             if name in self.custom:
                 if max(self.custom[name]) >= stored:
-                    raise ValueError(f"data.views.{name} reads channels {self.custom[name]} but the images have {stored}")
+                    raise ValueError(f"data.views.{name} reads channels {self.custom[name]} but the images have "
+                                     f"{stored} (data.pair_root stacks a partner tree's channels after them)")
                 parts.append(x[:, self.custom[name]])
                 continue
-            if stored not in (1, 3):
+            colour = self.colour or stored
+            if colour not in (1, 3) or colour > stored:
                 raise ValueError(f"view {name!r} reads RGB (or grey) images, these have {stored} channels: "
                                  "name their channels with data.views")
-            rgb = x if stored == 3 else x.expand(-1, 3, -1, -1)
+            rgb = x[:, :3] if colour == 3 else x[:, :1].expand(-1, 3, -1, -1)
             if name == "rgb":
                 parts.append(rgb)
                 continue

@@ -21,7 +21,7 @@ from fastkd.train.teacher_cache import TeacherCache, dtype_name, teacher_needs
 
 # recipe data keys that do not change the batches' pixels (where the data is, how it is loaded, CRD's contrast
 # draws, which have their own generator), or that are compared on their own (batch size)
-_NOT_PIXELS = ("root", "num_workers", "download", "contrast_mode", "batch_size")
+_NOT_PIXELS = ("root", "pair_root", "num_workers", "download", "contrast_mode", "batch_size")
 
 
 def data_fingerprint(loader) -> dict:

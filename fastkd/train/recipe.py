@@ -49,6 +49,9 @@ class DataConfig:
     view: str | None = None
     teacher_view: str | None = None
     views: dict[str, list[int]] | None = None  # user views, {name: [stored channel indices]} (e.g. RGB + depth)
+    # imagefolder in memory: a second tree (pair_root/{train,val|test}/<class>/<file>) whose files pair with
+    # root's by class folder and stem, stacked as channels after the images' (depth: data.views={depth: [3]})
+    pair_root: str | None = None
 
 
 @dataclass
@@ -361,10 +364,27 @@ def build(tree: dict[str, Any]) -> Recipe:
         if config is not None and config.checkpoint and config.weights:
             raise ValueError(f"{role}.checkpoint and {role}.weights both name a file of weights: give one "
                              f"({role}.weights for any file of weights, {role}.checkpoint for a fastkd run's checkpoint)")
+    _check_pairs(recipe.data)
     if recipe.data.download and recipe.data.name == "imagefolder":
         raise ValueError("data.download=true fetches CIFAR-10 / CIFAR-100 only: an imagefolder tree must already be "
                          "under data.root (set data.download=false)")
     return recipe
+
+
+def _check_pairs(data: DataConfig) -> None:
+    """``data.pair_root`` goes with an in-memory image tree and a chosen view (see :mod:`fastkd.data.folder`)."""
+    if data.pair_root is None:
+        return
+    if data.name != "imagefolder":
+        raise ValueError(f"data.pair_root pairs the files of an image tree (data.name=imagefolder), not "
+                         f"data.name={data.name}: lay the data out as data.root/{{train,val}}/<class>/<file>")
+    if not data.in_memory:
+        raise ValueError(f"data.pair_root={data.pair_root} needs data.in_memory=true: the partners are decoded once "
+                         "into the uint8 cache as extra channels (streamed trees, data.in_memory=false, take no views)")
+    if data.view is None and data.teacher_view is None:
+        raise ValueError(f"data.pair_root={data.pair_root} stacks the partners' channels after the images': choose "
+                         "what the run sees with data.view (e.g. data.views={depth: [3]} data.view=depth "
+                         "data.teacher_view=rgb)")
 
 
 def budget_warnings(recipe: Recipe) -> list[str]:

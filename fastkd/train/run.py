@@ -128,9 +128,16 @@ def _read_sets(recipe: Recipe):
                 cls.fetch_missing(data.root)
             distributed.barrier()
         return cls(data.root, train=True), cls(data.root, train=False), 255.0
-    train = ImageFolder(os.path.join(data.root, "train"), cache=True, size=data.image_size, fit=data.fit)
+    folders = os.path.join(data.root, "train"), evaluation_folder(data.root)
+    # the partners' tree, split for split (data.pair_root/train, data.pair_root/val or test as data.root has)
+    pairs = [None if data.pair_root is None else os.path.join(data.pair_root, os.path.basename(f)) for f in folders]
+    train = ImageFolder(folders[0], cache=True, size=data.image_size, fit=data.fit, pair_root=pairs[0])
     side = train.data.shape[1] if train.data.shape[1] == train.data.shape[2] else None
-    test = ImageFolder(evaluation_folder(data.root), cache=True, size=data.image_size or side, fit=data.fit)
+    test = ImageFolder(folders[1], cache=True, size=data.image_size or side, fit=data.fit, pair_root=pairs[1])
+    if train.pair_channels != test.pair_channels:
+        raise ValueError(f"data.pair_root: the partners in {pairs[0]} have {train.pair_channels} channel(s) but those "
+                         f"in {pairs[1]} have {test.pair_channels} (1: every file greyscale, 3: some in colour): store "
+                         "both splits' partners alike")
     return train, test, 255.0
 
 
@@ -183,7 +190,7 @@ def loaders(recipe: Recipe, device: torch.device, num_negatives: int | None):
 def data_summary(recipe: Recipe, train, test, classes: int, num_data: int) -> str:
     """One line on what a run trains on: the data, its classes, the split sizes and the image shape."""
     data = recipe.data
-    where = f" ({data.root})" if data.root else ""
+    where = f" ({data.root}{' + ' + data.pair_root if data.pair_root else ''})" if data.root else ""
     if isinstance(train, DeviceLoader):
         _, h, w, c = train.dataset.images.shape
         shape = f"{h}x{w}x{c}" + (f", repeated to {train.channels} channels" if train.channels not in (None, c) else "")

@@ -3,7 +3,8 @@
 ``data.view`` is the view the run's trained model sees (``fastkd train ... data.view=L`` trains a teacher on
 luminance), ``data.teacher_view`` the one its teacher sees (``fastkd distill ... data.view=ab
 data.teacher_view=L``), ``data.views`` names user views over the stored channels (see
-:mod:`fastkd.data.views`). The batches then hold the views stacked, student's first, made after the shared
+:mod:`fastkd.data.views`; ``data.pair_root`` stacks a second tree's files, depth say, as channels after the
+images', :mod:`fastkd.data.folder`). The batches then hold the views stacked, student's first, made after the shared
 crop and flip (:class:`~fastkd.data.views.ViewSplit`, the loader's ``inputs``), and each network reads its
 own channels (:func:`~fastkd.models.inputs.read_view`): nothing else in the run knows about views.
 """
@@ -40,7 +41,9 @@ def split_for(recipe: Recipe, train_set, device: str | torch.device) -> ViewSpli
         return None
     student, teacher = chosen
     order = [student] + ([teacher] if teacher != student and needs_teacher(recipe.losses) else [])
-    split = ViewSplit(order, PIXEL_MAX.get(recipe.data.name, 255.0), recipe.data.views)
+    partners = getattr(train_set, "pair_channels", 0)  # data.pair_root: rgb / L / ab read the images before them
+    colour = train_set.data.shape[-1] - partners if partners else None
+    split = ViewSplit(order, PIXEL_MAX.get(recipe.data.name, 255.0), recipe.data.views, colour)
     return split.fit(train_set.data).to(device)
 
 
