@@ -54,7 +54,7 @@ class RunFolderError(RuntimeError):
 # folder made before them keeps its id and resumes
 _ADDED_LATER = {f"{role}.{key}": value for role in ("student", "teacher")
                 for key, value in (("weights", None), ("kwargs", {}), ("taps", None))}
-_ADDED_LATER.update({"teachers": None, "ensemble_average": "probs"})  # issue 18's ensembles
+_ADDED_LATER.update({"teachers": None, "ensemble_average": "probs", "data.pair_root": None})  # issue 18
 
 
 def _unset_since(key: str, value: Any) -> bool:
