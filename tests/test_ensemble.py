@@ -33,11 +33,11 @@ def unit(*shape, seed, dtype=torch.float64):
 
 
 def pairs(m=3, b=5, n=40, d=16, seed=0, dtype=torch.float64):
-    """M pairs' anchors and banks, dataset indices, unknown log Z's."""
+    """M pairs' anchors [M, B, D] and banks [N, M, D], dataset indices, unknown log Z's."""
     idx = torch.randint(0, n, (b,), generator=torch.Generator().manual_seed(seed))
     log_z = torch.full((m,), float("-inf"), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     return (unit(m, b, d, seed=seed + 1, dtype=dtype), unit(m, b, d, seed=seed + 2, dtype=dtype),
-            unit(m, n, d, seed=seed + 3, dtype=dtype), unit(m, n, d, seed=seed + 4, dtype=dtype), idx, log_z)
+            unit(n, m, d, seed=seed + 3, dtype=dtype), unit(n, m, d, seed=seed + 4, dtype=dtype), idx, log_z)
 
 
 # ---------------------------------------------------------------- the op
@@ -53,7 +53,7 @@ def test_multi_op_reference_is_each_pair_alone(contrast):
     out = crd_ops.nce_multi_with_grad_reference(v_s, v_t, m_s, m_t, idx, table, log_z, log_z.clone(), rng, 9, 0.07,
                                                 0.0, contrast == "shared")
     for m in range(3):
-        one = crd_ops.nce_with_grad_reference(v_s[m], v_t[m], m_s[m], m_t[m], idx, table, log_z[m], log_z[m].clone(),
+        one = crd_ops.nce_with_grad_reference(v_s[m], v_t[m], m_s[:, m], m_t[:, m], idx, table, log_z[m], log_z[m].clone(),
                                               rng, 9, 0.07, 0.0, contrast == "shared")
         for got, want in zip(out, one):
             assert torch.equal(got[m], want)
@@ -67,8 +67,8 @@ def test_multi_op_matches_a_float64_derivation():
     loss, z_s, z_t, _, _ = crd_ops.CRD_NCE_MULTI(v_s, v_t, m_s, m_t, idx, cidx, log_z, log_z.clone(),
                                                  torch.tensor([0, 0]), 7, 0.1, 0.0, False)
     for m in range(2):
-        side_s, zs = np_side(v_s[m].numpy(), m_t[m].numpy(), cidx.numpy(), None, 0.1, 30)
-        side_t, zt = np_side(v_t[m].numpy(), m_s[m].numpy(), cidx.numpy(), None, 0.1, 30)
+        side_s, zs = np_side(v_s[m].numpy(), m_t[:, m].numpy(), cidx.numpy(), None, 0.1, 30)
+        side_t, zt = np_side(v_t[m].numpy(), m_s[:, m].numpy(), cidx.numpy(), None, 0.1, 30)
         assert loss[m].item() == pytest.approx(side_s + side_t, rel=1e-12)
         assert z_s[m].item() == pytest.approx(math.log(zs), rel=1e-12)
         assert z_t[m].item() == pytest.approx(math.log(zt), rel=1e-12)
@@ -108,7 +108,7 @@ def test_multi_op_gradients_by_autograd_and_gradcheck():
     for m in range(2):
         a = v_s[m].detach().clone().requires_grad_(True)
         cidx = crd_ops.philox.contrast_indices(idx, rng, 6, 20, False)
-        loss, _, _ = crd_ops.nce_reference(a, v_t[m].detach(), m_s[m], m_t[m], cidx, log_z[m], log_z[m].clone(), 0.5, 20)
+        loss, _, _ = crd_ops.nce_reference(a, v_t[m].detach(), m_s[:, m], m_t[:, m], cidx, log_z[m], log_z[m].clone(), 0.5, 20)
         (loss * weights[m]).backward()
         assert rel(v_s.grad[m], a.grad) <= 1e-10
     assert rel(v_s.grad, expected_s) <= 1e-10 and rel(v_t.grad, expected_t) <= 1e-10
@@ -122,8 +122,8 @@ def test_multi_op_gradients_by_autograd_and_gradcheck():
 def test_multi_op_refuses_bad_shapes():
     v_s, v_t, m_s, m_t, idx, log_z = pairs(m=2)
     rng = torch.tensor([0, 0])
-    with pytest.raises((ValueError, RuntimeError), match=r"\[M, N, D\]"):
-        crd_ops.CRD_NCE_MULTI(v_s, v_t, m_s[:1], m_t[:1], idx, None, log_z, log_z, rng, 5, 0.1, 0.0, False)
+    with pytest.raises((ValueError, RuntimeError), match=r"\[N, M, D\]"):
+        crd_ops.CRD_NCE_MULTI(v_s, v_t, m_s[:, :1], m_t[:, :1], idx, None, log_z, log_z, rng, 5, 0.1, 0.0, False)
     with pytest.raises((ValueError, RuntimeError), match=r"\[M\]"):
         crd_ops.CRD_NCE_MULTI(v_s, v_t, m_s, m_t, idx, None, log_z[:1], log_z[:1], rng, 5, 0.1, 0.0, False)
     with pytest.raises((ValueError, RuntimeError), match="B >= 1"):
@@ -140,7 +140,7 @@ def test_every_backend_gives_the_pairs_alone():
         with fastkd.use_backend(backend):
             results[backend] = crd_ops.nce_multi(v_s, v_t, m_s, m_t, idx, None, log_z, log_z.clone(),
                                                  torch.tensor([5, 0]), 9, 0.07)
-            single = [crd_ops.nce(v_s[m], v_t[m], m_s[m], m_t[m], idx, None, log_z[m], log_z[m].clone(),
+            single = [crd_ops.nce(v_s[m], v_t[m], m_s[:, m], m_t[:, m], idx, None, log_z[m], log_z[m].clone(),
                                   torch.tensor([5, 0]), 9, 0.07) for m in range(3)]
         for m in range(3):
             assert rel(results[backend][0][m], single[m][0]) <= TOL[torch.float32]
@@ -160,12 +160,12 @@ def test_one_teacher_is_crd_itself():
     ensemble = EnsembleCRDLoss(9, [11], num_data=40, feat_dim=6, num_negatives=7, seed=5)
     assert torch.equal(single.embed_s.weight, ensemble.embed_s[0].weight)
     assert torch.equal(single.embed_t.weight, ensemble.embed_t[0].weight)
-    assert torch.equal(single.memory_s, ensemble.memory_s[0]) and torch.equal(single.memory_t, ensemble.memory_t[0])
+    assert torch.equal(single.memory_s, ensemble.memory_s[:, 0]) and torch.equal(single.memory_t, ensemble.memory_t[:, 0])
     for seed in range(3):
         f_s, f_t, idx, _ = make_step(seed=seed)
         a, b = single(f_s.float(), f_t.float(), idx), ensemble(f_s.float(), [f_t.float()], idx)
         assert rel(b, a) <= TOL[torch.float32]
-    assert torch.allclose(single.memory_s, ensemble.memory_s[0], atol=1e-6)
+    assert torch.allclose(single.memory_s, ensemble.memory_s[:, 0], atol=1e-6)
     assert torch.allclose(single.log_z_s, ensemble.log_z_s[0]) and torch.equal(single.rng_state, ensemble.rng_state)
 
 
@@ -177,8 +177,8 @@ def test_identical_teachers_give_m_times_the_single_teacher_loss():
         for m in range(3):
             ensemble.embed_s[m].load_state_dict(single.embed_s.state_dict())
             ensemble.embed_t[m].load_state_dict(single.embed_t.state_dict())
-            ensemble.memory_s[m].copy_(single.memory_s)
-            ensemble.memory_t[m].copy_(single.memory_t)
+            ensemble.memory_s[:, m].copy_(single.memory_s)
+            ensemble.memory_t[:, m].copy_(single.memory_t)
     for seed in range(3):
         f_s, f_t, idx, _ = make_step(seed=seed)
         want = single(f_s, f_t, idx)
@@ -186,7 +186,7 @@ def test_identical_teachers_give_m_times_the_single_teacher_loss():
         assert rel(ensemble.last_terms, want.expand(3)) <= 1e-12
         assert rel(got, 3 * want) <= 1e-12
     for m in range(3):
-        assert torch.allclose(ensemble.memory_t[m], single.memory_t, atol=1e-14)
+        assert torch.allclose(ensemble.memory_t[:, m], single.memory_t, atol=1e-14)
 
 
 def test_ensemble_crd_matches_the_float64_derivation_of_each_teacher():
@@ -199,8 +199,8 @@ def test_ensemble_crd_matches_the_float64_derivation_of_each_teacher():
     total = 0.0
     for m, feature in enumerate((f_t, f_t2)):
         v_s, v_t = np_embed(f_s, loss.embed_s[m]), np_embed(feature, loss.embed_t[m])
-        total += np_side(v_s, banks_t[m], cidx.numpy(), None, 0.1, 40)[0]
-        total += np_side(v_t, banks_s[m], cidx.numpy(), None, 0.1, 40)[0]
+        total += np_side(v_s, banks_t[:, m], cidx.numpy(), None, 0.1, 40)[0]
+        total += np_side(v_t, banks_s[:, m], cidx.numpy(), None, 0.1, 40)[0]
     assert got.item() == pytest.approx(total, rel=1e-10)
 
 
@@ -210,7 +210,7 @@ def test_ensemble_crd_state_round_trip_and_refusals():
     f_s, f_t, idx, _ = make_step()
     loss(f_s.float(), [f_t.float(), f_t.float()], idx)
     state = copy.deepcopy(loss.state_dict())
-    assert state["memory_s"].shape == (2, 40, 6) and state["log_z_t"].shape == (2,)
+    assert state["memory_s"].shape == (40, 2, 6) and state["log_z_t"].shape == (2,)
     again = EnsembleCRDLoss(9, [11, 11], num_data=40, feat_dim=6, num_negatives=7)
     again.load_state_dict(state)
     f_s, f_t, idx, _ = make_step(seed=4)
@@ -323,8 +323,8 @@ def test_ensemble_run_resumes_exactly_with_every_bank(tmp_path):
         cut = _trainer(tmp_path / "cut")
         cut.fit(epochs=2, log=None)
         saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-        assert saved["losses"]["crd.memory_s"].shape == (3, 96, 8)  # every teacher's bank
-        assert saved["losses"]["crd.memory_t"].shape == (3, 96, 8)
+        assert saved["losses"]["crd.memory_s"].shape == (96, 3, 8)  # every teacher's bank
+        assert saved["losses"]["crd.memory_t"].shape == (96, 3, 8)
         resumed = _trainer(tmp_path / "other", seed=1)
         resumed.resume(str(tmp_path / "cut" / "last.pt"))
         resumed.fit(log=None)
@@ -401,7 +401,7 @@ def test_ensemble_recipes_run_an_epoch_through_the_cli(recipe, teacher_files, tm
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert len(state["teacher_eval"]["members"]) == 3
     if recipe.endswith("crd"):
-        assert state["losses"]["crd.memory_s"].shape[0] == 3
+        assert state["losses"]["crd.memory_s"].shape[:2] == (1347, 3)
 
 
 def test_ensemble_runs_refuse_what_they_cannot_do(teacher_files):
@@ -428,3 +428,19 @@ def test_run_folders_name_the_ensemble_and_hash_its_files(teacher_files):
     assert {f"weights[teachers[{i}].checkpoint]" for i in range(3)} <= set(description)
     other = load_recipe("digits_ensemble_kd", _given(teacher_files[::-1]))
     assert default_folder("digits_ensemble_kd", other) != folder
+
+
+def test_bank_update_of_the_interleaved_banks_is_each_bank_updated_alone():
+    bank = unit(30, 3, 8, seed=11)
+    index = torch.tensor([4, 29, 4, 0, 17])  # a repeated index: its last occurrence wins in each bank
+    value = unit(3, 5, 8, seed=12)
+    want = bank.clone()
+    for m in range(3):
+        one = bank[:, m].contiguous()
+        crd_ops.bank_update_reference(one, index, value[m], 0.5)
+        want[:, m] = one
+    for backend in [b for b in fastkd.backends() if b != "triton"]:
+        got = bank.clone()
+        with fastkd.use_backend(backend):
+            crd_ops.bank_update_multi_(got, index, value, 0.5)
+        assert torch.allclose(got, want, atol=1e-14), backend

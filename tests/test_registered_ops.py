@@ -55,7 +55,7 @@ def _crd_nce_multi(dtype):
     log_z = torch.full((3,), float("-inf"))
     idx = torch.randint(0, 40, (3,), generator=_gen(20))
     return ((_unit(3, 3, 16, dtype=dtype, seed=21), _unit(3, 3, 16, dtype=dtype, seed=22),
-             _unit(3, 40, 16, dtype=dtype, seed=23), _unit(3, 40, 16, dtype=dtype, seed=24), idx, None, log_z,
+             _unit(40, 3, 16, dtype=dtype, seed=23), _unit(40, 3, 16, dtype=dtype, seed=24), idx, None, log_z,
              log_z.clone(), torch.tensor([11, 3]), 9, 0.07, 0.0, False), (0, 1))
 
 

@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce(
     double z_momentum, bool shared_negatives);
 
 // crd_nce for M (student, teacher) pairs that share each anchor's contrast rows, in one pass (the contract of
-// fastkd.ops.crd.nce_multi_with_grad_reference): v_s, v_t [M, B, D], banks [M, N, D], log Z [M]; returns
+// fastkd.ops.crd.nce_multi_with_grad_reference): v_s, v_t [M, B, D], banks [N, M, D], log Z [M]; returns
 // (loss [M], log_z_s [M], log_z_t [M], grad_v_s [M, B, D], grad_v_t [M, B, D]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_multi(
     const at::Tensor& v_s, const at::Tensor& v_t, const at::Tensor& memory_s, const at::Tensor& memory_t,

@@ -303,7 +303,7 @@ class EnsembleCRDLoss(_KeepsLogZ):
     and RepDistiller ships no ensemble code; its first author's answer to how (RepDistiller issue #17) is to sum
     L_crd(T_i; S) over the teachers. What fastkd does: exactly that sum, with every term a full CRD loss of its
     own — teacher m has its embeds ``embed_s[m]`` (of the student's feature) and ``embed_t[m]`` (of its own),
-    its banks ``memory_s[m]`` / ``memory_t[m]`` ([M, N, D] buffers), its log Z's ``log_z_s[m]`` / ``log_z_t[m]``
+    its banks ``memory_s[:, m]`` / ``memory_t[:, m]`` ([N, M, D] buffers: a sample's M rows side by side), its log Z's ``log_z_s[m]`` / ``log_z_t[m]``
     ([M] buffers, fp32 at least) — so with M = 1 this *is* :class:`CRDLoss` (same parameters, same draws, same
     value), and M identical teachers give M times the single-teacher loss. One choice is fastkd's: all M terms
     score the same K+1 bank rows per sample (one Philox draw of ``rng_state`` per step, or the loader's
@@ -340,7 +340,7 @@ class EnsembleCRDLoss(_KeepsLogZ):
         self.embed_t = nn.ModuleList(pair[1] for pair in embeds)
         bound = 1.0 / math.sqrt(feat_dim / 3)
         for name in ("memory_s", "memory_t"):
-            self.register_buffer(name, torch.rand(count, num_data, feat_dim).mul_(2 * bound).add_(-bound)
+            self.register_buffer(name, torch.rand(num_data, count, feat_dim).mul_(2 * bound).add_(-bound)
                                  .to(bank_dtype))
         for name in _LOG_Z:
             self.register_buffer(name, torch.full((count,), _crd.NOT_ESTIMATED))
@@ -396,9 +396,8 @@ class EnsembleCRDLoss(_KeepsLogZ):
             self.log_z_t.copy_(log_z_t)
             if contrast_idx is None:
                 self.rng_state[1] += 1
-            for m in range(self.num_teachers):
-                _crd.bank_update_(self.memory_s[m], idx, v_s[m], self.momentum)
-                _crd.bank_update_(self.memory_t[m], idx, v_t[m], self.momentum)
+            _crd.bank_update_multi_(self.memory_s, idx, v_s, self.momentum)
+            _crd.bank_update_multi_(self.memory_t, idx, v_t, self.momentum)
         self.last_terms = terms.detach()
         return terms.sum()
 

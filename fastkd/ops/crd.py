@@ -34,7 +34,7 @@ import torch
 from fastkd._precision import accumulation_dtype
 from fastkd.backends import kernel_for
 from fastkd.ops import philox
-from fastkd.ops._library import Autograd, define
+from fastkd.ops._library import Autograd, define, definition
 
 NCE_EPS = 1e-7
 NOT_ESTIMATED = float("-inf")  # log Z of a loss whose Z is not estimated yet (Z = 0)
@@ -181,12 +181,12 @@ def nce_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_idx, log
 
 
 def check_pairs(v_s: torch.Tensor, memory_s: torch.Tensor, log_z_s: torch.Tensor) -> None:
-    """``crd_nce_multi`` needs M >= 1 pairs of [B, D] anchors with B >= 1, banks [M, N, D] and log Z [M]."""
+    """``crd_nce_multi`` needs M >= 1 pairs of [B, D] anchors with B >= 1, banks [N, M, D] and log Z [M]."""
     if v_s.dim() != 3 or v_s.shape[0] < 1 or v_s.shape[1] < 1:
         raise ValueError(f"crd_nce_multi: v_s has shape {tuple(v_s.shape)}; the op needs [M, B, D] anchors with "
                          "M >= 1 pairs and B >= 1 rows")
-    if memory_s.dim() != 3 or memory_s.shape[0] != v_s.shape[0] or memory_s.shape[2] != v_s.shape[2]:
-        raise ValueError(f"crd_nce_multi: the banks have shape {tuple(memory_s.shape)}; they must be [M, N, D] with "
+    if memory_s.dim() != 3 or memory_s.shape[1] != v_s.shape[0] or memory_s.shape[2] != v_s.shape[2]:
+        raise ValueError(f"crd_nce_multi: the banks have shape {tuple(memory_s.shape)}; they must be [N, M, D] with "
                          f"M, D those of v_s {tuple(v_s.shape)}")
     if tuple(log_z_s.shape) != (v_s.shape[0],):
         raise ValueError(f"crd_nce_multi: log Z has shape {tuple(log_z_s.shape)}; it must be [M] = [{v_s.shape[0]}]")
@@ -197,16 +197,17 @@ def nce_multi_with_grad_reference(v_s, v_t, memory_s, memory_t, idx, contrast_id
     """The contract of ``fastkd::crd_nce_multi``: :func:`nce_with_grad_reference` for M (student, teacher) pairs
     at once, every pair scoring the same contrast rows (one draw for the batch).
 
-    ``v_s``, ``v_t`` [M, B, D]: pair m's student and teacher anchors; ``memory_s``, ``memory_t`` [M, N, D]: its
-    banks; ``log_z_s``, ``log_z_t`` [M]: its log Z's. Returns (loss [M], log Z_s [M], log Z_t [M],
+    ``v_s``, ``v_t`` [M, B, D]: pair m's student and teacher anchors; ``memory_s``, ``memory_t`` [N, M, D]: the
+    pairs' banks, sample by sample (pair m's bank is ``memory_s[:, m]``; the layout puts one sample's M rows side by
+    side, which the fused kernel reads together); ``log_z_s``, ``log_z_t`` [M]: the pairs' log Z's. Returns (loss [M], log Z_s [M], log Z_t [M],
     d loss_m / d v_s[m] [M, B, D], d loss_m / d v_t[m] [M, B, D]): pair m's loss is exactly what ``crd_nce``
     gives for pair m alone with the same ``rng_state`` (or ``contrast_idx``).
     """
     check_pairs(v_s, memory_s, log_z_s)
-    num_data = memory_s.shape[1]
+    num_data = memory_s.shape[0]
     cidx = contrast_idx if contrast_idx is not None else philox.contrast_indices(
         idx, rng_state, num_negatives, num_data, shared_negatives)
-    outs = [nce_with_grad_reference(v_s[m], v_t[m], memory_s[m], memory_t[m], idx, cidx, log_z_s[m], log_z_t[m],
+    outs = [nce_with_grad_reference(v_s[m], v_t[m], memory_s[:, m], memory_t[:, m], idx, cidx, log_z_s[m], log_z_t[m],
                                     rng_state, num_negatives, temperature, z_momentum, shared_negatives)
             for m in range(v_s.shape[0])]
     return tuple(torch.stack(parts) for parts in zip(*outs))
@@ -306,9 +307,10 @@ def nce_multi(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memo
     """M (student, teacher) pairs' CRD steps on one draw of contrast rows: (loss [M], log Z_s [M], log Z_t [M]).
 
     Shapes as :func:`nce_multi_with_grad_reference`. Where the chosen backend has the fused multi-pair op
-    (``native`` on CPU tensors: every anchor's K+1 rows drawn once and scored against all 2M banks in one
-    pass) it runs that; elsewhere each pair runs :func:`nce` in turn with the same ``rng_state`` (so the same
-    rows): the published computation on ``torch``, the single-pair fused kernel on CUDA.
+    (``native`` on CPU tensors) it runs that; elsewhere each pair runs :func:`nce` in turn with the same
+    ``rng_state`` (so the same rows) on its bank ``memory[:, m]``: the published computation on ``torch``, the
+    single-pair fused kernel on CUDA (Triton reads the strided bank as it is; the CUDA C++ kernel, which needs
+    contiguous rows, gets a copy of it: a multi-bank CUDA kernel is not written).
     """
     op = kernel_for("crd_nce_multi", v_s)
     if op is not None:
@@ -316,6 +318,21 @@ def nce_multi(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memo
                                           rng_state, num_negatives, temperature, z_momentum, shared_negatives)
         return loss, log_z_s, log_z_t
     check_pairs(v_s, memory_s, log_z_s)
-    outs = [nce(v_s[m], v_t[m], memory_s[m], memory_t[m], idx, contrast_idx, log_z_s[m], log_z_t[m], rng_state,
-                num_negatives, temperature, z_momentum, shared_negatives) for m in range(v_s.shape[0])]
+    single = kernel_for("crd_nce", v_s)
+    copy = single is not None and not v_s.is_cpu and definition(single).backend == "native"
+
+    def bank(memory: torch.Tensor, m: int) -> torch.Tensor:
+        return memory[:, m].contiguous() if copy else memory[:, m]
+
+    outs = [nce(v_s[m], v_t[m], bank(memory_s, m), bank(memory_t, m), idx, contrast_idx, log_z_s[m], log_z_t[m],
+                rng_state, num_negatives, temperature, z_momentum, shared_negatives) for m in range(v_s.shape[0])]
     return tuple(torch.stack(parts) for parts in zip(*outs))
+
+
+def bank_update_multi_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
+    """:func:`bank_update_` of M banks stored [N, M, D] (``crd_nce_multi``'s layout) from ``value`` [M, B, D]:
+    bank[index[b], m] ← rownorm(momentum·bank[index[b], m] + (1 − momentum)·value[m, b]), one call of the bank
+    update on the [N·M, D] view (row n·M + m; a repeated index's last occurrence wins, for each m)."""
+    rows, count, dim = bank.shape
+    flat = (index.reshape(1, -1) * count + torch.arange(count, device=index.device).reshape(-1, 1)).reshape(-1)
+    bank_update_(bank.view(rows * count, dim), flat, value.reshape(-1, dim), momentum)
