@@ -444,3 +444,22 @@ def test_bank_update_of_the_interleaved_banks_is_each_bank_updated_alone():
         with fastkd.use_backend(backend):
             crd_ops.bank_update_multi_(got, index, value, 0.5)
         assert torch.allclose(got, want, atol=1e-14), backend
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_ensemble_crd_on_cuda_matches_the_cpu_step():
+    """On CUDA each pair runs the single-pair fused kernel (Triton, or CUDA C++ on a contiguous copy of its bank):
+    the loss and the banks after two steps equal the CPU's."""
+    torch.manual_seed(0)
+    cpu = EnsembleCRDLoss(9, [11, 7, 11], num_data=40, feat_dim=16, num_negatives=7, seed=3)
+    gpu = copy.deepcopy(cpu).cuda()
+    for seed in range(2):
+        f_s, f_t, idx, _ = make_step(seed=seed)
+        f_t2 = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        feats = [f_s.float(), [f_t.float(), f_t2.float(), f_t.float()], idx]
+        want = cpu(*feats)
+        got = gpu(feats[0].cuda(), [f.cuda() for f in feats[1]], idx.cuda())
+        assert rel(got, want) <= 4 * TOL[torch.float32]
+    assert torch.allclose(gpu.memory_s.cpu(), cpu.memory_s, atol=1e-5)
+    assert torch.allclose(gpu.log_z_t.cpu(), cpu.log_z_t, rtol=1e-5)
