@@ -237,6 +237,9 @@ def test_combine_is_the_averaged_prediction():
     probs = np.mean([torch.softmax(z, 1).numpy() for z in logits], axis=0)
     assert torch.allclose(torch.softmax(combine(logits), 1), torch.from_numpy(probs), atol=1e-14)
     assert torch.allclose(combine(logits, "logits"), sum(logits) / 3, atol=1e-14)
+    half = [z.to(torch.bfloat16) for z in logits]  # under AMP: the members' dtype, as one teacher's logits
+    assert combine(half).dtype == torch.bfloat16 and combine(half, "logits").dtype == torch.bfloat16
+    assert torch.allclose(combine(half).double(), combine([z.double() for z in half]), atol=0.05)
     with pytest.raises(ValueError, match="differ in shape"):
         combine([logits[0], logits[1][:, :5]])
     with pytest.raises(ValueError, match="average"):

@@ -24,8 +24,8 @@ AVERAGES = ("probs", "logits")
 
 
 def combine(logits: Sequence[torch.Tensor], average: str = "probs") -> torch.Tensor:
-    """The ensemble's logits from its members' ``logits`` ([B, K] each): see the module doc. ``probs``
-    gives fp32 logits (fp64 from fp64 ones); ``logits`` keeps the members' dtype."""
+    """The ensemble's logits from its members' ``logits`` ([B, K] each): see the module doc. In the members'
+    dtype (under AMP the losses then see the ensemble as they see one teacher), computed in fp32 at least."""
     if average not in AVERAGES:
         raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
     if isinstance(logits, torch.Tensor) or not logits:
@@ -36,11 +36,11 @@ def combine(logits: Sequence[torch.Tensor], average: str = "probs") -> torch.Ten
                          "predict the same classes")
     if len(logits) == 1:
         return logits[0]
-    if average == "logits":
-        return torch.stack(list(logits)).mean(0)
     dtype = torch.promote_types(logits[0].dtype, torch.float32)
+    if average == "logits":
+        return torch.stack([z.to(dtype) for z in logits]).mean(0).to(logits[0].dtype)
     log_probs = torch.stack([F.log_softmax(z.to(dtype), dim=-1) for z in logits])
-    return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
+    return (torch.logsumexp(log_probs, dim=0) - math.log(len(logits))).to(logits[0].dtype)
 
 
 class TeacherEnsemble(nn.Module):
