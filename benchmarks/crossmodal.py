@@ -17,11 +17,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cli import fastkd  # noqa: E402
 
 RUNS = {  # name: (recipe, extra overrides)
     "alone (CE)": ("digits_crossmodal_ab", []),
@@ -29,13 +31,6 @@ RUNS = {  # name: (recipe, extra overrides)
     "CRD only (no labels)": ("digits_crossmodal_l2ab_crd", ["losses.ce.weight=0"]),
 }
 
-
-def fastkd(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "fastkd", *args], capture_output=True, text=True,
-                          env={**os.environ, "FASTKD_PROGRESS": "0"})
-    if done.returncode:
-        raise SystemExit(f"fastkd {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done.stdout
 
 
 def main() -> None:

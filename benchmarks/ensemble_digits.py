@@ -18,11 +18,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _cli import fastkd  # noqa: E402
 
 RUNS = {  # name: (recipe or None for the student alone, how many teachers, extra overrides)
     "alone": (None, 0, []),
@@ -34,13 +36,6 @@ RUNS = {  # name: (recipe or None for the student alone, how many teachers, extr
     "CRD, 3 teachers, weight 0.8/3": ("digits_ensemble_crd", 3, ["losses.crd.weight=0.26667"]),
 }
 
-
-def fastkd(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "fastkd", *args], capture_output=True, text=True,
-                          env={**os.environ, "FASTKD_PROGRESS": "0"})
-    if done.returncode:
-        raise SystemExit(f"fastkd {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done.stdout
 
 
 def last_record(folder: str) -> dict:
