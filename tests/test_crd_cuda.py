@@ -330,3 +330,24 @@ def test_nvcc_check_compiles_the_kernels():
     done = subprocess.run(["bash", str(ROOT / ".ci" / "nvcc-check")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "nvcc-check: ok" in done.stdout
+
+
+@on_gpu
+def test_float64_crd_steps_on_the_native_backend():
+    """The CUDA C++ kernels refuse float64; a float64 CRDLoss on the native backend takes the references (both the
+    NCE and the bank update) and equals the same loss on the CPU."""
+    import copy
+
+    import fastkd
+
+    torch.manual_seed(0)
+    cpu = fastkd.CRDLoss(9, 11, num_data=40, feat_dim=8, num_negatives=7, seed=1).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    g = torch.Generator().manual_seed(2)
+    f_s, f_t = torch.randn(5, 9, generator=g, dtype=torch.float64), torch.randn(5, 11, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 40, (5,), generator=g)
+    with fastkd.use_backend("native"):
+        got = gpu(f_s.cuda(), f_t.cuda(), idx.cuda())
+    want = cpu(f_s, f_t, idx)
+    assert rel(got, want) <= TOL[torch.float64] * 1e3
+    assert torch.allclose(gpu.memory_s.cpu(), cpu.memory_s, atol=1e-12)

@@ -293,6 +293,8 @@ def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: 
 def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
     """The bank update on the backend :func:`fastkd.backends.kernel_for` picks for ``bank``'s device."""
     op = kernel_for("crd_bank_update", bank)
+    if op is not None and bank.dtype == torch.float64 and not bank.is_cpu and definition(op).backend == "native":
+        op = None  # the CUDA C++ kernel keeps fp32 / fp16 / bf16 banks: a float64 bank takes the reference, as nce does
     with torch.no_grad():
         if op is None:
             bank_update_reference(bank, index, value.detach(), float(momentum))
