@@ -27,6 +27,8 @@ from fastkd import functional as fk
 from fastkd.ops import crd, logits_triton
 from fastkd.ops import logits as logit_ops
 
+from _tolerances import rel
+
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -325,6 +327,34 @@ def test_crd_nce_reference(data, batch, negatives, temperature, estimated):
     want, got, plain = contract(torch.float64), contract(torch.float32), published(torch.float32)
     for name, x, p, w in zip(("value", "grad_s", "grad_t"), got, plain, want):
         assert_within(name, x, p, w, torch.float32, w.abs().max().item())
+
+
+@bounded(30)
+@given(data=st.data(), pairs=st.sampled_from([1, 2, 3]), batch=st.sampled_from([1, 2, 5]),
+       negatives=st.sampled_from([1, 4, 16]), num_data=st.sampled_from([3, 40, 400]),
+       temperature=st.sampled_from([0.07, 0.5]), estimated=st.booleans(), z_momentum=st.sampled_from([0.0, 0.5]))
+def test_crd_nce_multi(data, pairs, batch, negatives, num_data, temperature, estimated, z_momentum):
+    """The multi-bank op (the native kernel on CPU, dense or gather by the sizes) in fp32 against its contract in
+    fp64, and every pair equal to the single-pair op on its own bank."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    dim = 8
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)  # noqa: E731
+    v_s, v_t, mem_s, mem_t = unit(pairs, batch, dim), unit(pairs, batch, dim), unit(num_data, pairs, dim), unit(
+        num_data, pairs, dim)
+    idx = torch.randint(0, num_data, (batch,), generator=g)
+    log_z = torch.full((pairs,), float("-inf") if estimated else 3.0, dtype=torch.float64)
+    rng = torch.tensor([data.draw(st.integers(0, 2**40)), 5])
+    args = (idx, None, log_z, log_z.clone(), rng, negatives, temperature, z_momentum, False)
+    want = crd.nce_multi_with_grad_reference(v_s, v_t, mem_s, mem_t, *args)
+    f32 = [x.float() for x in (v_s, v_t, mem_s, mem_t)]
+    got = crd.CRD_NCE_MULTI(*f32, idx, None, log_z.float(), log_z.float(), rng, negatives, temperature, z_momentum,
+                            False)
+    for name, x, w in zip(("loss", "log_z_s", "log_z_t", "grad_s", "grad_t"), got, want):
+        assert rel(x, w) <= 1e-4, name
+    for m in range(pairs):
+        one = crd.CRD_NCE(f32[0][m], f32[1][m], f32[2][:, m].contiguous(), f32[3][:, m].contiguous(), idx, None,
+                          log_z[m].float(), log_z[m].float(), rng, negatives, temperature, z_momentum, False)
+        assert rel(got[0][m], one[0]) <= 1e-5 and rel(got[3][m], one[3]) <= 1e-5
 
 
 # ---------------------------------------------------------------- refused calls leave their inputs alone
