@@ -314,8 +314,10 @@ class EnsembleCRDLoss(_KeepsLogZ):
     ``forward(f_s, f_t, idx, contrast_idx=None)``: ``f_s`` [B, s_dim] the student's feature, ``f_t`` a sequence
     of the M teachers' features ([B, t_dims[m]]); returns the sum. ``last_terms`` holds the M terms of the last
     step (detached), for logging. The options are :class:`CRDLoss`'s; the banks are not sharded
-    (``shard_banks=True`` is refused) and the loss does not run under ``torch.distributed`` yet (refused with a
-    ``RuntimeError``): an ensemble run is one process.
+    (``shard_banks=True`` is refused). Under ``torch.distributed`` every rank keeps the whole banks and the
+    step is :class:`CRDLoss`'s replicated-bank step for each pair (the global batch's Z, this rank's rows of
+    the global draw, one all-gather of the M pairs' embeddings and the indices, the same update on every
+    rank): the losses, gradients and banks of one process on the global batch.
     """
 
     def __init__(self, s_dim: int, t_dims: Sequence[int], num_data: int, feat_dim: int = 128,
@@ -348,6 +350,7 @@ class EnsembleCRDLoss(_KeepsLogZ):
             seed = int(torch.randint(0, 2**62, ()).item())
         self.register_buffer("rng_state", torch.tensor([int(seed), 0], dtype=torch.int64))
         self.last_terms: torch.Tensor | None = None
+        self._z_known = False  # under torch.distributed: False until a step (after construction or a reload) forms Z
 
     @property
     def num_teachers(self) -> int:
@@ -362,12 +365,10 @@ class EnsembleCRDLoss(_KeepsLogZ):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         _check_log_z(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._z_known = False
 
     def forward(self, f_s: torch.Tensor, f_t: Sequence[torch.Tensor], idx: torch.Tensor,
                 contrast_idx: torch.Tensor | None = None) -> torch.Tensor:
-        if _dist.active():
-            raise RuntimeError("CRD from an ensemble of teachers runs in one process: torch.distributed is not "
-                               "supported by EnsembleCRDLoss yet")
         if isinstance(f_t, torch.Tensor) or len(f_t) != self.num_teachers:
             got = "one tensor" if isinstance(f_t, torch.Tensor) else f"{len(f_t)} features"
             raise ValueError(f"f_t must hold the {self.num_teachers} teachers' features (a list), got {got}")
@@ -388,18 +389,66 @@ class EnsembleCRDLoss(_KeepsLogZ):
         v_t = torch.stack([l2_normalize(embed(feature.flatten(1))) for embed, feature in zip(self.embed_t, f_t)])
         _checks.finite("f_s (embedded)", v_s)
         _checks.finite("f_t (embedded)", v_t)
+        if _dist.active():
+            terms = self._forward_distributed(v_s, v_t, idx, contrast_idx)
+        else:
+            terms, log_z_s, log_z_t = _crd.nce_multi(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx,
+                                                     self.log_z_s, self.log_z_t, self.rng_state, self.num_negatives,
+                                                     self.temperature, self.z_momentum, self.shared_negatives)
+            with torch.no_grad():
+                self.log_z_s.copy_(log_z_s)
+                self.log_z_t.copy_(log_z_t)
+                if contrast_idx is None:
+                    self.rng_state[1] += 1
+                _crd.bank_update_multi_(self.memory_s, idx, v_s, self.momentum)
+                _crd.bank_update_multi_(self.memory_t, idx, v_t, self.momentum)
+        self.last_terms = terms.detach()
+        return terms.sum()
+
+    def _forward_distributed(self, v_s, v_t, idx, contrast_idx):
+        """One step with W > 1 ranks, as :class:`CRDLoss`'s replicated-bank step does it for each teacher: the
+        global batch's Z on the first step, rank r's rows of the global draw, the Z moving average averaged
+        over the ranks, and every rank applying the global batch's bank update (one all-gather of
+        [B, 2·M·D + 2] fp32 per step: the M pairs' embeddings and the indices)."""
+        sampled, batch, count, dim = contrast_idx is None, idx.shape[0], self.num_teachers, self.feat_dim
+        dtype = accumulation_dtype(v_s)
+        packed = torch.cat([v_s.to(dtype).transpose(0, 1).reshape(batch, count * dim),
+                            v_t.to(dtype).transpose(0, 1).reshape(batch, count * dim),
+                            idx.reshape(batch, 1).view(dtype)], dim=1)
+        if sampled and not self.shared_negatives:  # this rank's rows of the global batch's draw
+            contrast_idx = philox.contrast_indices(idx, self.rng_state, self.num_negatives, self.num_data,
+                                                   first_anchor=_dist.rank() * batch)
+        if not self._z_known:  # the first step after construction or a reload: Z of the global batch, per pair
+            cidx = contrast_idx if contrast_idx is not None else philox.contrast_indices(
+                idx, self.rng_state, self.num_negatives, self.num_data, self.shared_negatives)
+            with torch.no_grad():
+                for m in range(count):
+                    for log_z, anchor, bank in ((self.log_z_s[m], v_s[m], self.memory_t[:, m]),
+                                                (self.log_z_t[m], v_t[m], self.memory_s[:, m])):
+                        estimate = crd_shard.global_log_z_estimate(anchor, bank, cidx, self.temperature,
+                                                                   self.num_data)
+                        log_z.copy_(_crd.used_log_z(log_z, estimate))
         terms, log_z_s, log_z_t = _crd.nce_multi(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx,
                                                  self.log_z_s, self.log_z_t, self.rng_state, self.num_negatives,
                                                  self.temperature, self.z_momentum, self.shared_negatives)
         with torch.no_grad():
+            if self.z_momentum > 0:  # log of the mean over ranks of each pair's Z
+                ranks = _dist.gather_rows(torch.cat([log_z_s, log_z_t]).float().reshape(1, 2 * count))
+                mean = ranks.logsumexp(0) - math.log(ranks.shape[0])
+                log_z_s, log_z_t = mean[:count].to(log_z_s.dtype), mean[count:].to(log_z_t.dtype)
+            gathered = _dist.gather_rows(packed.detach())
+            everyone = gathered.shape[0]
+            all_idx = gathered[:, 2 * count * dim:].contiguous().view(torch.int64).reshape(-1)
+            values_s = gathered[:, :count * dim].reshape(everyone, count, dim).transpose(0, 1)
+            values_t = gathered[:, count * dim:2 * count * dim].reshape(everyone, count, dim).transpose(0, 1)
+            self._z_known = True
             self.log_z_s.copy_(log_z_s)
             self.log_z_t.copy_(log_z_t)
-            if contrast_idx is None:
+            if sampled:
                 self.rng_state[1] += 1
-            _crd.bank_update_multi_(self.memory_s, idx, v_s, self.momentum)
-            _crd.bank_update_multi_(self.memory_t, idx, v_t, self.momentum)
-        self.last_terms = terms.detach()
-        return terms.sum()
+            _crd.bank_update_multi_(self.memory_s, all_idx, values_s, self.momentum)
+            _crd.bank_update_multi_(self.memory_t, all_idx, values_t, self.momentum)
+        return terms
 
 
 _LOG_Z = ("log_z_s", "log_z_t")
