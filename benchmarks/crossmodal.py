@@ -4,7 +4,8 @@ Luminance -> chrominance on the tinted digits (fastkd.data.tinted; 1,347 train /
 ``--size`` pixels): one teacher (resnet20) trained on CIELab L with the shipped recipe
 ``digits_crossmodal_teacher``, then, for every seed, resnet8 students on ab with the same budget: alone
 (``digits_crossmodal_ab``, CE), with CRD (``digits_crossmodal_l2ab_crd``, CE + 0.8 CRD), and with CRD
-alone (the paper's label-free transfer: ``losses.ce.weight=0``); each student is then read by
+alone (the paper's label-free transfer: ``losses.ce.weight=0``), and with FitNet's feature matching
+(``digits_crossmodal_l2ab_hint``, CE + 100 hint); each student is then read by
 ``fastkd probe`` (linear classifier on its frozen pooled feature). Everything goes through the CLI.
 
     python benchmarks/crossmodal.py --seeds 0 1 2 --out benchmarks/results/crossmodal.json
@@ -29,6 +30,7 @@ RUNS = {  # name: (recipe, extra overrides)
     "alone (CE)": ("digits_crossmodal_ab", []),
     "CRD + CE": ("digits_crossmodal_l2ab_crd", []),
     "CRD only (no labels)": ("digits_crossmodal_l2ab_crd", ["losses.ce.weight=0"]),
+    "hint + CE (feature matching)": ("digits_crossmodal_l2ab_hint", []),
 }
 
 
@@ -69,7 +71,7 @@ def main() -> None:
         for seed in args.seeds:
             folder = os.path.join(args.runs, recipe + ("-nolabels" if extra else ""), f"seed{seed}")
             overrides = [f"epochs={args.epochs}", f"seed={seed}", *extra, *common]
-            if recipe.endswith("crd"):
+            if not recipe.endswith("_ab"):  # distilled from the L teacher
                 overrides.append(f"teacher.checkpoint={os.path.join(teacher_dir, 'last.pt')}")
             if not (args.reuse and os.path.isfile(os.path.join(folder, "probe.json"))):
                 fastkd("train" if recipe.endswith("_ab") else "distill", recipe, *overrides, "--output", folder)
