@@ -145,9 +145,11 @@ def datasets(recipe: Recipe):
     """(train, test) in-memory datasets of the recipe's data section, and the class count (their
     ``classes`` attribute names the classes). Images are brought to ``data.image_size`` (as
     ``data.fit`` says) when it is set; both sets are normalised with ``data.mean`` / ``data.std`` when
-    they are set, else with the training set's own statistics."""
+    they are set, else with the training set's own statistics. Each set's ``pixel_max`` is its stored images'
+    white (16 for the digits, else 255)."""
     data = recipe.data
     train, test, pixel_max = _read_sets(recipe)
+    train.pixel_max = test.pixel_max = pixel_max
     if data.image_size:
         for split in (train, test):
             split.data = fit_images(split.data, data.image_size, data.fit)

@@ -18,9 +18,6 @@ from fastkd.models.inputs import read_view
 from fastkd.train.objectives import needs_teacher
 from fastkd.train.recipe import Recipe
 
-PIXEL_MAX = {"digits": 16.0}  # the stored images' white; 255 for every other dataset
-
-
 def views_of(recipe: Recipe) -> tuple[str, str] | None:
     """(the student's view, the teacher's view) of a cross-modal run, or ``None`` when the recipe sets neither."""
     data = recipe.data
@@ -34,8 +31,8 @@ def views_of(recipe: Recipe) -> tuple[str, str] | None:
 
 
 def split_for(recipe: Recipe, train_set, device: str | torch.device) -> ViewSplit | None:
-    """The :class:`ViewSplit` of a cross-modal run, normalised by ``train_set``'s images (uint8 ``data``), on
-    ``device``; ``None`` for a run without views."""
+    """The :class:`ViewSplit` of a cross-modal run, normalised by ``train_set``'s images (uint8 ``data``, white at
+    its ``pixel_max``, :func:`fastkd.train.run.datasets`), on ``device``; ``None`` for a run without views."""
     chosen = views_of(recipe)
     if chosen is None:
         return None
@@ -43,7 +40,7 @@ def split_for(recipe: Recipe, train_set, device: str | torch.device) -> ViewSpli
     order = [student] + ([teacher] if teacher != student and needs_teacher(recipe.losses) else [])
     partners = getattr(train_set, "pair_channels", 0)  # data.pair_root: rgb / L / ab read the images before them
     colour = train_set.data.shape[-1] - partners if partners else None
-    split = ViewSplit(order, PIXEL_MAX.get(recipe.data.name, 255.0), recipe.data.views, colour)
+    split = ViewSplit(order, getattr(train_set, "pixel_max", 255.0), recipe.data.views, colour)
     return split.fit(train_set.data).to(device)
 
 
