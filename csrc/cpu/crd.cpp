@@ -195,15 +195,14 @@ at::Tensor dense_gradient(const at::Tensor& g, const at::Tensor& bank) {
   return grad;
 }
 
-// ``pairs``: how many (student, teacher) pairs share the call (crd_nce_multi): their dense scores coexist.
-bool use_dense(int64_t batch, int64_t cols, int64_t num_data, int64_t pairs) {
+bool use_dense(int64_t batch, int64_t cols, int64_t num_data) {
   if (const char* forced = std::getenv("FASTKD_CRD_CPU_ALGO")) {
     const std::string algo(forced);
     TORCH_CHECK(algo == "dense" || algo == "gather", "FASTKD_CRD_CPU_ALGO must be 'dense' or 'gather', got '", algo, "'");
     return algo == "dense";
   }
   constexpr int64_t kMaxDenseEntries = int64_t{1} << 26;  // 256 MiB of fp32 scores
-  return num_data <= batch * cols && num_data * batch * pairs <= kMaxDenseEntries;
+  return num_data <= batch * cols && num_data * batch <= kMaxDenseEntries;
 }
 
 // The passes of one crd_nce call over both sides (student anchors vs teacher bank and the reverse).
@@ -215,7 +214,7 @@ class NcePasses {
             double temperature, bool track_estimate)
       : sides_(sides), rows_(rows), batch_(batch), cols_(cols), num_data_(num_data),
         dim_(sides[0]->anchors.size(1)), temperature_(temperature),
-        dense_(use_dense(batch, cols, num_data, std::max<int64_t>(1, sides.size() / 2))),
+        dense_(use_dense(batch, cols, num_data)),
         track_estimate_(track_estimate), loss_part_(sides.size() * batch), lse_top_(sides.size() * batch),
         lse_sum_(sides.size() * batch) {}
 
@@ -525,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crd_nce_m
     log_z.push_back(z_t.data_ptr<double>()[m]);
   }
   for (Side& side : storage) sides.push_back(&side);
-  if (use_dense(batch, rows.negatives + 1, num_data, 1)) {
+  if (use_dense(batch, rows.negatives + 1, num_data)) {
     // dense: pair after pair, so that each pair's [B, N] score matrices are read while they are in cache (all
     // 2M at once measured 12% slower at M = 8, B = 64, N = 50,000 on 2 cores); gather: every anchor's rows of all
     // 2M banks in one index-major pass (NcePasses::gather_logits)

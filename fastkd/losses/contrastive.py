@@ -307,8 +307,9 @@ class EnsembleCRDLoss(_KeepsLogZ):
     ([M] buffers, fp32 at least) — so with M = 1 this *is* :class:`CRDLoss` (same parameters, same draws, same
     value), and M identical teachers give M times the single-teacher loss. One choice is fastkd's: all M terms
     score the same K+1 bank rows per sample (one Philox draw of ``rng_state`` per step, or the loader's
-    ``contrast_idx``), which is what lets the fused op ``fastkd::crd_nce_multi`` (:func:`fastkd.ops.crd.nce_multi`)
-    draw each anchor's rows once and score them against all 2M banks in one pass, instead of M launches.
+    ``contrast_idx``), which is what lets one fused op, ``fastkd::crd_nce_multi`` (:func:`fastkd.ops.crd.nce_multi`),
+    serve all M pairs instead of M launches (on the gather path it reads each anchor's rows of all 2M banks in one
+    pass).
     Each term on its own is distributed exactly as in a single-teacher run.
 
     ``forward(f_s, f_t, idx, contrast_idx=None)``: ``f_s`` [B, s_dim] the student's feature, ``f_t`` a sequence
@@ -327,9 +328,10 @@ class EnsembleCRDLoss(_KeepsLogZ):
         super().__init__()
         if isinstance(t_dims, (str, bytes)) or not isinstance(t_dims, Sequence) or not t_dims:
             raise ValueError(f"t_dims must list each teacher's feature width (at least one), got {t_dims!r}")
-        for t_dim in t_dims:
-            temperature, momentum, z_momentum = _checked_options(s_dim, t_dim, num_data, feat_dim, num_negatives,
-                                                                 temperature, momentum, z_momentum, bank_dtype)
+        for i, t_dim in enumerate(t_dims):
+            _checks.integer(f"t_dims[{i}]", t_dim, 1)
+        temperature, momentum, z_momentum = _checked_options(s_dim, t_dims[0], num_data, feat_dim, num_negatives,
+                                                             temperature, momentum, z_momentum, bank_dtype)
         if shard_banks:
             raise ValueError("shard_banks=True: the banks of an ensemble's CRD are not sharded yet; leave it false")
         count = len(t_dims)
@@ -389,19 +391,20 @@ class EnsembleCRDLoss(_KeepsLogZ):
         v_t = torch.stack([l2_normalize(embed(feature.flatten(1))) for embed, feature in zip(self.embed_t, f_t)])
         _checks.finite("f_s (embedded)", v_s)
         _checks.finite("f_t (embedded)", v_t)
-        if _dist.active():
-            terms = self._forward_distributed(v_s, v_t, idx, contrast_idx)
+        if _dist.active():  # the global batch's rows update the banks
+            terms, log_z_s, log_z_t, rows, new_s, new_t = self._forward_distributed(v_s, v_t, idx, contrast_idx)
         else:
             terms, log_z_s, log_z_t = _crd.nce_multi(v_s, v_t, self.memory_s, self.memory_t, idx, contrast_idx,
                                                      self.log_z_s, self.log_z_t, self.rng_state, self.num_negatives,
                                                      self.temperature, self.z_momentum, self.shared_negatives)
-            with torch.no_grad():
-                self.log_z_s.copy_(log_z_s)
-                self.log_z_t.copy_(log_z_t)
-                if contrast_idx is None:
-                    self.rng_state[1] += 1
-                _crd.bank_update_multi_(self.memory_s, idx, v_s, self.momentum)
-                _crd.bank_update_multi_(self.memory_t, idx, v_t, self.momentum)
+            rows, new_s, new_t = idx, v_s, v_t
+        with torch.no_grad():
+            self.log_z_s.copy_(log_z_s)
+            self.log_z_t.copy_(log_z_t)
+            if contrast_idx is None:
+                self.rng_state[1] += 1  # on the device: the next step draws new negatives
+            _crd.bank_update_multi_(self.memory_s, rows, new_s, self.momentum)
+            _crd.bank_update_multi_(self.memory_t, rows, new_t, self.momentum)
         self.last_terms = terms.detach()
         return terms.sum()
 
@@ -409,7 +412,8 @@ class EnsembleCRDLoss(_KeepsLogZ):
         """One step with W > 1 ranks, as :class:`CRDLoss`'s replicated-bank step does it for each teacher: the
         global batch's Z on the first step, rank r's rows of the global draw, the Z moving average averaged
         over the ranks, and every rank applying the global batch's bank update (one all-gather of
-        [B, 2·M·D + 2] fp32 per step: the M pairs' embeddings and the indices)."""
+        [B, 2·M·D + 2] fp32 per step: the M pairs' embeddings and the indices). Returns (loss terms [M],
+        log Z_s, log Z_t, the global batch's indices and its [M, G, D] student and teacher embeddings)."""
         sampled, batch, count, dim = contrast_idx is None, idx.shape[0], self.num_teachers, self.feat_dim
         dtype = accumulation_dtype(v_s)
         packed = torch.cat([v_s.to(dtype).transpose(0, 1).reshape(batch, count * dim),
@@ -437,18 +441,12 @@ class EnsembleCRDLoss(_KeepsLogZ):
                 mean = ranks.logsumexp(0) - math.log(ranks.shape[0])
                 log_z_s, log_z_t = mean[:count].to(log_z_s.dtype), mean[count:].to(log_z_t.dtype)
             gathered = _dist.gather_rows(packed.detach())
-            everyone = gathered.shape[0]
-            all_idx = gathered[:, 2 * count * dim:].contiguous().view(torch.int64).reshape(-1)
-            values_s = gathered[:, :count * dim].reshape(everyone, count, dim).transpose(0, 1)
-            values_t = gathered[:, count * dim:2 * count * dim].reshape(everyone, count, dim).transpose(0, 1)
-            self._z_known = True
-            self.log_z_s.copy_(log_z_s)
-            self.log_z_t.copy_(log_z_t)
-            if sampled:
-                self.rng_state[1] += 1
-            _crd.bank_update_multi_(self.memory_s, all_idx, values_s, self.momentum)
-            _crd.bank_update_multi_(self.memory_t, all_idx, values_t, self.momentum)
-        return terms
+        self._z_known = True
+        everyone = gathered.shape[0]
+        all_idx = gathered[:, 2 * count * dim:].contiguous().view(torch.int64).reshape(-1)
+        values_s = gathered[:, :count * dim].reshape(everyone, count, dim).transpose(0, 1)
+        values_t = gathered[:, count * dim:2 * count * dim].reshape(everyone, count, dim).transpose(0, 1)
+        return terms, log_z_s, log_z_t, all_idx, values_s, values_t
 
 
 _LOG_Z = ("log_z_s", "log_z_t")

@@ -268,6 +268,14 @@ CRD_BANK_UPDATE = define("crd_bank_update_(Tensor(a!) bank, Tensor index, Tensor
                          bank_update_reference, _bank_update_fake)
 
 
+def _fused(name: str, x: torch.Tensor, public: torch._ops.OpOverload):
+    """The op :func:`fastkd.backends.kernel_for` picks for ``x`` (``None``: the torch backend), except that float64
+    tensors off the CPU run ``public``, whose kernel there is its reference: the GPU kernels compute in fp32 (the
+    CUDA C++ ones refuse float64). On CPU tensors the public op is the native C++ kernel, float64 included."""
+    op = kernel_for(name, x)
+    return public if op is not None and x.dtype == torch.float64 and not x.is_cpu else op
+
+
 def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: torch.Tensor, idx: torch.Tensor,
         contrast_idx: torch.Tensor | None, log_z_s: torch.Tensor, log_z_t: torch.Tensor, rng_state: torch.Tensor,
         num_negatives: int, temperature: float, z_momentum: float = 0.0,
@@ -277,9 +285,7 @@ def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: 
     The ``torch`` backend is the published computation (:func:`nce_reference`, gradients by
     autograd); every other backend runs the fused op ``fastkd::crd_nce``.
     """
-    op = kernel_for("crd_nce", v_s)
-    if op is not None and v_s.dtype == torch.float64:
-        op = CRD_NCE  # the CUDA kernels compute in fp32: float64 anchors run the reference (on CPU, the C++ kernel)
+    op = _fused("crd_nce", v_s, CRD_NCE)
     if op is None:
         if contrast_idx is None:
             contrast_idx = philox.contrast_indices(idx, rng_state, num_negatives, memory_s.shape[0], shared_negatives)
@@ -292,9 +298,7 @@ def nce(v_s: torch.Tensor, v_t: torch.Tensor, memory_s: torch.Tensor, memory_t: 
 
 def bank_update_(bank: torch.Tensor, index: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
     """The bank update on the backend :func:`fastkd.backends.kernel_for` picks for ``bank``'s device."""
-    op = kernel_for("crd_bank_update", bank)
-    if op is not None and bank.dtype == torch.float64 and not bank.is_cpu and definition(op).backend == "native":
-        op = None  # the CUDA C++ kernel keeps fp32 / fp16 / bf16 banks: a float64 bank takes the reference, as nce does
+    op = _fused("crd_bank_update", bank, CRD_BANK_UPDATE)
     with torch.no_grad():
         if op is None:
             bank_update_reference(bank, index, value.detach(), float(momentum))

@@ -261,9 +261,13 @@ class Distiller(nn.Module):
         logits as ``logits_t``; ``per[m]`` teacher m's features and logits as a single teacher's; ``stacked``
         every teacher-side feature as a list over the teachers."""
         per = [self._features(feat_s, logit_s, feats, logits, **batch) for feats, logits in zip(feats_t, logits_t)]
-        combined = Features(self.WHAT, dict(per[0], logits_t=self.ensemble.combine(logits_t)))
-        teacher_side = [name for name in per[0] if FEATURES.get(name) is not None and FEATURES[name].side == "teacher"]
-        stacked = Features(self.WHAT, dict(per[0], **{name: [p[name] for p in per] for name in teacher_side}))
+        wanted = set(self._forms.values()) or {"combined", "stacked"}  # at build: every form
+        combined = (Features(self.WHAT, dict(per[0], logits_t=self.ensemble.combine(logits_t)))
+                    if "combined" in wanted else None)
+        stacked = None
+        if "stacked" in wanted:
+            teacher_side = [name for name in per[0] if name in FEATURES and FEATURES[name].side == "teacher"]
+            stacked = Features(self.WHAT, dict(per[0], **{name: [p[name] for p in per] for name in teacher_side}))
         return combined, per, stacked
 
     def _form(self, loss: LossEntry) -> str:
@@ -288,31 +292,28 @@ class Distiller(nn.Module):
                 criteria[name] = nn.ModuleList(loss.create(probe, options) for probe in per)
         return criteria
 
+    def _served(self, name: str, views) -> list[tuple[nn.Module, Features]]:
+        """(criterion, the features it takes) of loss ``name`` in an ensemble step: one pair, or one per teacher."""
+        combined, per, stacked = views
+        form = self._forms[name]
+        if form == "each":
+            return list(zip(self.criteria[name], per))
+        return [(self.criteria[name], combined if form == "combined" else stacked)]
+
     def _ensemble_terms(self, names, views) -> dict[str, torch.Tensor]:
         """{name: loss} of an ensemble step for the losses ``names`` (the Σ over teachers for ``each``)."""
-        combined, per, stacked = views
         out = {}
         for name in names:
-            loss, criterion, form = self.entries[name], self.criteria[name], self._forms[name]
-            if form == "combined":
-                out[name] = loss.loss(criterion, combined)
-            elif form == "stacked":
-                out[name] = loss.loss(criterion, stacked)
-            else:
-                out[name] = sum(loss.loss(c, features) for c, features in zip(criterion, per))
+            terms = [self.entries[name].loss(criterion, features) for criterion, features in self._served(name, views)]
+            out[name] = sum(terms[1:], terms[0])
         return out
 
     def _try_on_ensemble(self, views) -> None:
         """:meth:`_try_on` for an ensemble run: each loss on copies of its criteria."""
-        combined, per, stacked = views
         for name, loss in self.entries.items():
-            if "index" in loss.takes:
-                continue
-            form = self._forms[name]
-            pairs = ([(self.criteria[name], combined)] if form == "combined" else
-                     [(self.criteria[name], stacked)] if form == "stacked" else list(zip(self.criteria[name], per)))
-            for criterion, features in pairs:
-                self._try_loss(name, loss, criterion, features)
+            if "index" not in loss.takes:
+                for criterion, features in self._served(name, views):
+                    self._try_loss(name, loss, criterion, features)
 
     def _features(self, feat_s, logit_s, feat_t, logit_t, index=None, dist_s=None, **batch) -> Features:
         """The features the losses take, from each network's feature list and logits (``None``: that

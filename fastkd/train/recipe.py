@@ -191,7 +191,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node = tree
     for key in keys[:-1]:
         if isinstance(node, list):  # teachers.1.checkpoint=...: an entry of a list, by position
-            node = _list_entry(node, key, assignment)
+            node = node[_position(node, key, assignment)]
         else:
             node = node.setdefault(key, {})
         if not isinstance(node, (dict, list)):
@@ -207,10 +207,6 @@ def _position(node: list, key: str, assignment: str) -> int:
         raise ValueError(f"override {assignment!r}: {key!r} is not a position in a list of {len(node)} "
                          f"(0 .. {len(node) - 1})")
     return int(key)
-
-
-def _list_entry(node: list, key: str, assignment: str):
-    return node[_position(node, key, assignment)]
 
 
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

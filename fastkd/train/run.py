@@ -322,40 +322,31 @@ def trained_student(recipe: Recipe, name: str, weights: str, classes: int, loade
 
 
 def build_teacher(recipe: Recipe, classes: int, device: torch.device, loader=None) -> torch.nn.Module:
-    """The recipe's teacher with its weights (``checkpoint`` or ``weights``), on ``device`` (channels-last when the recipe says so).
+    """The recipe's teacher with its weights (``checkpoint`` or ``weights``), on ``device`` (channels-last when the
+    recipe says so); with ``teachers``, all of them as one :class:`~fastkd.models.TeacherEnsemble` (each member's
+    weights required). In a cross-modal run (``loader`` given) each network reads the teacher's view.
 
     Built under a forked RNG: its random initialisation, overwritten by the checkpoint, leaves the run's
     random stream as it was, so the losses' parameters (CRD's embeds, ...) start the same whether the
     teacher is built (a live run) or read from a cache (``teacher.cache``): the two runs are one.
     """
+    view = None if loader is None else (lambda m: views.attach(m, loader, recipe, "teacher"))
+    configs = recipe.teachers or []
+    missing = [f"teachers[{i}]" for i, config in enumerate(configs) if not (config.checkpoint or config.weights)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: each teacher of an ensemble needs its weights: checkpoint (a fastkd or "
+                         "RepDistiller checkpoint; `fastkd train` makes one) or weights (any file of weights)")
     with torch.random.fork_rng(devices=[]):
-        teacher = build_model(recipe.teacher, classes, "teacher",
-                              None if loader is None else lambda m: views.attach(m, loader, recipe, "teacher"))
+        if configs:
+            teacher = TeacherEnsemble([build_model(config, classes, f"teachers[{i}]", view)
+                                       for i, config in enumerate(configs)], recipe.ensemble_average,
+                                      taps=[config.taps for config in configs], names=[config.name for config in configs])
+        else:
+            teacher = build_model(recipe.teacher, classes, "teacher", view)
     teacher.eval().to(device)
     if recipe.channels_last:
         teacher.to(memory_format=torch.channels_last)
     return teacher
-
-
-def build_ensemble(recipe: Recipe, classes: int, device: torch.device, loader=None) -> TeacherEnsemble:
-    """The recipe's ``teachers`` as one :class:`~fastkd.models.TeacherEnsemble`, each member with its weights
-    (``checkpoint`` or ``weights``: required), built as :func:`build_teacher` builds one (under a forked RNG,
-    reading the teacher's view in a cross-modal run), on ``device``."""
-    missing = [f"teachers[{i}]" for i, config in enumerate(recipe.teachers) if not (config.checkpoint or config.weights)]
-    if missing:
-        raise ValueError(f"{', '.join(missing)}: each teacher of an ensemble needs its weights: checkpoint (a fastkd or "
-                         "RepDistiller checkpoint; `fastkd train` makes one) or weights (any file of weights)")
-    members = []
-    with torch.random.fork_rng(devices=[]):
-        for i, config in enumerate(recipe.teachers):
-            view = None if loader is None else (lambda m: views.attach(m, loader, recipe, "teacher"))
-            members.append(build_model(config, classes, f"teachers[{i}]", view))
-    ensemble = TeacherEnsemble(members, recipe.ensemble_average, taps=[config.taps for config in recipe.teachers],
-                               names=[config.name for config in recipe.teachers])
-    ensemble.eval().to(device)
-    if recipe.channels_last:
-        ensemble.to(memory_format=torch.channels_last)
-    return ensemble
 
 
 def make_trainer(recipe: Recipe, device: str | torch.device | None = None, output: str | None = None) -> Trainer:
@@ -383,7 +374,7 @@ def make_trainer(recipe: Recipe, device: str | torch.device | None = None, outpu
         if objective != "offline":
             raise ValueError(f"teachers: an ensemble teaches through the offline distiller; these losses "
                              f"({', '.join(recipe.losses)}) train the {objective} objective, which takes one teacher")
-        teacher = build_ensemble(recipe, classes, device, train)
+        teacher = build_teacher(recipe, classes, device, train)
     elif needs_teacher(recipe.losses):
         if recipe.teacher is None:
             raise ValueError(f"losses {sorted(set(recipe.losses) - {'ce'})} need a teacher (teacher.name=...)")
